@@ -1,0 +1,1 @@
+"""InstructGPT-style instruction tuning research code in JAX/Flax."""

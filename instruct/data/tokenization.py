@@ -1,0 +1,144 @@
+"""Tokenizer loading and encoding of examples into tokens and loss masks.
+
+Every encoded example is a triple `(tokens, loss_mask, truncated)`: `tokens`
+and `loss_mask` are int32 vectors of equal length and `loss_mask[i]` is 1 when
+`tokens[i]` is a target of the language-modelling loss. Sequences always end
+with EOS (unless truncation removed it), and the pad token must differ from
+EOS so that masking padding never masks EOS: policies must learn to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import transformers
+
+DEFAULT_TOKENIZER: str = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
+    'tokenizer')
+
+Encoded = tuple[np.ndarray, np.ndarray, bool]
+
+
+def check_special_tokens(tokenizer: Any) -> None:
+  """Checks that `tokenizer` has EOS and a dedicated pad token.
+
+  Raises:
+    ValueError: EOS is missing, the pad token is missing, or the pad token is
+      EOS (padding masks would then also mask EOS and the policy would never
+      learn to stop).
+  """
+  if tokenizer.eos_token_id is None:
+    raise ValueError('The tokenizer has no EOS token; one is required to end '
+                     'sequences.')
+  if tokenizer.pad_token_id is None or (
+      tokenizer.pad_token_id == tokenizer.eos_token_id):
+    raise ValueError(
+        'The tokenizer needs a dedicated pad token distinct from EOS (got '
+        f'pad_token_id={tokenizer.pad_token_id}, '
+        f'eos_token_id={tokenizer.eos_token_id}). Padding is masked out of '
+        'the loss; if pad were EOS, EOS would be masked too and policies '
+        'would not learn to stop. Add a pad token to the tokenizer.')
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
+                   local_files_only: bool = True) -> Any:
+  """Loads a Hugging Face tokenizer and checks its special tokens.
+
+  Args:
+    name_or_path: A local tokenizer directory or a Hugging Face hub name.
+    local_files_only: If True (the default), never download: hub names load
+      only when already in the Hugging Face cache.
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    OSError: A hub name could not be loaded (not cached while offline).
+    ValueError: The tokenizer lacks a dedicated pad token distinct from EOS.
+  """
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        name_or_path, local_files_only=local_files_only)
+  except (OSError, ValueError) as e:
+    if os.path.isdir(name_or_path):
+      raise
+    raise OSError(
+        f'Could not load tokenizer {name_or_path!r}: it is not a local '
+        'directory, and models/tokenizers are not downloaded at run time '
+        'unless the Hugging Face cache already has them (offline by '
+        f'default; local_files_only={local_files_only}).') from e
+  check_special_tokens(tokenizer)
+  return tokenizer
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+  """Returns the token ids of `text` without special tokens."""
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _check_max_length(max_length: int) -> None:
+  """Raises ValueError unless `max_length` is a positive integer."""
+  if max_length < 1:
+    raise ValueError(f'max_length must be positive, got {max_length}.')
+
+
+def encode_demonstration(tokenizer: Any, prompt: str, completion: str,
+                         max_length: int) -> Encoded:
+  """Encodes a prompt/completion pair for supervised fine-tuning.
+
+  The tokens are `tokenize(prompt) + tokenize(completion) + [eos]`; the loss
+  mask is 1 exactly on the completion tokens and EOS. When longer than
+  `max_length`, tokens are first dropped from the left of the prompt (keeping
+  at least one prompt token if there was any), then from the right of
+  `completion + [eos]` (so a cut completion has no EOS: it did not end there).
+
+  Args:
+    tokenizer: A tokenizer with an EOS token.
+    prompt: The prompt text.
+    completion: The completion text (usually starting with a space).
+    max_length: The maximum number of tokens.
+
+  Returns:
+    `(tokens, loss_mask, truncated)`: int32 vectors of equal length and
+    whether any token was dropped.
+  """
+  _check_max_length(max_length)
+  prompt_ids = _tokenize(tokenizer, prompt)
+  target_ids = _tokenize(tokenizer, completion) + [tokenizer.eos_token_id]
+  n = len(prompt_ids) + len(target_ids)
+  truncated = n > max_length
+  if truncated:
+    keep_prompt = min(len(prompt_ids), 1)
+    excess = n - max_length
+    drop_prompt = min(excess, len(prompt_ids) - keep_prompt)
+    prompt_ids = prompt_ids[drop_prompt:]
+    target_ids = target_ids[:max_length - len(prompt_ids)]
+  tokens = np.asarray(prompt_ids + target_ids, dtype=np.int32)
+  loss_mask = np.concatenate([
+      np.zeros(len(prompt_ids), np.int32),
+      np.ones(len(target_ids), np.int32)
+  ])
+  return tokens, loss_mask, truncated
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
+  """Encodes pretraining text: `tokenize(text) + [eos]`, all in the loss.
+
+  Args:
+    tokenizer: A tokenizer with an EOS token.
+    text: The text.
+    max_length: The maximum number of tokens; longer sequences are cut on the
+      right (dropping EOS first).
+
+  Returns:
+    `(tokens, loss_mask, truncated)`: int32 vectors of equal length (the mask
+    all ones) and whether any token was dropped.
+  """
+  _check_max_length(max_length)
+  ids = _tokenize(tokenizer, text) + [tokenizer.eos_token_id]
+  truncated = len(ids) > max_length
+  tokens = np.asarray(ids[:max_length], dtype=np.int32)
+  return tokens, np.ones(len(tokens), np.int32), truncated

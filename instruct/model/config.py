@@ -1,0 +1,146 @@
+"""The typed model configuration and the architecture presets.
+
+One decoder-only Transformer covers the GPT-2/GPT-3 family (learned positions, LayerNorm,
+GELU MLP, tied embeddings, biases), GPT-NeoX/Pythia (rotary on a fraction of each head,
+parallel residual) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention,
+untied embeddings). Importing a Hugging Face checkpoint is then a name mapping.
+
+`ModelConfig` is a frozen dataclass so it can be a Linen module attribute; experiment configs
+hold the same fields in an ml_collections `ConfigDict` (`config.model`), converted with
+`ModelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
+POSITIONS = ("learned", "rope")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder-only Transformer."""
+
+  vocab_size: int = 512
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4            # < num_heads gives grouped-query attention.
+  head_dim: int = 16
+  d_ff: int = 256
+  max_length: int = 256            # Size of the learned position table.
+  norm: str = "layernorm"          # 'layernorm' | 'rmsnorm'.
+  norm_eps: float = 1e-5
+  mlp: str = "gelu_tanh"           # 'gelu' (exact) | 'gelu_tanh' (GPT-2) | 'swiglu' (Llama).
+  position: str = "learned"        # 'learned' | 'rope'.
+  rope_theta: float = 10000.0
+  rotary_fraction: float = 1.0     # Fraction of head_dim that is rotated (Pythia: 0.25).
+  tie_embeddings: bool = True      # LM head reuses the token embedding.
+  use_bias: bool = True            # Biases in attention and MLP projections.
+  parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX).
+  dropout_rate: float = 0.0        # Residual and embedding dropout; off by default.
+  dtype: str = "float32"           # Compute dtype; parameters are always float32.
+  scan_layers: bool = False        # nn.scan over layers: one compiled layer, faster compiles.
+  remat: str = "none"              # Rematerialisation: 'none' | 'full' | 'dots'.
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    checks = [
+        (self.norm in NORMS, "norm", f"one of {NORMS}"),
+        (self.mlp in MLPS, "mlp", f"one of {MLPS}"),
+        (self.position in POSITIONS, "position", f"one of {POSITIONS}"),
+        (self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}"),
+        (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
+        (self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+         f"a divisor of num_heads={self.num_heads}"),
+        (0.0 < self.rotary_fraction <= 1.0, "rotary_fraction", "in (0, 1]"),
+        (int(self.head_dim * self.rotary_fraction) % 2 == 0, "rotary_fraction",
+         "such that head_dim * rotary_fraction is even"),
+        (0.0 <= self.dropout_rate < 1.0, "dropout_rate", "in [0, 1)"),
+    ]
+    for ok, key, expected in checks:
+      if not ok:
+        raise ValueError(
+            f"config.model.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from `config.model` (a ConfigDict or dict); unknown keys are an error."""
+    d = dict(d.items())
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"Unknown keys in config.model: {unknown}. Known: {sorted(names)}.")
+    return cls(**d)
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.rotary_fraction)
+
+
+def count_params(cfg: ModelConfig, head: str = "lm") -> int:
+  """Closed-form parameter count, used to check presets against published sizes."""
+  d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
+  q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+  norm = 2 * d if cfg.norm == "layernorm" else d
+  attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if cfg.use_bias else 0)
+  mlp_in = 2 * d * f if cfg.mlp == "swiglu" else d * f
+  mlp = mlp_in + f * d + ((2 * f if cfg.mlp == "swiglu" else f) + d if cfg.use_bias else 0)
+  total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + cfg.vocab_size * d
+  if cfg.position == "learned":
+    total += cfg.max_length * d
+  if head == "lm" and not cfg.tie_embeddings:
+    total += cfg.vocab_size * d
+  if head == "scalar":
+    total += d + 1
+  return total
+
+
+def _gpt2(d: int, layers: int, heads: int) -> dict[str, Any]:
+  return dict(vocab_size=50257, d_model=d, num_layers=layers, num_heads=heads,
+              num_kv_heads=heads, head_dim=d // heads, d_ff=4 * d, max_length=1024,
+              norm="layernorm", mlp="gelu_tanh", position="learned", tie_embeddings=True,
+              use_bias=True)
+
+
+def _llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int,
+           tie: bool, theta: float) -> dict[str, Any]:
+  return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
+              num_kv_heads=kv_heads, head_dim=d // heads, d_ff=d_ff, max_length=8192,
+              norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", position="rope",
+              rope_theta=theta, tie_embeddings=tie, use_bias=False)
+
+
+# Architecture presets: name -> fields of ModelConfig. The vocabulary of the `tiny*` presets
+# matches the embedded tokenizer (instruct/assets/tokenizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                 head_dim=16, d_ff=256, max_length=256),
+    "tiny_llama": dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=16, d_ff=192, max_length=256, norm="rmsnorm", mlp="swiglu",
+                       position="rope", tie_embeddings=False, use_bias=False),
+    # ~100M on the embedded vocabulary: used by benchmarks on one host.
+    "small_100m": dict(vocab_size=512, d_model=768, num_layers=14, num_heads=12,
+                       num_kv_heads=12, head_dim=64, d_ff=3072, max_length=1024),
+    "gpt2": _gpt2(768, 12, 12),              # 124M
+    "gpt2_medium": _gpt2(1024, 24, 16),      # 355M
+    "gpt2_large": _gpt2(1280, 36, 20),       # 774M
+    "gpt2_xl": _gpt2(1600, 48, 25),          # 1.5B
+    "llama_1b": _llama(128256, 2048, 16, 32, 8, 8192, tie=True, theta=500000.0),
+    "llama_8b": _llama(128256, 4096, 32, 32, 8, 14336, tie=False, theta=500000.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> dict[str, Any]:
+  """The fields of a preset, with overrides; an unknown name lists the known ones."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model preset {name!r}; known: {sorted(PRESETS)}.")
+  fields = dict(ModelConfig().__dict__)
+  fields.update(PRESETS[name])
+  fields.update(overrides)
+  return fields

@@ -1,0 +1,162 @@
+"""Transformer layers in Flax Linen, with logical axis names on every weight and activation.
+
+Logical names used for parameters:
+  'vocab', 'embed', 'heads', 'kv_heads', 'kv' (head_dim), 'mlp', 'norm', 'layers'.
+and for activations (prefixed so the rule table can shard them differently from weights):
+  'act_batch', 'act_length', 'act_embed', 'act_heads', 'act_kv_heads', 'act_kv', 'act_mlp',
+  'act_vocab'.
+The logical-to-mesh rule table lives in the experiment config; nothing here names a mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from instruct.model.config import ModelConfig
+
+Array = jax.Array
+constrain = nn.with_logical_constraint
+
+
+def _dtype(cfg: ModelConfig):
+  return jnp.dtype(cfg.dtype)
+
+
+def _kernel_init(cfg: ModelConfig, axes: tuple, scale: float = 1.0):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), axes)
+
+
+def _zeros(axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm (GPT-2, NeoX) or RMSNorm (Llama); statistics in float32."""
+  ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), scale_init=ones, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), scale_init=ones,
+                      bias_init=_zeros(("norm",)), name=name)
+
+
+def apply_rope(x_bthd: Array, positions_bt: Array, rotary_dim: int, theta: float) -> Array:
+  """Rotary position embedding (Su et al. 2021), in the 'rotate half' layout of HF Llama/NeoX.
+
+  Only the first `rotary_dim` features of each head are rotated (GPT-NeoX partial rotary).
+  x_bthd: [batch, length, heads, head_dim]; positions_bt: [batch, length] int.
+  """
+  half = rotary_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / rotary_dim))
+  angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_btf)[:, :, None, :]
+  sin = jnp.sin(angles_btf)[:, :, None, :]
+  rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
+  x1, x2 = rot[..., :half].astype(jnp.float32), rot[..., half:].astype(jnp.float32)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return jnp.concatenate([rotated.astype(x_bthd.dtype), rest], axis=-1)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query causal self-attention with an optional key/value cache.
+
+  The cache slice for this layer is a pair (k, v) of [batch, cache_length, kv_heads, head_dim];
+  new keys and values are written at `cache_index` and attention runs over the whole cache
+  under `allowed_bqk`, so prefill (many tokens) and decode (one token) are the same code.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, allowed_bqk: Array, positions_bt: Array,
+               layer_cache: Optional[tuple[Array, Array]], cache_index: Optional[Array],
+               deterministic: bool) -> tuple[Array, Optional[tuple[Array, Array]]]:
+    cfg = self.cfg
+    dense = lambda feats, axes, name: nn.DenseGeneral(
+        feats, dtype=_dtype(cfg), use_bias=cfg.use_bias, name=name,
+        kernel_init=_kernel_init(cfg, ("embed",) + axes), bias_init=_zeros(axes))
+    q = dense((cfg.num_heads, cfg.head_dim), ("heads", "kv"), "q_proj")(x_btd)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "kv"), "k_proj")(x_btd)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "kv"), "v_proj")(x_btd)
+    q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
+    k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
+    if cfg.position == "rope":
+      q = apply_rope(q, positions_bt, cfg.rotary_dim, cfg.rope_theta)
+      k = apply_rope(k, positions_bt, cfg.rotary_dim, cfg.rope_theta)
+
+    new_cache = None
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      start = (0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      k, v, new_cache = cache_k.astype(q.dtype), cache_v.astype(q.dtype), (cache_k, cache_v)
+
+    b, t, _, hd = q.shape
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd)
+    scores = jnp.where(allowed_bqk[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+    out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+    out = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), dtype=_dtype(cfg), use_bias=cfg.use_bias, name="o_proj",
+        kernel_init=_kernel_init(cfg, ("heads", "kv", "embed"),
+                                 scale=1.0 / (2 * cfg.num_layers) ** 0.5),
+        bias_init=_zeros(("embed",)))(out)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2, NeoX) or SwiGLU (Llama)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    dense = lambda feats, axes, name, scale=1.0: nn.Dense(
+        feats, dtype=_dtype(cfg), use_bias=cfg.use_bias, name=name,
+        kernel_init=_kernel_init(cfg, axes, scale), bias_init=_zeros(axes[-1:]))
+    up = dense(cfg.d_ff, ("embed", "mlp"), "up_proj")(x_btd)
+    if cfg.mlp == "swiglu":
+      h = nn.silu(dense(cfg.d_ff, ("embed", "mlp"), "gate_proj")(x_btd)) * up
+    else:
+      h = nn.gelu(up, approximate=cfg.mlp == "gelu_tanh")
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+    out = dense(cfg.d_model, ("mlp", "embed"), "down_proj",
+                scale=1.0 / (2 * cfg.num_layers) ** 0.5)(h)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+
+class Block(nn.Module):
+  """One pre-norm Transformer layer; sequential or parallel (GPT-NeoX) residual.
+
+  The signature `(x, layer_cache, allowed, positions, cache_index) -> (x, layer_cache)` is
+  what `nn.scan` needs: `x` is the carry, the cache is scanned over layers, the rest broadcast.
+  """
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_btd, layer_cache, allowed_bqk, positions_bt, cache_index):
+    cfg = self.cfg
+    attn_out, layer_cache = Attention(cfg, name="attn")(
+        make_norm(cfg, "attn_norm")(x_btd), allowed_bqk, positions_bt, layer_cache,
+        cache_index, self.deterministic)
+    if cfg.parallel_residual:
+      mlp_out = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_btd), self.deterministic)
+      x_btd = x_btd + attn_out + mlp_out
+    else:
+      x_btd = x_btd + attn_out
+      x_btd = x_btd + Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_btd),
+                                           self.deterministic)
+    return constrain(x_btd, ("act_batch", "act_length", "act_embed")), layer_cache

@@ -1,0 +1,31 @@
+"""Installs `instruct`: InstructGPT-style alignment (SFT, reward model, PPO) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="instruct",
+    version="0.1.0",
+    description="InstructGPT-style RLHF (SFT, K-wise reward model, PPO-ptx) in JAX/Flax.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instruct", "instruct.*", "experiments", "experiments.*"]),
+    package_data={"instruct": ["assets/tokenizer/*", "assets/data/*.jsonl"]},
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array-record>=0.8,<1",
+        "ml-collections>=1.1,<2",
+        "tensorboardX>=2.6,<3",
+        "numpy>=2.0,<3",
+        "absl-py>=2.1,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # PyTorch CPU wheel for parity tests against transformers' PyTorch models.
+        "torch": ["torch>=2.4,<2.14"],
+    },
+)
