@@ -26,12 +26,44 @@ def _dtype(cfg: ModelConfig):
   return jnp.dtype(cfg.dtype)
 
 
-def _kernel_init(cfg: ModelConfig, axes: tuple, scale: float = 1.0):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), axes)
+def _kernel_init_std(std: float, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+  """GPT-2's scaled init of the projections that write into the residual stream."""
+  return cfg.init_std / (2 * cfg.num_layers) ** 0.5
 
 
 def _zeros(axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Projection(nn.Module):
+  """`x @ W (+ b)` contracting the trailing `len(in_shape)` axes of x, with W created in its
+  true shape `in_shape + out_shape` (so every kernel axis carries its logical name).
+  flax's DenseGeneral initialises a flattened kernel, which would drop the names' alignment.
+  """
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  use_bias: bool
+  dtype: jnp.dtype
+  init_std: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", _kernel_init_std(self.init_std, self.kernel_axes),
+        self.in_shape + self.out_shape, jnp.float32)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", _zeros(self.kernel_axes[n_in:]), self.out_shape, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -75,12 +107,12 @@ class Attention(nn.Module):
                layer_cache: Optional[tuple[Array, Array]], cache_index: Optional[Array],
                deterministic: bool) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
-    dense = lambda feats, axes, name: nn.DenseGeneral(
-        feats, dtype=_dtype(cfg), use_bias=cfg.use_bias, name=name,
-        kernel_init=_kernel_init(cfg, ("embed",) + axes), bias_init=_zeros(axes))
-    q = dense((cfg.num_heads, cfg.head_dim), ("heads", "kv"), "q_proj")(x_btd)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "kv"), "k_proj")(x_btd)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "kv"), "v_proj")(x_btd)
+    def dense(heads, axes, name):
+      return Projection((cfg.d_model,), (heads, cfg.head_dim), ("embed",) + axes,
+                        cfg.use_bias, _dtype(cfg), cfg.init_std, name=name)(x_btd)
+    q = dense(cfg.num_heads, ("heads", "kv"), "q_proj")
+    k = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "k_proj")
+    v = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "v_proj")
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
@@ -104,11 +136,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=_dtype(cfg), use_bias=cfg.use_bias, name="o_proj",
-        kernel_init=_kernel_init(cfg, ("heads", "kv", "embed"),
-                                 scale=1.0 / (2 * cfg.num_layers) ** 0.5),
-        bias_init=_zeros(("embed",)))(out)
+    out = Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "kv", "embed"),
+                     cfg.use_bias, _dtype(cfg), _residual_std(cfg), name="o_proj")(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
 
@@ -121,17 +150,15 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_btd: Array, deterministic: bool) -> Array:
     cfg = self.cfg
-    dense = lambda feats, axes, name, scale=1.0: nn.Dense(
-        feats, dtype=_dtype(cfg), use_bias=cfg.use_bias, name=name,
-        kernel_init=_kernel_init(cfg, axes, scale), bias_init=_zeros(axes[-1:]))
-    up = dense(cfg.d_ff, ("embed", "mlp"), "up_proj")(x_btd)
+    def dense(x, d_in, d_out, axes, name, std=cfg.init_std):
+      return Projection((d_in,), (d_out,), axes, cfg.use_bias, _dtype(cfg), std, name=name)(x)
+    up = dense(x_btd, cfg.d_model, cfg.d_ff, ("embed", "mlp"), "up_proj")
     if cfg.mlp == "swiglu":
-      h = nn.silu(dense(cfg.d_ff, ("embed", "mlp"), "gate_proj")(x_btd)) * up
+      h = nn.silu(dense(x_btd, cfg.d_model, cfg.d_ff, ("embed", "mlp"), "gate_proj")) * up
     else:
       h = nn.gelu(up, approximate=cfg.mlp == "gelu_tanh")
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-    out = dense(cfg.d_model, ("mlp", "embed"), "down_proj",
-                scale=1.0 / (2 * cfg.num_layers) ** 0.5)(h)
+    out = dense(h, cfg.d_ff, cfg.d_model, ("mlp", "embed"), "down_proj", _residual_std(cfg))
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return constrain(out, ("act_batch", "act_length", "act_embed"))
 

@@ -1,0 +1,99 @@
+"""Checkpoints: the one module that talks to Orbax.
+
+A checkpoint in `WORKDIR/checkpoints/<step>/` holds the train state (sharded arrays), the data
+iterator position, the base rng and the run's config. The last `keep` checkpoints are kept.
+A state with a non-finite value is never written: `save` raises instead, so the last good
+checkpoint stays the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+
+class NonFiniteStateError(FloatingPointError):
+  """Raised instead of writing a state with NaN or Inf values."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(tree) -> bool:
+  """True when every floating-point leaf of `tree` is finite."""
+  return bool(_all_finite(tree))
+
+
+class Checkpointer:
+  """Saves and restores (state, extras) in `workdir/checkpoints`, keeping the last `keep`."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, extras: dict[str, Any]) -> None:
+    """Writes `state` (a pytree of arrays) and `extras` (JSON-serialisable) at `step`."""
+    if not all_finite(state):
+      raise NonFiniteStateError(
+          f"Refusing to write checkpoint {step} to {self.directory}: the state has non-finite "
+          f"values. The latest good checkpoint is {self.latest_step()}.")
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras)))
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["extras"])
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only `state.params` (for initialising a later stage from this run)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                {"params": abstract_params}),
+            partial_restore=True)))
+    return restored["state"]["params"]
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves with the given shardings (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def write_config(workdir: str, config) -> str:
+  """Writes the run's config as JSON beside the checkpoints; returns the path."""
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def read_config(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)

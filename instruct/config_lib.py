@@ -1,0 +1,105 @@
+"""Shared pieces of the experiment configs in `configs/`, and their validation.
+
+An experiment config is an ml_collections `ConfigDict` made by `get_config(arg)` in a file
+under `configs/`. Those files start from `base_config()` here and pick presets, so every field
+is defined (and commented) in one place. `validate` turns impossible combinations into errors
+that name the config key.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from instruct.data.tokenization import DEFAULT_TOKENIZER
+from instruct.model.config import ModelConfig, preset
+from instruct.sharding import DEFAULT_RULES
+
+ASSETS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
+STAGES = ("pretrain", "sft")
+
+
+def embedded_files(stem: str) -> dict[str, str]:
+  """Paths of a shipped dataset's splits, e.g. `embedded_files('demos')`."""
+  return {split: os.path.join(ASSETS_DATA, f"{stem}_{split}.jsonl")
+          for split in ("train", "validation")}
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.model` for an architecture preset of `instruct.model.config.PRESETS`."""
+  return ml_collections.ConfigDict(preset(name, **overrides))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a supervised (pretrain / SFT) experiment, with defaults."""
+  c = ml_collections.ConfigDict()
+  c.stage = "sft"              # 'pretrain' (loss on all tokens) | 'sft' (loss on completions).
+  c.seed = 0                   # Parameter init and the data order derive from it.
+  c.init_from = ""             # Workdir of an earlier stage whose final params initialise this.
+  c.model = model_config("tiny")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text}.
+  c.data.train_file = embedded_files("demos")["train"]
+  c.data.validation_file = embedded_files("demos")["validation"]
+  c.data.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
+  c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
+  c.data.tfds_dir = ""             # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
+                                   # ~/tensorflow_datasets.
+  c.data.shuffle = True
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  c.optimizer.schedule = "cosine"   # 'cosine' | 'linear' | 'constant' after linear warmup.
+  c.optimizer.warmup_steps = 10
+  c.optimizer.end_lr_fraction = 0.1  # Final LR as a fraction of the peak.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0    # Decoupled (AdamW); applied to matrices only.
+  c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; <= 0 disables.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 100
+  c.train.global_batch_size = 16    # Sequences per step over all hosts and devices.
+  c.train.grad_accum_steps = 1      # Microbatches per step (same gradient, less memory).
+  c.train.log_every = 10
+  c.train.eval_every = 50           # Validation loss / perplexity; <= 0 disables.
+  c.train.eval_batches = -1         # -1: the whole validation split.
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 3
+  c.train.stop_at_step = -1         # Stop early (with a checkpoint) at this step; -1: never.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)         # -1 takes the remaining devices.
+  c.mesh.axis_names = ("data", "fsdp", "tensor")
+  c.mesh.rules = DEFAULT_RULES      # Logical axis -> mesh axes (see instruct/sharding.py).
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
+  """Raises ValueError naming the key for impossible combinations."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r}; expected one of {STAGES}.")
+  ModelConfig.from_dict(config.model)
+  t = config.train
+  batch, accum = t.global_batch_size, t.grad_accum_steps
+  if accum < 1 or batch % accum:
+    raise ValueError(f"config.train.global_batch_size={batch} is not divisible by "
+                     f"config.train.grad_accum_steps={accum}.")
+  if (batch // accum) % data_parallel:
+    raise ValueError(
+        f"config.train.global_batch_size={batch} (per microbatch {batch // accum}) is not "
+        f"divisible by the data-parallel size {data_parallel} of config.mesh.shape.")
+  if batch % process_count:
+    raise ValueError(f"config.train.global_batch_size={batch} is not divisible by the "
+                     f"{process_count} processes.")
+  if t.num_steps < 1:
+    raise ValueError(f"config.train.num_steps={t.num_steps} must be positive.")
+  if max(config.data.buckets) > config.model.max_length and config.model.position == "learned":
+    raise ValueError(f"config.data.buckets={tuple(config.data.buckets)} exceeds "
+                     f"config.model.max_length={config.model.max_length}.")
+  if config.optimizer.schedule not in ("cosine", "linear", "constant"):
+    raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
+                     "'cosine', 'linear' or 'constant'.")
