@@ -6,6 +6,8 @@ r"""Runs one training stage from an experiment config. Flags only; the work is i
 Running the same command again resumes from the last checkpoint in --workdir.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,7 +29,7 @@ class _OwnInfoOnly:
   """Keeps INFO lines of this package and WARNING+ of libraries (Orbax and TFDS are chatty)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/instruct/" in record.pathname
+    return record.levelno >= std_logging.WARNING or "/instruct/" in record.pathname
 
 
 def main(argv):
