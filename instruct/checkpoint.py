@@ -78,12 +78,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree`'s leaves with the given shardings (a restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def write_config(workdir: str, config) -> str:
   """Writes the run's config as JSON beside the checkpoints; returns the path."""
   path = os.path.join(workdir, "config.json")

@@ -1,12 +1,13 @@
 """The train state pytree and its sharded creation.
 
 State is initialised abstractly (`jax.eval_shape`), its shardings are derived from the logical
-axis names on the parameters, and it is then created already sharded by one jitted init, so
-no device ever holds a full unsharded copy.
+axis names on the parameters, and it is then created already sharded by one jitted init (or
+restored into those shardings), so no device ever holds a full unsharded copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,25 +28,43 @@ class TrainState:
   opt_state: Any
 
 
-def create_sharded_state(init_params: Callable[[jax.Array], Any],
-                         optimizer: optax.GradientTransformation, rng: jax.Array, mesh,
-                         rules) -> tuple[TrainState, Any]:
-  """Creates the TrainState directly in its sharded layout.
+@dataclasses.dataclass
+class StateFactory:
+  """How to make a TrainState in its sharded layout.
+
+  Attributes:
+    shardings: TrainState of NamedShardings.
+    abstract: TrainState of ShapeDtypeStructs carrying those shardings (a restore target).
+    init: rng -> freshly initialised sharded TrainState.
+    from_params: params -> sharded TrainState at step 0 with a fresh optimiser state.
+  """
+
+  shardings: Any
+  abstract: Any
+  init: Callable[[jax.Array], TrainState]
+  from_params: Callable[[Any], TrainState]
+
+
+def state_factory(init_params: Callable[[jax.Array], Any],
+                  optimizer: optax.GradientTransformation, mesh, rules) -> StateFactory:
+  """Builds the abstract state and sharded initialisers.
 
   Args:
-    init_params: rng -> boxed params (with `nn.Partitioned` logical names).
-  Returns:
-    (state, state_shardings).
+    init_params: rng -> boxed params (leaves carry `nn.Partitioned` logical names).
   """
-  def init_boxed(key):
-    params = init_params(key)
+  def with_optimizer(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 
-  abstract = jax.eval_shape(init_boxed, rng)
-  shardings = shd.tree_shardings(mesh, rules, abstract)
-  state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(rng)
-  return state, shardings
+  init_boxed = lambda rng: with_optimizer(init_params(rng))
+  abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  shardings = shd.tree_shardings(mesh, rules, abstract_boxed)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(abstract_boxed), shardings)
+  init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
+  from_params = jax.jit(with_optimizer, in_shardings=(shardings.params,),
+                        out_shardings=shardings)
+  return StateFactory(shardings, abstract, init, from_params)
 
 
 def param_count(params) -> int:

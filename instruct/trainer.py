@@ -29,7 +29,7 @@ from instruct import sharding as shd
 from instruct.data import make_batches, load_tokenizer
 from instruct.metrics import MetricWriter
 from instruct.stages import sft
-from instruct.state import TrainState
+from instruct.state import StateFactory, TrainState, state_factory
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,31 +82,20 @@ def latest_params(workdir: str, abstract_params: Any) -> Any:
   return params
 
 
-def _initial_state(config, model, optimizer, mesh, rules, checkpointer):
-  """(state, shardings, extras) from the workdir's checkpoint, `init_from`, or scratch."""
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  rng = jax.random.key(config.seed)
+def init_params_fn(model) -> Callable[[jax.Array], Any]:
+  """rng -> boxed parameters of `model` (shapes do not depend on the dummy input length)."""
+  return lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
 
-  def init_boxed(key):
-    params = model.init(key, dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
 
-  abstract_boxed = jax.eval_shape(init_boxed, rng)
-  shardings = shd.tree_shardings(mesh, rules, abstract_boxed)
-  abstract = ckpt_lib.abstract_like(nn.meta.unbox(abstract_boxed), shardings)
+def _initial_state(config, factory: StateFactory, checkpointer):
+  """(state, extras) from the workdir's checkpoint, else `config.init_from`, else scratch."""
   step = checkpointer.latest_step()
   if step is not None:
     logging.info("Resuming from %s (step %d).", checkpointer.directory, step)
-    state, extras = checkpointer.restore(step, abstract)
-    return state, shardings, extras
+    return checkpointer.restore(step, factory.abstract)
   if config.init_from:
-    params = latest_params(config.init_from, abstract.params)
-    fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
-    state = jax.jit(fresh, in_shardings=(shardings.params,), out_shardings=shardings)(params)
-    return state, shardings, {}
-  state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(rng)
-  return state, shardings, {}
+    return factory.from_params(latest_params(config.init_from, factory.abstract.params)), {}
+  return factory.init(jax.random.key(config.seed)), {}
 
 
 def evaluate(eval_step, params, data, batch_sharding, max_batches: int = -1) -> dict:
@@ -137,6 +126,18 @@ def _summarise(pending: list[dict], step: int) -> dict[str, float]:
   return summary
 
 
+def compile_steps(model, optimizer, schedule, config, state_sh, mesh, rules):
+  """The jitted (train_step, eval_step), with explicit shardings; the state is donated."""
+  batch_sh = shd.batch_sharding(mesh, rules)
+  train_step = jax.jit(
+      sft.make_train_step(model, optimizer, schedule, config.train.grad_accum_steps),
+      in_shardings=(state_sh, batch_sh, shd.replicated(mesh)),
+      out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+  eval_step = jax.jit(sft.make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
+                      out_shardings=shd.replicated(mesh))
+  return train_step, eval_step
+
+
 def train_and_evaluate(config, workdir: str,
                        devices: Optional[list[jax.Device]] = None) -> TrainState:
   """Trains the supervised stage described by `config` in `workdir`; returns the final state."""
@@ -162,20 +163,17 @@ def train_and_evaluate(config, workdir: str,
   # State is created outside the rules context: its layout comes from out_shardings, and
   # logical constraints are only wanted inside the steps.
   with jax.set_mesh(mesh):
-    state, state_sh, extras = _initial_state(config, model, optimizer, mesh, rules,
-                                             checkpointer)
+    factory = state_factory(init_params_fn(model), optimizer, mesh, rules)
+    state, extras = _initial_state(config, factory, checkpointer)
+    state_sh = factory.shardings
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if extras:
       train_data.set_state(extras["data"])
     base_rng = jax.random.wrap_key_data(
         np.asarray(extras["rng"], np.uint32)) if extras else jax.random.key(config.seed)
     batch_sh = shd.batch_sharding(mesh, rules)
-    train_step = jax.jit(
-        sft.make_train_step(model, optimizer, schedule, config.train.grad_accum_steps),
-        in_shardings=(state_sh, batch_sh, shd.replicated(mesh)),
-        out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
-    eval_step = jax.jit(sft.make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                        out_shardings=shd.replicated(mesh))
+    train_step, eval_step = compile_steps(model, optimizer, schedule, config, state_sh, mesh,
+                                          rules)
     try:
       state = _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
                     base_rng, checkpointer, writer, workdir)

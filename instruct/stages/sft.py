@@ -71,7 +71,7 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
     metrics = {
         "loss": loss_sum / jnp.maximum(targets, 1.0),
         "accuracy": correct / jnp.maximum(targets, 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": targets,
         "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
