@@ -7,6 +7,7 @@ Running the same command again resumes from the last checkpoint in --workdir.
 """
 
 import logging as std_logging
+import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,5 +48,18 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with an unknown `--config.a.b=...` key reported by its full name."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    found = re.search(r"'(\w+)", str(e))
+    missing = found.group(1) if found else str(e)
+    culprits = [a.split("=")[0].lstrip("-") for a in argv[1:]
+                if a.startswith("--config.") and missing in a.split("=")[0].split(".")]
+    raise SystemExit(f"error: unknown config key {culprits[0] if culprits else missing!r} "
+                     f"on the command line; the config file lists every field.") from None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
