@@ -8,6 +8,7 @@ that name the config key.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -103,3 +104,14 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, process_coun
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given by path (what `--config=path:arg` does)."""
+  spec = importlib.util.spec_from_file_location(
+      "instruct_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file at {path}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

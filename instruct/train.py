@@ -6,12 +6,10 @@ r"""Runs one training stage from an experiment config. Flags only; the work is i
 Running the same command again resumes from the last checkpoint in --workdir.
 """
 
-import logging as std_logging
-import re
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from instruct import cli
 from instruct import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
@@ -26,15 +24,8 @@ STAGES = {
 }
 
 
-class _OwnInfoOnly:
-  """Keeps INFO lines of this package and WARNING+ of libraries (Orbax and TFDS are chatty)."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/instruct/" in record.pathname
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -48,18 +39,5 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with an unknown `--config.a.b=...` key reported by its full name."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    found = re.search(r"'(\w+)", str(e))
-    missing = found.group(1) if found else str(e)
-    culprits = [a.split("=")[0].lstrip("-") for a in argv[1:]
-                if a.startswith("--config.") and missing in a.split("=")[0].split(".")]
-    raise SystemExit(f"error: unknown config key {culprits[0] if culprits else missing!r} "
-                     f"on the command line; the config file lists every field.") from None
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

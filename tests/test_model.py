@@ -80,6 +80,11 @@ def np_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
 
 
+def jit(fun, **kwargs):
+  """jax.jit without LLVM optimisation: the tiny models compile ~35% faster on CPU."""
+  return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
+
+
 # ------------------------------------------------------------------ numpy reference
 
 
@@ -159,7 +164,7 @@ def np_logits(params, cfg, tokens, mask):
   return h @ p["lm_head"]["kernel"]
 
 
-# ------------------------------------------------------------------------- fixtures
+# ---------------------------------------------------------------------- shared models
 
 
 # Shapes shared by the tests so that the jitted functions below compile once per family.
@@ -173,22 +178,19 @@ class Family:
     self.cfg = cfg
     self.model = Transformer(cfg)
     self.params = random_params(cfg, seed=seed)
-    self.logits = jax.jit(lambda p, t, m: self.model.apply(p, t, m).logits)
+    self.logits = jit(lambda p, t, m: self.model.apply(p, t, m).logits)
 
     def step(params, tokens, mask, cache):
       out = self.model.apply(params, tokens, mask, cache=cache)
       return out.logits, out.cache
-    self.step = jax.jit(step)
+    self.step = jit(step)
 
 
-_FAMILIES: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def get_family(name: str) -> Family:
-  if name not in _FAMILIES:
-    base, overrides = VARIANTS[name]
-    _FAMILIES[name] = Family(make_cfg(base, **overrides))
-  return _FAMILIES[name]
+  """The shared Family of a VARIANTS name (built once per test session)."""
+  base, overrides = VARIANTS[name]
+  return Family(make_cfg(base, **overrides))
 
 
 def random_tokens(cfg, shape, seed=1):
@@ -322,7 +324,7 @@ def test_scan_layers_with_stacked_params_matches_unscanned(name):
   mask = np.ones_like(tokens)
   mask[0, :3] = 0
   want = np.asarray(fam.logits(fam.params, tokens, mask))
-  got = np.asarray(jax.jit(lambda p: scan_model.apply(p, tokens, mask).logits)(stacked))
+  got = np.asarray(jit(lambda p: scan_model.apply(p, tokens, mask).logits)(stacked))
   real = mask > 0
   np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-4)
 
@@ -338,7 +340,7 @@ def test_scan_layers_kv_cache_matches_unscanned():
   cache = KVCache.init(fam.cfg, batch=BATCH, length=LENGTH)
   want_logits, want = fam.step(fam.params, tokens, mask, cache)
 
-  @jax.jit
+  @jit
   def scan_step(params, cache):
     out = scan_model.apply(params, tokens, mask, cache=cache)
     return out.logits, out.cache
@@ -384,7 +386,7 @@ def test_remat_policies_give_same_logits_and_gradients(name):
     def loss(p):
       logits = model.apply(p, tokens, mask).logits
       return jnp.mean(jnp.tanh(logits) * weights), logits
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(fam.params)
+    (_, logits), grads = jit(jax.value_and_grad(loss, has_aux=True))(fam.params)
     return np.asarray(logits), grads
 
   ref_logits, ref_grads = run("none")
@@ -408,7 +410,7 @@ def test_dropout_deterministic_and_stochastic(name):
 
   def apply(p, key, deterministic):
     return model.apply(p, tokens, deterministic=deterministic, rngs={"dropout": key}).logits
-  apply = jax.jit(apply, static_argnums=2)
+  apply = jit(apply, static_argnums=2)
   k1, k2 = jax.random.key(1), jax.random.key(2)
   no_dropout = np.asarray(fam.logits(fam.params, tokens, np.ones_like(tokens)))
   det1, det2 = np.asarray(apply(fam.params, k1, True)), np.asarray(apply(fam.params, k2, True))
@@ -434,7 +436,7 @@ def test_bfloat16_compute(name):
   for leaf in jax.tree.leaves(meta.unbox(abstract_variables(model))):
     assert leaf.dtype == jnp.float32
   tokens = random_tokens(cfg, (BATCH, LENGTH), seed=11)
-  got = jax.jit(lambda p: model.apply(p, tokens).logits)(fam.params)
+  got = jit(lambda p: model.apply(p, tokens).logits)(fam.params)
   assert got.dtype == jnp.float32
   want = np.asarray(fam.logits(fam.params, tokens, np.ones_like(tokens)))
   got = np.asarray(got)
@@ -455,7 +457,7 @@ def test_scalar_head_values_match_reference(name):
   tokens = random_tokens(cfg, (3, 7), seed=13)
   mask = np.ones_like(tokens)
   mask[2, :3] = 0
-  out = jax.jit(lambda p: model.apply(p, tokens, mask))(params)
+  out = jit(lambda p: model.apply(p, tokens, mask))(params)
   assert out.logits is None
   assert out.values.shape == (3, 7) and out.values.dtype == jnp.float32
   h, p = np_backbone(params, cfg, tokens, mask)
@@ -471,7 +473,7 @@ def test_scalar_head_init():
                  d_ff=8, vocab_size=8, max_length=8)
   model = Transformer(cfg, head="scalar")
   # Only the head leaves the jitted init, so XLA drops the other initialisers (fast compile).
-  head = jax.jit(lambda key: meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32)))[
+  head = jit(lambda key: meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32)))[
       "params"]["scalar_head"])(jax.random.key(0))
   kernel = np.asarray(head["kernel"])
   assert kernel.shape == (d, 1)
@@ -603,7 +605,7 @@ def test_count_params_matches_real_count(name, overrides, head):
 
 # ----------------------------------------------------------------------------- RoPE
 
-rope = jax.jit(apply_rope, static_argnums=(2, 3))
+rope = jit(apply_rope, static_argnums=(2, 3))
 
 
 def test_apply_rope_matches_numpy():

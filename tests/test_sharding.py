@@ -1,6 +1,5 @@
 """Meshes from config, the rule table, and the SFT step on several meshes against 1 device."""
 
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from instruct import config_lib
 from instruct import optim
 from instruct import sharding as shd
 from instruct import trainer
@@ -20,10 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(os.path.join(ROOT, "configs", name + ".py"), arg)
 
 
 def mesh_config(shape):

@@ -1,0 +1,1 @@
+"""Experiments: pipelines that chain `instruct.train` stages through their workdirs."""

@@ -1,0 +1,116 @@
+r"""A miniature InstructGPT on the embedded data, one stage after another.
+
+  python -m experiments.instructgpt_mini --workdir=/tmp/instructgpt_mini [--preset=quick]
+
+Each stage is the normal `instruct.train` stage, with its own workdir `DIR/<stage>` and its
+config saved there, so any stage can be rerun or swept alone:
+
+  python -m instruct.train --config=configs/sft.py:tiny --workdir=DIR/sft \
+      --config.init_from=DIR/pretrain
+
+Running the pipeline again resumes: finished stages are skipped (their checkpoint is at the
+final step) and an interrupted stage continues from its last checkpoint.
+
+Stages so far: pretrain a base LM on the embedded corpus, then SFT it on the embedded
+demonstrations. The summary (`DIR/summary.json`) lists each stage's final validation loss
+and perplexity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from instruct import checkpoint as ckpt_lib
+from instruct import cli
+from instruct import config_lib
+from instruct import metrics as metrics_lib
+from instruct import trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline's runs.")
+_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full"], "Pipeline size.")
+flags.mark_flag_as_required("workdir")
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  config_file: str              # File under configs/.
+  config_arg: str               # Its preset.
+  init_from: str | None = None  # Name of the stage whose final parameters initialise this one.
+  overrides: tuple = ()         # (dotted key, value) pairs.
+
+
+def pipeline(preset: str) -> list[Stage]:
+  """The stages of a preset, in order."""
+  scale = 1 if preset == "quick" else 4
+  return [
+      Stage("pretrain", "pretrain.py", "tiny",
+            overrides=(("train.num_steps", 150 * scale), ("train.eval_every", 50 * scale))),
+      Stage("sft", "sft.py", "tiny", init_from="pretrain",
+            overrides=(("train.num_steps", 80 * scale), ("train.eval_every", 40 * scale))),
+  ]
+
+
+def load_config(stage: Stage, root: str):
+  """The stage's config: its file and preset, the overrides, and the handoff directory."""
+  config = config_lib.load_config_file(os.path.join(CONFIGS_DIR, stage.config_file),
+                                        stage.config_arg)
+  for key, value in stage.overrides:
+    section, name = key.split(".")
+    config[section][name] = value
+  if stage.init_from:
+    config.init_from = os.path.join(root, stage.init_from)
+  return config
+
+
+def run_stage(stage: Stage, root: str) -> dict:
+  """Trains one stage (or skips it when finished) and returns its last validation metrics."""
+  config = load_config(stage, root)
+  workdir = os.path.join(root, stage.name)
+  latest = ckpt_lib.Checkpointer(workdir).latest_step() if os.path.isdir(workdir) else None
+  if latest == config.train.num_steps:
+    logging.info("[%s] already finished (step %d); skipping.", stage.name, latest)
+  else:
+    logging.info("[%s] training in %s", stage.name, workdir)
+    start = time.time()
+    trainer.train_and_evaluate(config, workdir)
+    logging.info("[%s] done in %.0f s", stage.name, time.time() - start)
+  records = [r for r in metrics_lib.read_metrics(workdir) if "val_loss" in r]
+  return {"workdir": workdir, **records[-1]} if records else {"workdir": workdir}
+
+
+def run(root: str, preset: str = "quick") -> dict:
+  """Runs the whole pipeline under `root`; returns and writes the summary."""
+  os.makedirs(root, exist_ok=True)
+  stages = pipeline(preset)
+  summary = {}
+  for i, stage in enumerate(stages, 1):
+    logging.info("=== stage %d/%d: %s ===", i, len(stages), stage.name)
+    summary[stage.name] = run_stage(stage, root)
+  with open(os.path.join(root, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  summary = run(_WORKDIR.value, _PRESET.value)
+  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s}")
+  for name, result in summary.items():
+    print(f"{name:10s} {result.get('step', 0):6d} {result.get('val_loss', float('nan')):9.4f} "
+          f"{result.get('val_perplexity', float('nan')):8.2f}")
+  print(f"\nSummary written to {os.path.join(_WORKDIR.value, 'summary.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
