@@ -19,24 +19,17 @@ def get_config(arg: str = "tiny"):
   config.data.train_file = files["train"]
   config.data.validation_file = files["validation"]
   preset = arg or "tiny"
-  if preset in ("tiny", "tiny_llama"):
-    config.model = config_lib.model_config(preset)
+  if config_lib.apply_preset(config, preset, "configs/pretrain.py"):
     config.train.num_steps = 100
     config.train.log_every = 10
     config.train.eval_every = 50
     config.train.checkpoint_every = 50
     config.optimizer.learning_rate = 3e-3
-  elif preset in ("gpt2", "llama_1b"):
-    config.model = config_lib.model_config(preset, dtype="bfloat16", scan_layers=True,
-                                           remat="full")
-    config.mesh.shape = (1, -1, 1)
+  else:
     config.data.buckets = (1024,)
     config.train.global_batch_size = 256
     config.train.num_steps = 100_000
     config.optimizer.learning_rate = 6e-4 if preset == "gpt2" else 3e-4
     config.optimizer.warmup_steps = 2000
     config.optimizer.weight_decay = 0.1
-  else:
-    raise ValueError(f"Unknown preset {preset!r} for configs/pretrain.py; use tiny, "
-                     "tiny_llama, gpt2 or llama_1b.")
   return config

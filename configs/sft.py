@@ -22,8 +22,7 @@ def get_config(arg: str = "tiny"):
   config = config_lib.base_config()
   config.stage = "sft"
   preset = arg or "tiny"
-  if preset in ("tiny", "tiny_llama"):
-    config.model = config_lib.model_config(preset)
+  if config_lib.apply_preset(config, preset, "configs/sft.py"):
     config.train.num_steps = 60
     config.train.global_batch_size = 16
     config.train.log_every = 10
@@ -31,23 +30,14 @@ def get_config(arg: str = "tiny"):
     config.train.checkpoint_every = 30
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 6
-  elif preset in ("gpt2", "llama_1b"):
-    # Sized for accelerators: bf16 compute, scanned + rematerialised layers, FSDP over all
-    # devices. Point data.* at your demonstrations and a matching tokenizer.
-    config.model = config_lib.model_config(preset, dtype="bfloat16", scan_layers=True,
-                                           remat="full")
-    config.mesh.shape = (1, -1, 1)
+  else:
+    # Point data.* at your demonstrations and a tokenizer matching the model's vocabulary.
     config.data.buckets = (256, 512, 1024)
     config.train.global_batch_size = 64
     config.train.num_steps = 2000
     config.optimizer.learning_rate = 1e-5 if preset == "llama_1b" else 5e-5
-    config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.1
-    config.model.dropout_rate = 0.0
-  else:
-    raise ValueError(f"Unknown preset {preset!r} for configs/sft.py; use tiny, tiny_llama, "
-                     "gpt2 or llama_1b.")
   return config
 
 

@@ -115,3 +115,24 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+CPU_PRESETS = ("tiny", "tiny_llama")
+ACCELERATOR_PRESETS = ("gpt2", "llama_1b")
+
+
+def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str) -> bool:
+  """Sets `config.model` (and, for accelerator presets, bf16 / scan / remat / FSDP mesh).
+
+  Returns True for the CPU-sized presets; an unknown name is an error naming the file.
+  """
+  if name in CPU_PRESETS:
+    config.model = model_config(name)
+    return True
+  if name in ACCELERATOR_PRESETS:
+    # bf16 compute, scanned and rematerialised layers, FSDP over all devices.
+    config.model = model_config(name, dtype="bfloat16", scan_layers=True, remat="full")
+    config.mesh.shape = (1, -1, 1)
+    return False
+  raise ValueError(f"Unknown preset {name!r} for {config_file}; use one of "
+                   f"{CPU_PRESETS + ACCELERATOR_PRESETS}.")

@@ -1,6 +1,6 @@
 """Tests of the Transformer model: numerics against a numpy reference, padding, KV cache,
-scanned layers, remat, dropout, bfloat16, the scalar head, logical names, config validation,
-parameter counts and rotary embeddings.
+scanned layers, remat, dropout, bfloat16, the scalar head, logical names, config
+validation, parameter counts and rotary embeddings.
 
 Numerics use random parameters of O(1) scale (norm scales and biases not at their init
 values) so that every parameter influences the logits; the references are written in numpy
@@ -549,17 +549,21 @@ def test_every_parameter_has_logical_names(name, scan, head):
     (dict(head_dim=10, rotary_fraction=0.5), "rotary_fraction"),
     (dict(dropout_rate=1.0), "dropout_rate"),
     (dict(dropout_rate=-0.1), "dropout_rate"),
-])
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_invalid_config_raises_naming_key(overrides, key):
   """Invalid field values raise ValueError naming config.model.<key>."""
   with pytest.raises(ValueError, match=rf"config\.model\.{key}\b"):
     ModelConfig(**preset("tiny", **overrides))
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-    "instruct/model/config.py ModelConfig.__post_init__ builds its checks list eagerly and "
-    "evaluates num_heads % num_kv_heads, so num_kv_heads=0 raises ZeroDivisionError instead "
-    "of a ValueError naming config.model.num_kv_heads"))
+@pytest.mark.parametrize("key,value", [("num_kv_heads", 0), ("num_kv_heads", -2),
+                                       ("d_model", 0), ("num_layers", -1)])
+def test_non_positive_sizes_raise_naming_key(key, value):
+  """Sizes must be positive integers; the error names config.model.<key>."""
+  with pytest.raises(ValueError, match=rf"config\.model\.{key}"):
+    ModelConfig(**preset("tiny", **{key: value}))
+
+
 def test_zero_kv_heads_raises_naming_key():
   """num_kv_heads=0 raises ValueError naming config.model.num_kv_heads."""
   with pytest.raises(ValueError, match=r"config\.model\.num_kv_heads"):
@@ -594,7 +598,7 @@ def test_unknown_preset_lists_known_ones():
     ("tiny", {}), ("tiny_llama", {}), ("tiny", dict(tie_embeddings=False)),
     ("tiny_llama", dict(use_bias=True, tie_embeddings=True)),
     ("tiny", dict(position="rope", mlp="gelu", parallel_residual=True)),
-])
+], ids=["tiny", "tiny_llama", "tiny-untied", "tiny_llama-bias-tied", "tiny-rope-gelu-parallel"])
 @pytest.mark.parametrize("head", ["lm", "scalar"])
 def test_count_params_matches_real_count(name, overrides, head):
   """count_params equals the number of parameters the model actually creates."""

@@ -50,6 +50,11 @@ class ModelConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
+    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "d_ff", "max_length"):
+      if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
+        raise ValueError(f"config.model.{key}={getattr(self, key)!r} is invalid: expected a "
+                         "positive integer.")
     checks = [
         (self.norm in NORMS, "norm", f"one of {NORMS}"),
         (self.mlp in MLPS, "mlp", f"one of {MLPS}"),

@@ -40,6 +40,8 @@ class KVCache:
 
   k, v: [layers, batch, cache_length, kv_heads, head_dim]; mask: [batch, cache_length] int32,
   1 where a real token has been written; index: int32 scalar, the next slot to write.
+  The caller keeps `index + new tokens <= cache_length` (inside jit a write past the end
+  cannot raise; `dynamic_update_slice` would clamp it onto the last slots).
   """
 
   k: Array
