@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from instruct import checkpoint as ckpt_lib
 from instruct import config_lib
@@ -51,6 +54,30 @@ class Progress:
     self.last_time, self.last_step = now, step
     eta = (self.end_step - step) / steps_per_s if steps_per_s > 0 else float("inf")
     return tokens / elapsed, eta
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (how TPU/GPU schedulers announce preemption) into a checkpoint and exit.
+
+  Single host: a signal handler sets a flag, checked after every step. Several hosts: JAX's
+  preemption sync point (needs `jax.distributed.initialize()`), so all hosts stop at the
+  same step.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._event.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def tfds_dir(config) -> str:
@@ -174,17 +201,19 @@ def train_and_evaluate(config, workdir: str,
     batch_sh = shd.batch_sharding(mesh, rules)
     train_step, eval_step = compile_steps(model, optimizer, schedule, config, state_sh, mesh,
                                           rules)
+    watcher = PreemptionWatcher()
     try:
       state = _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
-                    base_rng, checkpointer, writer, workdir)
+                    base_rng, checkpointer, writer, watcher)
     finally:
+      watcher.close()
       checkpointer.close()
       writer.close()
   return state
 
 
 def _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh, base_rng,
-          checkpointer, writer, workdir) -> TrainState:
+          checkpointer, writer, watcher) -> TrainState:
   """The training loop: step, log, evaluate, checkpoint."""
   t = config.train
   step = int(state.step)
@@ -197,7 +226,8 @@ def _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
     state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
     step += 1
     pending.append(metrics)
-    save_now = step % t.checkpoint_every == 0 or step == end
+    preempted = watcher.should_stop(step)
+    save_now = step % t.checkpoint_every == 0 or step == end or preempted
     if step % t.log_every == 0 or save_now:
       try:
         summary = _summarise(pending, step)
@@ -211,7 +241,7 @@ def _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
       logging.info("step %d/%d | loss %.4f | acc %.3f | %.0f tok/s | ETA %s", step, end,
                    summary["loss"], summary["accuracy"], summary["tokens_per_second"],
                    _format_eta(eta))
-    if t.eval_every > 0 and (step % t.eval_every == 0 or step == end):
+    if t.eval_every > 0 and (step % t.eval_every == 0 or step == end) and not preempted:
       results = evaluate(eval_step, state.params, eval_data, batch_sh, t.eval_batches)
       writer.write(step, results)
       logging.info("step %d | val_loss %.4f | val_ppl %.2f", step, results["val_loss"],
@@ -221,6 +251,10 @@ def _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
           "data": train_data.get_state(),
           "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
           "config": config.to_dict() if hasattr(config, "to_dict") else {}})
+    if preempted:
+      logging.warning("Preemption signal: saved step %d; rerun the same command to resume.",
+                      step)
+      break
   return state
 
 

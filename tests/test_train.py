@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -145,3 +146,37 @@ def test_command_line_trains_and_resumes(tmp_path, tfds_dir):
   bad = subprocess.run(command + ["--config.train.bogus=1"], cwd=ROOT, capture_output=True,
                        text=True, env=env)
   assert bad.returncode != 0 and "config.train.bogus" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tfds_dir, monkeypatch):
+  real_make_data = trainer.make_data
+
+  def make_data_that_gets_preempted(config, tokenizer, split, repeat):
+    data = real_make_data(config, tokenizer, split, repeat)
+    if split != "train":
+      return data
+    real_next, calls = data.__next__, []
+
+    class Preempted(type(data)):
+      def __next__(self):
+        calls.append(1)
+        if len(calls) == 3:  # While step 3 runs, the scheduler sends SIGTERM.
+          os.kill(os.getpid(), signal.SIGTERM)
+        return real_next()
+    data.__class__ = Preempted
+    return data
+
+  monkeypatch.setattr(trainer, "make_data", make_data_that_gets_preempted)
+  state = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), str(tmp_path))
+  assert int(state.step) == 3
+  assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 3
+  assert signal.getsignal(signal.SIGTERM) is not None  # The previous handler is restored.
+
+
+def test_malformed_training_file_is_an_error_naming_file_and_line(tmp_path, tfds_dir):
+  bad = tmp_path / "demos.jsonl"
+  bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": ""}\n')
+  config = tiny_config(tfds_dir, num_steps=1)
+  config.data.train_file = str(bad)
+  with pytest.raises(ValueError, match=rf"{bad}:2: .*completion"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
