@@ -5,7 +5,7 @@ Run (from the repository root; about 3.5 minutes on a shared 2-core CPU machine)
   python benchmarks/sft_step.py --presets=tiny,small_100m --json_out=/tmp/sft_step.json
 
 The step is the library's own: `sft.make_train_step` (forward + backward + AdamW from
-`optim.make_optimizer`) jitted by `trainer.compile_steps` (the state's in/out shardings, the
+`optim.make_optimizer`) built and jitted by `trainer.build` (the state's in/out shardings, the
 batch sharding, the state donated) under the config's mesh and logical axis rules, exactly as
 `trainer.train_and_evaluate` does; the state is created sharded by `state.state_factory`.
 Batches are synthetic: uniform random tokens, `attention_mask` all ones, `loss_mask` 1 on the
@@ -46,13 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from instruct import config_lib
-from instruct import optim
 from instruct import sharding as shd
 from instruct import trainer
 from instruct.model import ModelConfig
 from instruct.model.config import count_params
-from instruct.stages import sft
-from instruct.state import state_factory
 
 # Per preset: (batch, length, timed steps) used when the flags are left at 0.
 DEFAULTS = {"tiny": (16, 128, 20), "small_100m": (4, 256, 5)}
@@ -125,22 +122,14 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> 
 
 def build(config, num_steps: int):
   """(compiled step, state, global batch, compile seconds) as the trainer builds them."""
-  mesh = shd.make_mesh(config.mesh)
-  rules = shd.rules_from_config(config.mesh)
-  config_lib.validate(config, shd.data_parallel_size(mesh, rules), jax.process_count())
-  model = sft.make_model(config.model)
-  schedule = optim.make_schedule(config.optimizer, num_steps)
-  optimizer = optim.make_optimizer(config.optimizer, num_steps)
-  with jax.set_mesh(mesh):
-    factory = state_factory(trainer.init_params_fn(model), optimizer, mesh, rules)
-    state = factory.init(jax.random.key(config.seed))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch_sh = shd.batch_sharding(mesh, rules)
+  built = trainer.build(config, None)
+  with jax.set_mesh(built.mesh):
+    state = built.factory.init(jax.random.key(config.seed))
+  with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):
     batch = shd.host_batch_to_global(
         synthetic_batch(config.model.vocab_size, config.train.global_batch_size,
-                        max(config.data.buckets)), batch_sh)
-    train_step, _ = trainer.compile_steps(model, optimizer, schedule, config,
-                                          factory.shardings, mesh, rules)
+                        max(config.data.buckets)), built.batch_sharding)
+    train_step = built.train_step
     rng = jax.random.key(config.seed)
     start = time.perf_counter()
     compiled = train_step.lower(state, batch, rng).compile()

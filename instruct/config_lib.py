@@ -15,10 +15,12 @@ import ml_collections
 
 from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
+from instruct.objectives import RANKING_LOSSES
 from instruct.sharding import DEFAULT_RULES
 
 ASSETS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "rm")
+NORMALIZATIONS = ("demonstrations", "policy_samples", "none")
 
 
 def embedded_files(stem: str) -> dict[str, str]:
@@ -41,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config("tiny")
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text}.
+  c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |
+                                   # 'comparisons' (reward model; see configs/rm.py).
   c.data.train_file = embedded_files("demos")["train"]
   c.data.validation_file = embedded_files("demos")["validation"]
   c.data.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
@@ -101,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, process_coun
   if max(config.data.buckets) > config.model.max_length and config.model.position == "learned":
     raise ValueError(f"config.data.buckets={tuple(config.data.buckets)} exceeds "
                      f"config.model.max_length={config.model.max_length}.")
+  if config.stage == "rm":
+    _validate_rm(config)
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")
@@ -136,3 +141,31 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str)
     return False
   raise ValueError(f"Unknown preset {name!r} for {config_file}; use one of "
                    f"{CPU_PRESETS + ACCELERATOR_PRESETS}.")
+
+
+def rm_config() -> ml_collections.ConfigDict:
+  """`config.rm`: the reward-model stage's own fields."""
+  rm = ml_collections.ConfigDict()
+  rm.loss = "pairwise"           # 'pairwise': all ranked pairs of a prompt, weighted 1/C(K,2)
+                                 # (InstructGPT); 'best_of_k': softmax on the best (Ziegler).
+  rm.max_responses = 4           # K_max: responses per prompt are padded to this (2..9).
+  rm.skip_invalid = False        # Skip and count bad comparison records instead of failing.
+  rm.normalization = "demonstrations"  # 'demonstrations': bias so they score mean 0;
+                                       # 'policy_samples': gain+bias so samples are N(0,1);
+                                       # 'none'.
+  rm.normalization_file = embedded_files("demos")["train"]  # {prompt, completion} JSON lines.
+  return rm
+
+
+def _validate_rm(config) -> None:
+  rm = config.rm
+  if rm.loss not in RANKING_LOSSES:
+    raise ValueError(f"config.rm.loss={rm.loss!r}; expected one of {sorted(RANKING_LOSSES)}.")
+  if not 2 <= rm.max_responses <= 9:
+    raise ValueError(f"config.rm.max_responses={rm.max_responses} must be in [2, 9].")
+  if rm.normalization not in NORMALIZATIONS:
+    raise ValueError(f"config.rm.normalization={rm.normalization!r}; expected one of "
+                     f"{NORMALIZATIONS}.")
+  if config.data.kind != "comparisons":
+    raise ValueError(f"config.data.kind={config.data.kind!r}: the rm stage reads "
+                     "'comparisons'.")

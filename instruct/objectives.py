@@ -37,3 +37,85 @@ def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Ar
   nll = log_z - target_logit
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def preference_pairs(ranks_bk: Array, response_mask_bk: Array) -> Array:
+  """[batch, K, K] bool: pair (i, j) is ranked, with response i preferred to response j.
+
+  ranks_bk: [batch, K] int, 0 = best; equal ranks (ties, e.g. the non-best responses of a
+  best-of-K comparison) form no pair. response_mask_bk: [batch, K], 1 on real responses.
+  """
+  valid = response_mask_bk > 0
+  both = valid[:, :, None] & valid[:, None, :]
+  return both & (ranks_bk[:, :, None] < ranks_bk[:, None, :])
+
+
+def pairwise_ranking_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: Array):
+  """The K-wise reward-model loss of Ouyang et al. 2022 (eq. 1), one prompt per batch element.
+
+    loss(x) = -1/P(x) * sum_{(w, l): y_w ranked above y_l} log sigmoid(r(x, y_w) - r(x, y_l))
+
+  where P(x) is the number of ranked pairs of the prompt (C(K, 2) for a full ranking of K
+  responses), so each prompt weighs the same whatever its K, and the K rewards come from K
+  forward passes rather than C(K, 2) pair examples. Padded responses (mask 0) are in no pair.
+
+  Args:
+    rewards_bk: [batch, K] float rewards.
+    ranks_bk: [batch, K] int ranks, 0 = best; ties form no pair.
+    response_mask_bk: [batch, K] {0, 1}.
+  Returns:
+    (loss_sum, num_prompts, stats): loss_sum sums the per-prompt losses over prompts with at
+    least one pair; num_prompts counts them (the mean loss is loss_sum / num_prompts); stats
+    has `pairs` (ranked pairs), `correct_pairs` (r_w > r_l) and `margin_sum` (sum r_w - r_l).
+  """
+  pairs, diff, stats = _pair_stats(rewards_bk, ranks_bk, response_mask_bk)
+  pairs_per_prompt = jnp.sum(pairs, axis=(1, 2))
+  per_prompt = -jnp.sum(pairs * jax.nn.log_sigmoid(diff), axis=(1, 2))
+  per_prompt = per_prompt / jnp.maximum(pairs_per_prompt, 1.0)
+  has_pairs = (pairs_per_prompt > 0).astype(jnp.float32)
+  return jnp.sum(per_prompt * has_pairs), jnp.sum(has_pairs), stats
+
+
+def _pair_stats(rewards_bk, ranks_bk, response_mask_bk):
+  """Ranked pairs as float [b, K, K], reward differences r_i - r_j, and pair statistics."""
+  pairs = preference_pairs(ranks_bk, response_mask_bk).astype(jnp.float32)
+  rewards = rewards_bk.astype(jnp.float32)
+  diff = rewards[:, :, None] - rewards[:, None, :]
+  stats = {"pairs": jnp.sum(pairs), "correct_pairs": jnp.sum(pairs * (diff > 0)),
+           "margin_sum": jnp.sum(pairs * diff)}
+  return pairs, diff, stats
+
+
+def best_of_k_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: Array):
+  """Ziegler et al. 2019's best-of-K loss: softmax cross-entropy on the best response.
+
+    loss(x) = -log( exp r(x, y_best) / sum_i exp r(x, y_i) )
+
+  The best response is the one with rank 0 (a full ranking's first, or a best-of-K choice);
+  the sum runs over the real responses. Same return convention as `pairwise_ranking_loss`
+  (num_prompts counts prompts with at least 2 responses).
+  """
+  valid = response_mask_bk > 0
+  rewards = jnp.where(valid, rewards_bk.astype(jnp.float32), -jnp.inf)
+  log_z = jax.nn.logsumexp(rewards, axis=1)
+  is_best = valid & (ranks_bk == 0)
+  best_reward = jnp.sum(jnp.where(is_best, rewards_bk, 0.0), axis=1) / jnp.maximum(
+      jnp.sum(is_best, axis=1), 1)
+  counted = ((jnp.sum(valid, axis=1) >= 2) & (jnp.sum(is_best, axis=1) == 1)).astype(
+      jnp.float32)
+  _, _, stats = _pair_stats(rewards_bk, ranks_bk, response_mask_bk)
+  return jnp.sum((log_z - best_reward) * counted), jnp.sum(counted), stats
+
+
+RANKING_LOSSES = {"pairwise": pairwise_ranking_loss, "best_of_k": best_of_k_loss}
+
+
+def last_token_values(values_bt: Array, attention_mask_bt: Array) -> Array:
+  """[...] value at the last real token of each row (left or right padding; 0 if empty).
+
+  values_bt, attention_mask_bt: [..., length]. The reward model reads its reward there.
+  """
+  length = attention_mask_bt.shape[-1]
+  last = length - 1 - jnp.argmax(jnp.flip(attention_mask_bt > 0, axis=-1), axis=-1)
+  picked = jnp.take_along_axis(values_bt, last[..., None], axis=-1)[..., 0]
+  return jnp.where(jnp.any(attention_mask_bt > 0, axis=-1), picked, 0.0)

@@ -17,23 +17,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Stage name (config.stage) -> function(config, workdir). An explicit table, not name lookup.
-STAGES = {
-    "pretrain": trainer.train_and_evaluate,
-    "sft": trainer.train_and_evaluate,
-}
-
-
 def main(argv):
   cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config.stage not in STAGES:
-    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(STAGES)}.")
+  if config.stage not in trainer.TASKS:
+    raise app.UsageError(
+        f"config.stage={config.stage!r}; known stages: {sorted(trainer.TASKS)}.")
   logging.info("Config:\n%s", config)
   try:
-    STAGES[config.stage](config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value)
   except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

@@ -29,10 +29,15 @@ from instruct import checkpoint as ckpt_lib
 from instruct import config_lib
 from instruct import optim
 from instruct import sharding as shd
-from instruct.data import make_batches, load_tokenizer
+from instruct.data import load_tokenizer
 from instruct.metrics import MetricWriter
-from instruct.stages import sft
+from instruct.stages import rm, sft
+from instruct.stages.common import Task
 from instruct.state import StateFactory, TrainState, state_factory
+
+
+# Stage name (config.stage) -> make_task(config, tokenizer, optimizer, schedule).
+TASKS = {"pretrain": sft.make_task, "sft": sft.make_task, "rm": rm.make_task}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,22 +85,6 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def tfds_dir(config) -> str:
-  return (config.data.tfds_dir or os.environ.get("TFDS_DATA_DIR")
-          or os.path.expanduser("~/tensorflow_datasets"))
-
-
-def make_data(config, tokenizer, split: str, repeat: bool):
-  """Host-local batches of `config.data` for `split` ('train' or 'validation')."""
-  files = {"train": config.data.train_file, "validation": config.data.validation_file}
-  return make_batches(
-      config.data.kind, files, split, tokenizer,
-      global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
-      seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
-      data_dir=tfds_dir(config), process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-
 def latest_params(workdir: str, abstract_params: Any) -> Any:
   """The parameters of the latest checkpoint of another run (`config.init_from`)."""
   checkpointer = ckpt_lib.Checkpointer(workdir)
@@ -114,31 +103,37 @@ def init_params_fn(model) -> Callable[[jax.Array], Any]:
   return lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
 
 
-def _initial_state(config, factory: StateFactory, checkpointer):
-  """(state, extras) from the workdir's checkpoint, else `config.init_from`, else scratch."""
+def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
+  """(state, extras) from the workdir's checkpoint, else `config.init_from`, else scratch.
+
+  From `init_from`, every parameter except `task.fresh_param_keys` is restored from that
+  run's latest checkpoint (a reward model takes the SFT backbone and a new scalar head).
+  """
   step = checkpointer.latest_step()
   if step is not None:
     logging.info("Resuming from %s (step %d).", checkpointer.directory, step)
     return checkpointer.restore(step, factory.abstract)
-  if config.init_from:
-    return factory.from_params(latest_params(config.init_from, factory.abstract.params)), {}
-  return factory.init(jax.random.key(config.seed)), {}
+  if not config.init_from:
+    return factory.init(jax.random.key(config.seed)), {}
+  abstract = {k: v for k, v in factory.abstract.params.items()
+              if k not in task.fresh_param_keys}
+  params = dict(latest_params(config.init_from, abstract))
+  if task.fresh_param_keys:
+    fresh = factory.init(jax.random.key(config.seed)).params
+    params.update({k: fresh[k] for k in task.fresh_param_keys})
+  return factory.from_params(params), {}
 
 
-def evaluate(eval_step, params, data, batch_sharding, max_batches: int = -1) -> dict:
-  """Validation loss, perplexity and token accuracy over the validation split."""
+def evaluate(task: Task, eval_step, params, data, batch_sharding,
+             max_batches: int = -1) -> dict:
+  """Runs the validation split through `eval_step`; `task.summarize_eval` makes the metrics."""
   data.set_state({"epoch": 0, "batch": 0})
-  totals = None
+  outputs = []
   for i, batch in enumerate(data):
     if 0 <= max_batches <= i:
       break
-    sums = eval_step(params, shd.host_batch_to_global(batch, batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  targets = max(float(totals["targets"]), 1.0)
-  loss = float(totals["loss_sum"]) / targets
-  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 80.0))),
-          "val_accuracy": float(totals["correct"]) / targets}
+    outputs.append(eval_step(params, shd.host_batch_to_global(batch, batch_sharding)))
+  return task.summarize_eval(jax.device_get(outputs))
 
 
 def _summarise(pending: list[dict], step: int) -> dict[str, float]:
@@ -153,58 +148,85 @@ def _summarise(pending: list[dict], step: int) -> dict[str, float]:
   return summary
 
 
-def compile_steps(model, optimizer, schedule, config, state_sh, mesh, rules):
-  """The jitted (train_step, eval_step), with explicit shardings; the state is donated."""
+def compile_steps(task: Task, state_sh, mesh, rules):
+  """The jitted (train_step, eval_step, score_step), with explicit shardings.
+
+  The train state is donated; frozen inputs (params of eval and score) are not.
+  """
   batch_sh = shd.batch_sharding(mesh, rules)
-  train_step = jax.jit(
-      sft.make_train_step(model, optimizer, schedule, config.train.grad_accum_steps),
-      in_shardings=(state_sh, batch_sh, shd.replicated(mesh)),
-      out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
-  eval_step = jax.jit(sft.make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=shd.replicated(mesh))
-  return train_step, eval_step
+  out = shd.replicated(mesh)
+  train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, out),
+                       out_shardings=(state_sh, out), donate_argnums=(0,))
+  eval_step = jax.jit(task.eval_step, in_shardings=(state_sh.params, batch_sh),
+                      out_shardings=out)
+  score_step = None
+  if task.score_step is not None:
+    score_step = jax.jit(task.score_step, in_shardings=(state_sh.params, batch_sh),
+                         out_shardings=out)
+  return train_step, eval_step, score_step
+
+
+@dataclasses.dataclass
+class Built:
+  """A stage ready to run: mesh, rule table, task, state factory and the jitted steps."""
+
+  mesh: Any
+  rules: Any
+  task: Task
+  factory: StateFactory
+  train_step: Callable
+  eval_step: Callable
+  score_step: Optional[Callable]
+  batch_sharding: Any
+
+
+def build(config, tokenizer, devices: Optional[list[jax.Device]] = None) -> Built:
+  """Validates the config and builds the stage's mesh, task, state factory and jitted steps.
+
+  No state is created; `built.factory.init(rng)` creates it sharded. Use the steps under
+  `jax.set_mesh(built.mesh)` and `nn.logical_axis_rules(built.rules)`.
+  """
+  mesh = shd.make_mesh(config.mesh, devices)
+  rules = shd.rules_from_config(config.mesh)
+  config_lib.validate(config, shd.data_parallel_size(mesh, rules), jax.process_count())
+  if tokenizer is not None and len(tokenizer) > config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {len(tokenizer)} tokens ({config.data.tokenizer}).")
+  num_steps = config.train.num_steps
+  optimizer = optim.make_optimizer(config.optimizer, num_steps)
+  task = TASKS[config.stage](config, tokenizer, optimizer,
+                             optim.make_schedule(config.optimizer, num_steps))
+  # State shardings come from out_shardings, outside the rules context; logical constraints
+  # are only wanted inside the steps.
+  with jax.set_mesh(mesh):
+    factory = state_factory(init_params_fn(task.model), optimizer, mesh, rules)
+  steps = compile_steps(task, factory.shardings, mesh, rules)
+  return Built(mesh, rules, task, factory, *steps, shd.batch_sharding(mesh, rules))
 
 
 def train_and_evaluate(config, workdir: str,
                        devices: Optional[list[jax.Device]] = None) -> TrainState:
-  """Trains the supervised stage described by `config` in `workdir`; returns the final state."""
-  mesh = shd.make_mesh(config.mesh, devices)
-  rules = shd.rules_from_config(config.mesh)
-  config_lib.validate(config, shd.data_parallel_size(mesh, rules), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  """Trains the stage described by `config` in `workdir`; returns the final state."""
   tokenizer = load_tokenizer(config.data.tokenizer)
-  if len(tokenizer) > config.model.vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {len(tokenizer)} tokens ({config.data.tokenizer}).")
-  train_data = make_data(config, tokenizer, "train", repeat=True)
-  eval_data = make_data(config, tokenizer, "validation", repeat=False)
-  model = sft.make_model(config.model)
-  num_steps = config.train.num_steps
-  schedule = optim.make_schedule(config.optimizer, num_steps)
-  optimizer = optim.make_optimizer(config.optimizer, num_steps)
+  built = build(config, tokenizer, devices)
+  os.makedirs(workdir, exist_ok=True)
+  train_data = built.task.make_data("train", True)
+  eval_data = built.task.make_data("validation", False)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints)
   writer = MetricWriter(workdir)
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
-
-  # State is created outside the rules context: its layout comes from out_shardings, and
-  # logical constraints are only wanted inside the steps.
-  with jax.set_mesh(mesh):
-    factory = state_factory(init_params_fn(model), optimizer, mesh, rules)
-    state, extras = _initial_state(config, factory, checkpointer)
-    state_sh = factory.shardings
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(built.mesh):
+    state, extras = _initial_state(config, built.factory, built.task, checkpointer)
+  with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):
     if extras:
       train_data.set_state(extras["data"])
     base_rng = jax.random.wrap_key_data(
         np.asarray(extras["rng"], np.uint32)) if extras else jax.random.key(config.seed)
-    batch_sh = shd.batch_sharding(mesh, rules)
-    train_step, eval_step = compile_steps(model, optimizer, schedule, config, state_sh, mesh,
-                                          rules)
+    loop = _Loop(config, built, train_data, eval_data, base_rng, checkpointer, writer)
     watcher = PreemptionWatcher()
     try:
-      state = _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh,
-                    base_rng, checkpointer, writer, watcher)
+      state = loop.run(state, watcher)
     finally:
       watcher.close()
       checkpointer.close()
@@ -212,50 +234,77 @@ def train_and_evaluate(config, workdir: str,
   return state
 
 
-def _loop(config, state, train_step, eval_step, train_data, eval_data, batch_sh, base_rng,
-          checkpointer, writer, watcher) -> TrainState:
-  """The training loop: step, log, evaluate, checkpoint."""
-  t = config.train
-  step = int(state.step)
-  end = t.num_steps if t.stop_at_step < 0 else min(t.num_steps, t.stop_at_step)
-  progress = Progress(end_step=end, last_step=step)
-  logging.info("Training from step %d to %d on %d devices.", step, end, jax.device_count())
-  pending = []
-  while step < end:
-    batch = shd.host_batch_to_global(next(train_data), batch_sh)
-    state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
-    step += 1
-    pending.append(metrics)
-    preempted = watcher.should_stop(step)
-    save_now = step % t.checkpoint_every == 0 or step == end or preempted
-    if step % t.log_every == 0 or save_now:
-      try:
-        summary = _summarise(pending, step)
-      except NonFiniteLossError as e:
-        raise NonFiniteLossError(
-            f"{e} Stopping without saving; the last good checkpoint "
-            f"({checkpointer.latest_step()}) in {checkpointer.directory} is intact.") from None
-      pending = []
-      summary["tokens_per_second"], eta = progress.rates(step, summary.pop("tokens"))
-      writer.write(step, summary)
-      logging.info("step %d/%d | loss %.4f | acc %.3f | %.0f tok/s | ETA %s", step, end,
-                   summary["loss"], summary["accuracy"], summary["tokens_per_second"],
-                   _format_eta(eta))
-    if t.eval_every > 0 and (step % t.eval_every == 0 or step == end) and not preempted:
-      results = evaluate(eval_step, state.params, eval_data, batch_sh, t.eval_batches)
-      writer.write(step, results)
-      logging.info("step %d | val_loss %.4f | val_ppl %.2f", step, results["val_loss"],
-                   results["val_perplexity"])
-    if save_now:
-      checkpointer.save(step, state, {
-          "data": train_data.get_state(),
-          "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
-          "config": config.to_dict() if hasattr(config, "to_dict") else {}})
-    if preempted:
-      logging.warning("Preemption signal: saved step %d; rerun the same command to resume.",
-                      step)
-      break
-  return state
+@dataclasses.dataclass
+class _Loop:
+  """The training loop: step, log, evaluate, checkpoint (and finalize at the last step)."""
+
+  config: Any
+  built: Built
+  train_data: Any
+  eval_data: Any
+  base_rng: jax.Array
+  checkpointer: ckpt_lib.Checkpointer
+  writer: MetricWriter
+
+  def run(self, state: TrainState, watcher: PreemptionWatcher) -> TrainState:
+    t = self.config.train
+    train_step, batch_sh = self.built.train_step, self.built.batch_sharding
+    step = int(state.step)
+    end = t.num_steps if t.stop_at_step < 0 else min(t.num_steps, t.stop_at_step)
+    progress = Progress(end_step=end, last_step=step)
+    logging.info("Training from step %d to %d on %d devices.", step, end, jax.device_count())
+    pending = []
+    while step < end:
+      batch = shd.host_batch_to_global(next(self.train_data), batch_sh)
+      state, metrics = train_step(state, batch, jax.random.fold_in(self.base_rng, step))
+      step += 1
+      pending.append(metrics)
+      preempted = watcher.should_stop(step)
+      save_now = step % t.checkpoint_every == 0 or step == end or preempted
+      if step % t.log_every == 0 or save_now:
+        self._log(pending, step, end, progress)
+        pending = []
+      if t.eval_every > 0 and (step % t.eval_every == 0 or step == end) and not preempted:
+        results = evaluate(self.built.task, self.built.eval_step, state.params,
+                           self.eval_data, batch_sh, t.eval_batches)
+        self.writer.write(step, results)
+        logging.info("step %d | %s", step, " | ".join(
+            f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+      if save_now:
+        self._save(state, step, final=step == t.num_steps)
+      if preempted:
+        logging.warning("Preemption signal: saved step %d; rerun the same command to resume.",
+                        step)
+        break
+    return state
+
+  def _log(self, pending, step, end, progress) -> None:
+    try:
+      summary = _summarise(pending, step)
+    except NonFiniteLossError as e:
+      raise NonFiniteLossError(
+          f"{e} Stopping without saving; the last good checkpoint "
+          f"({self.checkpointer.latest_step()}) in {self.checkpointer.directory} is intact."
+      ) from None
+    summary["tokens_per_second"], eta = progress.rates(step, summary.pop("tokens"))
+    self.writer.write(step, summary)
+    logging.info("step %d/%d | loss %.4f | acc %.3f | %.0f tok/s | ETA %s", step, end,
+                 summary["loss"], summary["accuracy"], summary["tokens_per_second"],
+                 _format_eta(eta))
+
+  def _save(self, state, step: int, final: bool) -> None:
+    extras = {"data": self.train_data.get_state(),
+              "rng": np.asarray(jax.random.key_data(self.base_rng)).tolist(),
+              "config": self.config.to_dict()}
+    if final and self.built.task.finalize is not None:
+      built = self.built
+      score = lambda batch: np.asarray(jax.device_get(built.score_step(
+          state.params, shd.host_batch_to_global(batch, built.batch_sharding))))
+      finalized = built.task.finalize(state.params, score)
+      self.writer.write(step, {k: v for k, v in finalized.items()
+                               if isinstance(v, (int, float))})
+      extras.update(finalized)
+    self.checkpointer.save(step, state, extras)
 
 
 def _format_eta(seconds: float) -> str:

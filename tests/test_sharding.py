@@ -10,11 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from instruct import config_lib
-from instruct import optim
 from instruct import sharding as shd
 from instruct import trainer
-from instruct.stages import sft
-from instruct.state import state_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,22 +63,14 @@ def run_sft_steps(preset, mesh_shape, devices, num_steps=3, grad_accum=1):
   config = load_config("sft", preset)
   config.mesh.shape = mesh_shape
   config.train.grad_accum_steps = grad_accum
-  mesh = shd.make_mesh(config.mesh, devices)
-  rules = shd.rules_from_config(config.mesh)
-  model = sft.make_model(config.model)
-  schedule = optim.make_schedule(config.optimizer, config.train.num_steps)
-  optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  with jax.set_mesh(mesh):
-    factory = state_factory(trainer.init_params_fn(model), optimizer, mesh, rules)
-    state = factory.init(jax.random.key(0))
+  built = trainer.build(config, None, devices)
+  with jax.set_mesh(built.mesh):
+    state = built.factory.init(jax.random.key(0))
   losses = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step, _ = trainer.compile_steps(model, optimizer, schedule, config,
-                                          factory.shardings, mesh, rules)
-    batch_sh = shd.batch_sharding(mesh, rules)
+  with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):
     for i, batch in enumerate(synthetic_batches(num_steps)):
-      state, metrics = train_step(state, shd.host_batch_to_global(batch, batch_sh),
-                                  jax.random.key(i))
+      batch = shd.host_batch_to_global(batch, built.batch_sharding)
+      state, metrics = built.train_step(state, batch, jax.random.key(i))
       losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(state.params), state
 

@@ -13,6 +13,7 @@ import pytest
 from instruct import checkpoint as ckpt_lib
 from instruct import metrics as metrics_lib
 from instruct import trainer
+from instruct.stages import sft
 from tests.test_sharding import ROOT, load_config
 
 
@@ -149,7 +150,7 @@ def test_command_line_trains_and_resumes(tmp_path, tfds_dir):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tfds_dir, monkeypatch):
-  real_make_data = trainer.make_data
+  real_make_data = sft.make_lm_data
 
   def make_data_that_gets_preempted(config, tokenizer, split, repeat):
     data = real_make_data(config, tokenizer, split, repeat)
@@ -166,7 +167,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tfds_dir, monkeypatch):
     data.__class__ = Preempted
     return data
 
-  monkeypatch.setattr(trainer, "make_data", make_data_that_gets_preempted)
+  monkeypatch.setattr(sft, "make_lm_data", make_data_that_gets_preempted)
   state = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), str(tmp_path))
   assert int(state.step) == 3
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 3

@@ -3,12 +3,20 @@
 Numpy only and per host: nothing here imports jax or model code.
 """
 
+from instruct.data.builders import Comparisons
 from instruct.data.builders import Demonstrations
 from instruct.data.builders import LocalFilesConfig
 from instruct.data.builders import PlainText
 from instruct.data.builders import load_split
+from instruct.data.comparisons import MAX_RESPONSES
+from instruct.data.comparisons import MIN_RESPONSES
+from instruct.data.comparisons import collate_comparisons
+from instruct.data.comparisons import encode_comparison
+from instruct.data.comparisons import parse_comparison
+from instruct.data.comparisons import read_comparisons
 from instruct.data.pipeline import Batches
 from instruct.data.pipeline import make_batches
+from instruct.data.pipeline import make_comparison_batches
 from instruct.data.records import DEMONSTRATION_SCHEMA
 from instruct.data.records import RecordError
 from instruct.data.records import TEXT_SCHEMA
@@ -22,19 +30,27 @@ from instruct.data.tokenization import load_tokenizer
 
 __all__ = [
     'Batches',
+    'Comparisons',
     'DEFAULT_TOKENIZER',
     'DEMONSTRATION_SCHEMA',
     'Demonstrations',
     'LocalFilesConfig',
+    'MAX_RESPONSES',
+    'MIN_RESPONSES',
     'PlainText',
     'RecordError',
     'TEXT_SCHEMA',
     'check_special_tokens',
+    'collate_comparisons',
+    'encode_comparison',
     'encode_demonstration',
     'encode_text',
     'load_split',
     'load_tokenizer',
     'make_batches',
+    'make_comparison_batches',
+    'parse_comparison',
+    'read_comparisons',
     'read_jsonl',
     'read_text_records',
 ]

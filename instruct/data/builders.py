@@ -5,7 +5,10 @@ file named in a `LocalFilesConfig`. The config name is a fingerprint of the
 files (absolute path, size and modification time), so editing a file makes
 TFDS prepare a fresh dataset version instead of reusing a stale one.
 `load_split` prepares (or reuses) a dataset and returns a random-access source
-of python-string examples; it does not import TensorFlow.
+of python examples (strings, and lists of strings or ints); it does not import
+TensorFlow. Builders that can skip invalid records (`Comparisons`) store how
+many they skipped per split in their DatasetInfo metadata, so the counts
+survive reuse of the prepared dataset.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 
+from instruct.data import comparisons
 from instruct.data import records
 
 _VERSION = tfds.core.Version('1.0.0')
 _RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+# DatasetInfo metadata key: split name mapped to its skipped-record count.
+NUM_SKIPPED_KEY = 'num_skipped'
 
 
 def files_fingerprint(files: Mapping[str, str]) -> str:
@@ -49,13 +57,18 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
 
   Attributes:
     files: Split name mapped to the absolute path of its file.
+    skip_invalid: Whether invalid records are skipped (and counted) instead
+      of failing preparation; only some builders support it.
   """
 
-  def __init__(self, *, files: Mapping[str, str]) -> None:
+  def __init__(self, *, files: Mapping[str, str],
+               skip_invalid: bool = False) -> None:
     """Initializes the config; its name fingerprints the files' contents.
 
     Args:
       files: Split name (e.g. 'train') mapped to a local file path.
+      skip_invalid: Whether to skip invalid records; when True the name ends
+        with '-skip-invalid' (so both datasets can coexist).
 
     Raises:
       ValueError: `files` is empty.
@@ -64,10 +77,12 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
     if not files:
       raise ValueError('LocalFilesConfig needs at least one split file.')
     absolute = {split: os.path.abspath(path) for split, path in files.items()}
-    super().__init__(name=f'files-{files_fingerprint(absolute)[:12]}',
+    suffix = '-skip-invalid' if skip_invalid else ''
+    super().__init__(name=f'files-{files_fingerprint(absolute)[:12]}{suffix}',
                      version=_VERSION, release_notes=_RELEASE_NOTES,
-                     description=f'Local files: {absolute}')
+                     description=f'Local files: {absolute}{suffix}')
     self.files = absolute
+    self.skip_invalid = bool(skip_invalid)
 
 
 class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder,
@@ -76,6 +91,8 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder,
 
   VERSION = _VERSION
   RELEASE_NOTES = _RELEASE_NOTES
+  # Whether `_read` honours `LocalFilesConfig.skip_invalid`.
+  SUPPORTS_SKIP_INVALID = False
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -136,60 +153,139 @@ class PlainText(_LocalFilesBuilder, skip_registration=True):
     return records.read_text_records(path)
 
 
+class Comparisons(_LocalFilesBuilder, skip_registration=True):
+  """Ranked responses to prompts (reward-model data) from JSON-lines files.
+
+  See `comparisons` for the accepted record shapes. With the config's
+  `skip_invalid`, invalid records are skipped; the count per split is logged
+  and stored in the DatasetInfo metadata under `NUM_SKIPPED_KEY`.
+  """
+
+  name = 'instruct_comparisons'
+  SUPPORTS_SKIP_INVALID = True
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Returns the dataset info: `prompt`, `responses` and `ranks`."""
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'prompt': tfds.features.Text(),
+            'responses': tfds.features.Sequence(tfds.features.Text()),
+            'ranks': tfds.features.Sequence(np.int32),
+        }),
+        metadata=tfds.core.MetadataDict())
+
+  def _read(self, path: str) -> list[dict]:
+    """Reads comparisons, recording the skipped count of each split of it."""
+    examples, num_skipped = comparisons.read_comparisons(
+        path, skip_invalid=self.builder_config.skip_invalid)
+    counts = self.info.metadata.setdefault(NUM_SKIPPED_KEY, {})
+    for split, split_path in self.builder_config.files.items():
+      if split_path == path:
+        counts[split] = num_skipped
+        if num_skipped:
+          logging.warning('Split %r: skipped %d invalid records of %s '
+                          '(skip_invalid=True).', split, num_skipped, path)
+    return examples
+
+
 BUILDERS: Mapping[str, type[_LocalFilesBuilder]] = {
+    'comparisons': Comparisons,
     'demonstrations': Demonstrations,
     'text': PlainText,
 }
 
 
-class StringSource:
-  """Random-access view of a TFDS data source giving python strings."""
+def _to_python(value: Any) -> Any:
+  """Converts a TFDS value to python: bytes to str, numpy to int/list."""
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_to_python(item) for item in value]
+  return value
 
-  def __init__(self, source: Any) -> None:
-    """Wraps `source`, whose examples are dicts of `bytes` or `str`."""
+
+def _num_skipped(info: tfds.core.DatasetInfo, split: str) -> int:
+  """Returns the invalid records skipped for a split (expression).
+
+  Counts are per split file: a sliced split such as 'train[:10]' reports the
+  whole file's count; 'train+validation' reports the sum.
+  """
+  if info.metadata is None:
+    return 0
+  counts = info.metadata.get(NUM_SKIPPED_KEY, {})
+  return sum(int(counts.get(part.split('[')[0].strip(), 0))
+             for part in split.split('+'))
+
+
+class StringSource:
+  """Random-access view of a TFDS data source giving python values.
+
+  Attributes:
+    num_skipped: How many invalid records were skipped when preparing the
+      split (0 unless prepared with `skip_invalid`).
+  """
+
+  def __init__(self, source: Any, num_skipped: int = 0) -> None:
+    """Wraps `source`, whose examples are dicts of bytes, numpy or lists."""
     self._source = source
+    self.num_skipped = num_skipped
 
   def __len__(self) -> int:
     """Returns the number of examples."""
     return len(self._source)
 
-  def __getitem__(self, index: int) -> dict[str, str]:
-    """Returns example `index` with byte values decoded as UTF-8."""
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    """Returns example `index`: bytes decoded as UTF-8, sequences as lists."""
     example = self._source[index]
-    return {key: value.decode('utf-8') if isinstance(value, bytes) else value
-            for key, value in example.items()}
+    return {key: _to_python(value) for key, value in example.items()}
 
 
 def load_split(kind: str, files: Mapping[str, str], split: str,
-               data_dir: str | os.PathLike[str]) -> StringSource:
+               data_dir: str | os.PathLike[str],
+               skip_invalid: bool = False) -> StringSource:
   """Prepares (or reuses) a local dataset and returns one split.
 
   Args:
-    kind: 'demonstrations' or 'text' (see `BUILDERS`).
+    kind: 'comparisons', 'demonstrations' or 'text' (see `BUILDERS`).
     files: Split name mapped to a local file path.
     split: The split to return, e.g. 'train'; a TFDS split expression such as
       'train[:10]' also works.
     data_dir: Where TFDS keeps prepared datasets.
+    skip_invalid: Skip (and count) invalid records instead of raising; only
+      for kinds whose builder supports it ('comparisons'). Part of the
+      dataset's config, so it is prepared separately from the strict one.
 
   Preparation is not coordinated between processes: several hosts should
   not prepare the same dataset in one shared `data_dir` at the same time (use
   a per-host `data_dir`, or prepare once before starting them).
 
   Returns:
-    A source with `len()` and `[i]` giving dicts of python strings. The
-    example order is TFDS's deterministic write-time shuffle, not file order.
+    A source with `len()` and `[i]` giving dicts of python values (strings,
+    and lists of strings or ints), and `num_skipped` (see `StringSource`;
+    also right when a prepared dataset is reused). The example order is
+    TFDS's deterministic write-time shuffle, not file order.
 
   Raises:
-    ValueError: `kind` is unknown.
+    ValueError: `kind` is unknown, or `skip_invalid` is given for a kind that
+      does not support it.
     RecordError: A record file is invalid (raised during preparation).
   """
   if kind not in BUILDERS:
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
                      f'{sorted(BUILDERS)}.')
+  builder_class = BUILDERS[kind]
+  if skip_invalid and not builder_class.SUPPORTS_SKIP_INVALID:
+    supported = sorted(k for k, b in BUILDERS.items()
+                       if b.SUPPORTS_SKIP_INVALID)
+    raise ValueError(f'skip_invalid is not supported for kind {kind!r}; only '
+                     f'for {supported}.')
   tfds.disable_progress_bar()
-  builder = BUILDERS[kind](config=LocalFilesConfig(files=files),
-                           data_dir=os.fspath(data_dir),
-                           file_format='array_record')
+  config = LocalFilesConfig(files=files, skip_invalid=skip_invalid)
+  builder = builder_class(config=config, data_dir=os.fspath(data_dir),
+                          file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False))
-  return StringSource(builder.as_data_source(split=split))
+  return StringSource(builder.as_data_source(split=split),
+                      num_skipped=_num_skipped(builder.info, split))

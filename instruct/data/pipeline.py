@@ -5,6 +5,8 @@ The order depends only on the seed and the epoch; each host reads only its
 slice of every global batch, so the hosts' batches concatenated in process
 order are the global batch whatever the number of hosts. The position
 (`get_state`/`set_state`) is two integers, so resuming is exact and cheap.
+How rows become a batch is pluggable (`collate`): padded sequences by
+default, K-wise comparisons with `make_comparison_batches`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from typing import Any
 import numpy as np
 
 from instruct.data import builders
+from instruct.data import comparisons
 from instruct.data import tokenization
 
-Example = Mapping[str, str]
-Encode = Callable[[Example], tokenization.Encoded]
+Example = Mapping[str, Any]
+# Maps an example to a row: a tuple whose third item says if it was truncated.
+Encode = Callable[[Example], tuple[Any, ...]]
+# Maps up to `local_batch_size` rows to a batch of `local_batch_size` rows.
+Collate = Callable[[Sequence[Any], int], dict[str, np.ndarray]]
 _STATE_KEYS = frozenset({'epoch', 'batch'})
 
 
@@ -39,12 +45,14 @@ class Batches:
   has the same number of rows; then `StopIteration`. For another pass, call
   `set_state({'epoch': 0, 'batch': 0})`.
 
-  Each batch is a dict of int32 arrays of shape `[B // process_count, L]`:
-  `tokens` (right-padded with `pad_id`), `loss_mask` and `attention_mask`
-  (1 on real tokens). `L` is the smallest bucket that fits the longest of the
-  host's rows. Hosts must agree on `L`, so with `process_count > 1` exactly
-  one bucket is allowed (enforced): this keeps every host tokenizing only its
-  own rows.
+  By default each batch is a dict of int32 arrays of shape
+  `[B // process_count, L]`: `tokens` (right-padded with `pad_id`),
+  `loss_mask` and `attention_mask` (1 on real tokens). `L` is the smallest
+  bucket that fits the longest of the host's rows. Hosts must agree on `L`,
+  so with `process_count > 1` exactly one bucket is allowed (enforced): this
+  keeps every host tokenizing only its own rows. A custom `collate` builds
+  the batch instead (see `make_comparison_batches`); ordering, host slicing,
+  caching, eval padding, state and `num_truncated` work the same.
 
   Examples are encoded lazily, only for the host's rows, and by default kept
   in memory keyed by source index so later epochs do not re-tokenize (meant
@@ -53,21 +61,25 @@ class Batches:
   Attributes:
     num_truncated: How many truncated examples this iterator has put in its
       batches (counted per occurrence; not part of the saved state).
+    num_skipped: How many invalid records the source skipped when prepared
+      (its `num_skipped`, else 0).
   """
 
   def __init__(self, source: Any, encode: Encode, *, global_batch_size: int,
                buckets: Sequence[int], pad_id: int, seed: int, shuffle: bool,
                repeat: bool, process_index: int = 0, process_count: int = 1,
-               cache_encoded: bool = True) -> None:
+               cache_encoded: bool = True,
+               collate: Collate | None = None) -> None:
     """Initializes the iterator at epoch 0, batch 0.
 
     Args:
       source: Examples, supporting `len()` and integer `[i]`.
-      encode: Maps an example to `(tokens, loss_mask, truncated)`, with at
-        most `max(buckets)` tokens.
+      encode: Maps an example to a row. For the default collation a row is
+        `(tokens, loss_mask, truncated)` with at most `max(buckets)` tokens;
+        for a custom `collate`, any tuple whose third item is `truncated`.
       global_batch_size: Rows per global batch, summed over hosts.
       buckets: Allowed sequence lengths, e.g. `(32, 64, 128)`.
-      pad_id: The token id used for padding.
+      pad_id: The token id used for padding (by the default collation).
       seed: Seed of the per-epoch shuffle.
       shuffle: Whether to shuffle each epoch.
       repeat: Whether to loop over epochs forever (training) or make one
@@ -75,6 +87,9 @@ class Batches:
       process_index: This host's index.
       process_count: The number of hosts.
       cache_encoded: Whether to keep encoded examples in memory.
+      collate: Maps `(rows, local_batch_size)` to a batch, adding dummy rows
+        when given fewer rows (the last evaluation batch). Default: the
+        sequence padding described above, with its length checks.
 
     Raises:
       ValueError: On inconsistent sizes or buckets (see the messages).
@@ -91,12 +106,15 @@ class Batches:
     self._shuffle = shuffle
     self._repeat = repeat
     self._process_index = process_index
-    self._cache: dict[int, tokenization.Encoded] | None = (
+    self._collate = collate or self._pad_sequences
+    self._check_sequences = collate is None
+    self._cache: dict[int, tuple[Any, ...]] | None = (
         {} if cache_encoded else None)
     self._order: tuple[int, np.ndarray] | None = None
     self._epoch = 0
     self._batch = 0
     self.num_truncated = 0
+    self.num_skipped = int(getattr(source, 'num_skipped', 0))
 
   @property
   def batches_per_epoch(self) -> int:
@@ -151,7 +169,8 @@ class Batches:
              self._process_index * self._local_batch_size)
     order = self._permutation(self._epoch)
     rows = [int(i) for i in order[start:start + self._local_batch_size]]
-    batch = self._make_batch([self._encoded(i) for i in rows])
+    batch = self._collate([self._encoded(i) for i in rows],
+                          self._local_batch_size)
     self._batch += 1
     if self._batch == self.batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
@@ -168,24 +187,25 @@ class Batches:
       self._order = (epoch, order)
     return self._order[1]
 
-  def _encoded(self, index: int) -> tokenization.Encoded:
+  def _encoded(self, index: int) -> tuple[Any, ...]:
     """Returns the encoded example `index`, from the cache if possible."""
     if self._cache is not None and index in self._cache:
       encoded = self._cache[index]
     else:
       encoded = self._encode(self._source[index])
-      _check_encoded(encoded, index, self._buckets[-1])
+      if self._check_sequences:
+        _check_encoded(encoded, index, self._buckets[-1])
       if self._cache is not None:
         self._cache[index] = encoded
     self.num_truncated += int(encoded[2])
     return encoded
 
-  def _make_batch(
-      self, rows: Sequence[tokenization.Encoded]) -> dict[str, np.ndarray]:
+  def _pad_sequences(self, rows: Sequence[tokenization.Encoded],
+                     local_batch_size: int) -> dict[str, np.ndarray]:
     """Right-pads `rows` (plus dummy rows) into a `[local_batch, L]` batch."""
     longest = max((len(tokens) for tokens, _, _ in rows), default=0)
     length = next(b for b in self._buckets if b >= longest)
-    shape = (self._local_batch_size, length)
+    shape = (local_batch_size, length)
     tokens = np.full(shape, self._pad_id, np.int32)
     loss_mask = np.zeros(shape, np.int32)
     attention_mask = np.zeros(shape, np.int32)
@@ -264,6 +284,12 @@ def _encode_text(tokenizer: Any, max_length: int,
   return tokenization.encode_text(tokenizer, example['text'], max_length)
 
 
+def _encode_comparison(tokenizer: Any, max_length: int,
+                       example: Example) -> comparisons.EncodedComparison:
+  """Encodes a `{"prompt", "responses", "ranks"}` example."""
+  return comparisons.encode_comparison(tokenizer, example, max_length)
+
+
 _ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
     'demonstrations': _encode_demonstration,
     'text': _encode_text,
@@ -300,8 +326,10 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
     ValueError: Unknown `kind`, bad tokenizer or inconsistent sizes.
   """
   if kind not in _ENCODERS:
+    hint = (' (batch comparisons with make_comparison_batches)'
+            if kind == 'comparisons' else '')
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
-                     f'{sorted(_ENCODERS)}.')
+                     f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
   max_length = _check_buckets(buckets, process_count)[-1]
   source = builders.load_split(kind, files, split, data_dir)
@@ -310,3 +338,63 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
                  buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed,
                  shuffle=shuffle, repeat=repeat, process_index=process_index,
                  process_count=process_count, cache_encoded=cache_encoded)
+
+
+def make_comparison_batches(files: Mapping[str, str], split: str,
+                            tokenizer: Any, *, global_batch_size: int,
+                            max_responses: int, buckets: Sequence[int],
+                            seed: int, shuffle: bool, repeat: bool,
+                            data_dir: str, skip_invalid: bool = False,
+                            process_index: int = 0, process_count: int = 1,
+                            cache_encoded: bool = True) -> Batches:
+  """Loads a split of comparison files and returns its batches.
+
+  Each row is one comparison; each of its responses is encoded as
+  `prompt + response + eos` (see `comparisons.encode_comparison`) and batches
+  are built by `comparisons.collate_comparisons`: int32 `tokens` and
+  `attention_mask` `[B, max_responses, L]`, `ranks` and `response_mask`
+  `[B, max_responses]` (padding responses: mask 0, rank `max_responses`).
+
+  Args:
+    files: Split name mapped to a local JSON-lines file (see `load_split`).
+    split: The split to batch.
+    tokenizer: A tokenizer with a pad token distinct from EOS.
+    global_batch_size: Comparisons per global batch, summed over hosts.
+    max_responses: Response slots per row; a record with more responses
+      raises ValueError when batched.
+    buckets: Allowed sequence lengths; sequences are truncated to the
+      largest.
+    seed: Seed of the per-epoch shuffle.
+    shuffle: Whether to shuffle each epoch.
+    repeat: Loop forever (training) or one padded pass (evaluation).
+    data_dir: Where TFDS keeps prepared datasets.
+    skip_invalid: Skip (and count, see `Batches.num_skipped`) invalid
+      records instead of raising RecordError.
+    process_index: This host's index.
+    process_count: The number of hosts.
+    cache_encoded: Whether to keep encoded examples in memory.
+
+  Returns:
+    The `Batches` iterator, with `num_skipped` set.
+
+  Raises:
+    ValueError: Bad tokenizer, `max_responses` below
+      `comparisons.MIN_RESPONSES`, or inconsistent sizes.
+    RecordError: A record is invalid and `skip_invalid` is False.
+  """
+  if max_responses < comparisons.MIN_RESPONSES:
+    raise ValueError(f'max_responses must be at least '
+                     f'{comparisons.MIN_RESPONSES}, got {max_responses}.')
+  tokenization.check_special_tokens(tokenizer)
+  buckets = _check_buckets(buckets, process_count)
+  source = builders.load_split('comparisons', files, split, data_dir,
+                               skip_invalid=skip_invalid)
+  encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
+  collate = functools.partial(
+      comparisons.collate_comparisons, max_responses=max_responses,
+      buckets=buckets, pad_id=tokenizer.pad_token_id)
+  return Batches(source, encode, global_batch_size=global_batch_size,
+                 buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed,
+                 shuffle=shuffle, repeat=repeat, process_index=process_index,
+                 process_count=process_count, cache_encoded=cache_encoded,
+                 collate=collate)

@@ -12,11 +12,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from instruct import data as data_lib
 from instruct import objectives
 from instruct.model import ModelConfig, Transformer
-from instruct.state import TrainState
+from instruct.stages import common
 
 Batch = dict[str, jax.Array]
 
@@ -25,69 +27,66 @@ def make_model(model_config) -> Transformer:
   return Transformer(ModelConfig.from_dict(model_config), head="lm")
 
 
-def _split_microbatches(batch: Batch, num: int) -> Batch:
-  """[B, ...] -> [num, B/num, ...]; microbatch i takes rows i, i+num, ... so every microbatch
-  keeps the batch sharding of the whole batch."""
-  def split(x):
-    return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
-  return jax.tree.map(split, batch)
+def lm_loss(model: Transformer, deterministic: bool):
+  """(params, batch, rng) -> (loss_sum, sums) of the masked next-token loss."""
+
+  def loss_fn(params, batch: Batch, rng):
+    logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"],
+                         deterministic=deterministic, rngs={"dropout": rng}).logits
+    loss_sum, targets, correct = objectives.masked_next_token_loss(
+        logits, batch["tokens"], batch["loss_mask"])
+    tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+    return loss_sum, {"loss_sum": loss_sum, "targets": targets, "correct": correct,
+                      "tokens": tokens}
+
+  return loss_fn
+
+
+def _metrics(sums: dict) -> dict:
+  targets = jnp.maximum(sums["targets"], 1.0)
+  return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets,
+          "target_tokens": sums["targets"], "tokens": sums["tokens"]}
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1
-                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-  """Builds the pure SFT/pretraining step.
-
-  With `grad_accum_steps` = A > 1 the batch is processed as A microbatches in a `lax.scan`
-  and the gradients summed; the loss is normalised by the target count of the whole batch,
-  so the update equals the one-shot step up to float rounding.
-  """
-
-  def loss_fn(params, micro: Batch, total_targets, rng):
-    logits = model.apply({"params": params}, micro["tokens"], micro["attention_mask"],
-                         deterministic=False, rngs={"dropout": rng}).logits
-    loss_sum, targets, correct = objectives.masked_next_token_loss(
-        logits, micro["tokens"], micro["loss_mask"])
-    return loss_sum / total_targets, (loss_sum, targets, correct)
-
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-    total_targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)
-    if grad_accum_steps == 1:
-      grads, (loss_sum, targets, correct) = grad_fn(state.params, batch, total_targets, rng)
-    else:
-      def accumulate(carry, xs):
-        micro, i = xs
-        g, aux = grad_fn(state.params, micro, total_targets, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, aux)), None
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               (jnp.zeros(()), jnp.zeros(()), jnp.zeros(())))
-      micro = _split_microbatches(batch, grad_accum_steps)
-      (grads, (loss_sum, targets, correct)), _ = jax.lax.scan(
-          accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss_sum / jnp.maximum(targets, 1.0),
-        "accuracy": correct / jnp.maximum(targets, 1.0),
-        "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
-        "target_tokens": targets,
-        "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
-    }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return train_step
+                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+  """The pure SFT / pretraining step (see `common.make_train_step`)."""
+  count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:])
+  return common.make_train_step(lm_loss(model, deterministic=False), count, _metrics,
+                                optimizer, schedule, grad_accum_steps)
 
 
 def make_eval_step(model: Transformer) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """(params, batch) -> sums over the batch; dummy rows (all-zero masks) add nothing."""
+  loss_fn = lm_loss(model, deterministic=True)
+  return lambda params, batch: loss_fn(params, batch, jax.random.key(0))[1]
 
-  def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
-    logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"]).logits
-    loss_sum, targets, correct = objectives.masked_next_token_loss(
-        logits, batch["tokens"], batch["loss_mask"])
-    return {"loss_sum": loss_sum, "targets": targets, "correct": correct}
 
-  return eval_step
+def summarize_eval(outputs: list[dict]) -> dict:
+  """Validation loss, perplexity and token accuracy."""
+  sums = common.sum_outputs(outputs)
+  targets = max(sums["targets"], 1.0)
+  loss = sums["loss_sum"] / targets
+  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 80.0))),
+          "val_accuracy": sums["correct"] / targets}
+
+
+def make_lm_data(config, tokenizer, split: str, repeat: bool):
+  """Host-local batches of `config.data` (demonstrations or text) for `split`."""
+  files = {"train": config.data.train_file, "validation": config.data.validation_file}
+  return data_lib.make_batches(
+      config.data.kind, files, split, tokenizer,
+      global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
+      seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
+      data_dir=common.tfds_dir(config), process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
+  """The SFT / pretraining task for the shared driver."""
+  model = make_model(config.model)
+  return common.Task(
+      model=model,
+      train_step=make_train_step(model, optimizer, schedule, config.train.grad_accum_steps),
+      eval_step=make_eval_step(model), summarize_eval=summarize_eval,
+      make_data=lambda split, repeat: make_lm_data(config, tokenizer, split, repeat))
