@@ -74,6 +74,12 @@ class Checkpointer:
             partial_restore=True)))
     return restored["state"]["params"]
 
+  def restore_extras(self, step: int) -> dict[str, Any]:
+    """Only the JSON extras of a checkpoint (data position, rng, reward normalisation...)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        extras=ocp.args.JsonRestore()))
+    return dict(restored["extras"])
+
   def close(self) -> None:
     self._manager.close()
 
