@@ -1,5 +1,8 @@
 """The reward-model stage end to end: SFT handoff, learning, normalisation, meshes."""
 
+import json
+import random
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -15,23 +18,51 @@ from tests.test_rm_objectives import make_comparison_batch
 from tests.test_sharding import load_config
 
 
-def rm_config(tfds_dir, sft_dir, **train):
+NOUNS = "cat dog bird fish tree river stone cloud apple bread lamp door book chair".split()
+
+
+def write_marker_word_comparisons(path, num, seed):
+  """A preference a tiny model can learn: more occurrences of ' star' is better.
+
+  K varies in {2, 3, 4}; responses are shuffled nouns plus 0-3 copies of the marker.
+  """
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(num):
+      k = rng.choice([2, 3, 4])
+      counts = rng.sample(range(4), k)
+      responses = []
+      for c in counts:
+        words = [rng.choice(NOUNS) for _ in range(rng.randint(3, 6))] + ["star"] * c
+        rng.shuffle(words)
+        responses.append(" " + " ".join(words))
+      ranking = sorted(range(k), key=lambda i: -counts[i])
+      f.write(json.dumps({"prompt": "Say some words:", "responses": responses,
+                          "ranking": ranking}) + "\n")
+
+
+def rm_config(tfds_dir, sft_dir, data_dir=None, **train):
   config = load_config("rm", "tiny")
   config.data.tfds_dir = tfds_dir
   config.init_from = sft_dir
+  if data_dir is not None:
+    config.data.train_file = str(data_dir / "train.jsonl")
+    config.data.validation_file = str(data_dir / "validation.jsonl")
   config.train.update(train)
   return config
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tfds_dir):
-  """A short SFT run and a reward model trained from it (the tiny presets)."""
+  """A short SFT run and a reward model trained from it on the marker-word preference."""
   root = tmp_path_factory.mktemp("rm_runs")
+  write_marker_word_comparisons(root / "train.jsonl", 512, seed=0)
+  write_marker_word_comparisons(root / "validation.jsonl", 128, seed=1)
   sft_config = load_config("sft", "tiny")
   sft_config.data.tfds_dir = tfds_dir
   sft_config.train.update(num_steps=30, eval_every=0)
   sft_state = trainer.train_and_evaluate(sft_config, str(root / "sft"))
-  rm_state = trainer.train_and_evaluate(rm_config(tfds_dir, str(root / "sft")),
+  rm_state = trainer.train_and_evaluate(rm_config(tfds_dir, str(root / "sft"), root),
                                         str(root / "rm"))
   return {"root": root, "sft_params": jax.device_get(sft_state.params),
           "rm_params": jax.device_get(rm_state.params)}
@@ -59,12 +90,12 @@ def test_validation_accuracy_rises_well_above_chance(runs):
   evals = [r for r in records if "val_accuracy" in r]
   assert [r["step"] for r in evals] == [32, 64]
   final = evals[-1]
-  assert final["val_accuracy"] > 0.7, final
+  assert evals[0]["val_accuracy"] > 0.8 and final["val_accuracy"] > 0.9, evals
   for k in (2, 3, 4):
     assert f"val_accuracy_k{k}" in final
   assert len(final["calibration_count"]) == 10
   assert sum(final["calibration_count"]) > 0
-  assert final["val_margin"] > 0
+  assert final["val_margin"] > evals[0]["val_margin"] > 0
   train = [r for r in records if "loss" in r]
   assert train[-1]["loss"] < train[0]["loss"]
 
@@ -120,5 +151,12 @@ def test_rm_step_on_mesh_matches_one_device(mesh_shape):
   ref_losses, ref_params = run_rm_steps((1, 1, 1), jax.devices()[:1])
   losses, params = run_rm_steps(mesh_shape, jax.devices())
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  # The pairwise loss is invariant to adding a constant to every reward, so the parameters
+  # that only shift all rewards (the scalar head's bias, and the final norm's bias, which adds
+  # w . b) have an exactly zero gradient; Adam turns float rounding noise into an update that
+  # differs between meshes. They must stay negligible; everything else must match.
+  for tree in (params, ref_params):
+    for shift_only in (tree["scalar_head"].pop("bias"), tree["final_norm"].pop("bias")):
+      assert np.all(np.abs(shift_only) < 1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                params, ref_params)
