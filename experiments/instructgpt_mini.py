@@ -11,9 +11,10 @@ config saved there, so any stage can be rerun or swept alone:
 Running the pipeline again resumes: finished stages are skipped (their checkpoint is at the
 final step) and an interrupted stage continues from its last checkpoint.
 
-Stages so far: pretrain a base LM on the embedded corpus, then SFT it on the embedded
-demonstrations. The summary (`DIR/summary.json`) lists each stage's final validation loss
-and perplexity.
+Stages so far: pretrain a base LM on the embedded corpus, SFT it on the embedded
+demonstrations, then train a reward model from the SFT model on the embedded ranked
+comparisons. The summary (`DIR/summary.json`) lists each stage's final validation metrics
+(loss and perplexity for the LM stages; loss and pairwise accuracy for the reward model).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def pipeline(preset: str) -> list[Stage]:
             overrides=(("train.num_steps", 150 * scale), ("train.eval_every", 50 * scale))),
       Stage("sft", "sft.py", "tiny", init_from="pretrain",
             overrides=(("train.num_steps", 80 * scale), ("train.eval_every", 40 * scale))),
+      Stage("rm", "rm.py", "tiny", init_from="sft",
+            overrides=(("train.num_steps", 64 * scale), ("train.eval_every", 32 * scale))),
   ]
 
 
@@ -105,10 +108,11 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   summary = run(_WORKDIR.value, _PRESET.value)
-  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s}")
+  nan = float("nan")
+  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s} {'val_acc':>8s}")
   for name, result in summary.items():
-    print(f"{name:10s} {result.get('step', 0):6d} {result.get('val_loss', float('nan')):9.4f} "
-          f"{result.get('val_perplexity', float('nan')):8.2f}")
+    print(f"{name:10s} {result.get('step', 0):6d} {result.get('val_loss', nan):9.4f} "
+          f"{result.get('val_perplexity', nan):8.2f} {result.get('val_accuracy', nan):8.3f}")
   print(f"\nSummary written to {os.path.join(_WORKDIR.value, 'summary.json')}", file=sys.stderr)
 
 
