@@ -127,24 +127,30 @@ def test_k_forward_passes_equal_naive_pairs_as_separate_examples():
   params = nn.meta.unbox(model.init(jax.random.key(0), batch["tokens"][0]))["params"]
   k_wise = rm.ranking_loss(model, "pairwise", deterministic=True)
 
-  def naive(params):
-    """Every ranked pair as its own 2-sequence example, weighted 1/C(K,2) per prompt."""
-    total = 0.0
-    for b in range(3):
-      k = int(batch["response_mask"][b].sum())
-      ranks = np.asarray(batch["ranks"][b])
-      pairs = [(w, l) for w, l in itertools.permutations(range(k), 2) if ranks[w] < ranks[l]]
-      for w, l in pairs:
-        two = rm.sequence_rewards(model, params, batch["tokens"][b, jnp.array([w, l])],
-                                  batch["attention_mask"][b, jnp.array([w, l])])
-        total = total - jax.nn.log_sigmoid(two[0] - two[1]) / len(pairs)
-    return total
+  # Every ranked pair as its own 2-sequence example, weighted 1/C(K,2) of its prompt.
+  examples, weights = [], []
+  for b in range(3):
+    k = int(batch["response_mask"][b].sum())
+    ranks = np.asarray(batch["ranks"][b])
+    pairs = [(w, l) for w, l in itertools.permutations(range(k), 2) if ranks[w] < ranks[l]]
+    assert len(pairs) == k * (k - 1) // 2
+    examples += [(b, w, l) for w, l in pairs]
+    weights += [1.0 / len(pairs)] * len(pairs)
+  index = np.array(examples)
+  pair_tokens = batch["tokens"][index[:, :1], index[:, 1:]]          # [P, 2, L]
+  pair_mask = batch["attention_mask"][index[:, :1], index[:, 1:]]
 
-  loss_fn = lambda p: k_wise(p, batch, None)[0]
-  np.testing.assert_allclose(float(loss_fn(params)), float(naive(params)), rtol=1e-5)
+  def naive(params):
+    rewards = rm.sequence_rewards(model, params, pair_tokens, pair_mask)  # [P, 2]
+    return -jnp.sum(jnp.asarray(weights) * jax.nn.log_sigmoid(rewards[:, 0] - rewards[:, 1]))
+
+  k_wise_loss, k_wise_grad = jax.jit(jax.value_and_grad(lambda p: k_wise(p, batch, None)[0]))(
+      params)
+  naive_loss, naive_grad = jax.jit(jax.value_and_grad(naive))(params)
+  np.testing.assert_allclose(float(k_wise_loss), float(naive_loss), rtol=1e-5)
   # float32: the two sum the same terms in different orders.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.grad(loss_fn)(params), jax.grad(naive)(params))
+               k_wise_grad, naive_grad)
 
 
 def test_calibration_table_on_hand_made_pairs():
