@@ -12,6 +12,7 @@ import pytest
 
 from instruct import data
 from instruct.assets import make_assets
+from tests.test_data import _assert_batches_equal, _take
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
                        'assets', 'data')
@@ -60,18 +61,6 @@ def _line(**fields):
 def _shape(raw):
   return ('ranking' if 'ranking' in raw else 'best' if 'best' in raw else
           'pair')
-
-
-def _take(batches, n):
-  return [next(batches) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert sorted(x) == sorted(y)
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
 
 
 def _rows(batch):
