@@ -1,0 +1,1 @@
+"""Reinforcement learning from human feedback: sampling, PPO objectives and steps."""
