@@ -1,0 +1,212 @@
+"""One PPO iteration as two pure functions: make the experience, then update on it.
+
+  experience = make_experience(models, sampled responses, beta)      # scoring, no gradients
+  policy, value, metrics = update(policy, value, experience, ptx_batch, rng)
+
+Experience: the policy's and the frozen reference's log-probs of the sampled tokens (with the
+sampling temperature), the critic's values, the reward model's normalised score at the last
+token (a fixed penalty score for responses that never emitted EOS), per-token rewards
+`-beta * KL_t` plus the score at the final token, and GAE advantages and returns (Ziegler et al.
+2019; Stiennon et al. 2020; Ouyang et al. 2022).
+
+Update: `epochs` passes, each over a fresh permutation of the rollout split into
+`num_minibatches`; per minibatch, the clipped surrogate policy loss (advantages whitened per
+minibatch) plus `ptx_coef` times the LM loss of a pretraining minibatch in the SAME gradient
+step (PPO-ptx), and the clipped value loss for the separate critic. The old log-probs are
+computed by the same forward function on minibatch-sized chunks, so on the first minibatch of
+the first epoch the ratio pi/pi_old is exactly 1.
+
+Frozen models (reference, reward) enter as parameter pytrees, never as captured constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from instruct import objectives
+from instruct.rl import algo
+from instruct.rl.sampler import sequence_logprobs
+from instruct.state import TrainState
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """Hyperparameters of the PPO update (InstructGPT / Stiennon et al. defaults)."""
+
+  epochs: int = 4
+  num_minibatches: int = 4
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  gamma: float = 1.0
+  lam: float = 0.95
+  kl_estimator: str = "k1"
+  whiten_rewards: bool = False
+  no_eos_score: Optional[float] = -1.0  # Score of responses that never emit EOS; None: score
+                                        # them as they are (truncated at max_new_tokens).
+  temperature: float = 1.0
+  ptx_coef: float = 0.0        # gamma of PPO-ptx; 0 = plain PPO.
+  entropy_coef: float = 0.0
+
+
+@flax.struct.dataclass
+class Experience:
+  """A scored rollout; [b, p] prompt arrays and [b, r] response arrays, [b] per sequence."""
+
+  prompt_tokens: Array
+  prompt_mask: Array
+  response_tokens: Array
+  response_mask: Array
+  old_logprobs: Array
+  ref_logprobs: Array
+  old_values: Array
+  advantages: Array
+  returns: Array
+  scores: Array
+
+
+def _chunked(fn, num_chunks: int, *arrays):
+  """Applies fn to `num_chunks` equal row-chunks of the arrays (same shapes as minibatches)."""
+  split = lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+
+def response_values(value_model, params, prompt_tokens, prompt_mask, response_tokens,
+                    response_mask) -> Array:
+  """[b, r] critic values V(s_t): the value at the position that predicts response token t."""
+  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  p = prompt_tokens.shape[1]
+  values = value_model.apply({"params": params}, tokens, mask).values[:, p - 1:-1]
+  return values * response_mask
+
+
+def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
+  """Returns pure `(params, samples, prompt_tokens, prompt_mask, beta) -> (Experience, metrics)`.
+
+  `params` is a dict with `policy`, `reference`, `value`, `reward` parameter pytrees and
+  `reward_gain`, `reward_bias` (the RM's stored normalisation).
+  """
+
+  def logprobs(params, pt, pm, rt, rm):
+    return sequence_logprobs(policy_model, params, pt, pm, rt, rm, cfg.temperature)
+
+  def experience(params, samples, prompt_tokens, prompt_mask, beta):
+    rt, rm = samples.response_tokens, samples.response_mask
+    args = (prompt_tokens, prompt_mask, rt, rm)
+    old_lp, logits = _chunked(lambda *a: logprobs(params["policy"], *a), cfg.num_minibatches,
+                              *args)
+    ref_lp, _ = _chunked(lambda *a: logprobs(params["reference"], *a), cfg.num_minibatches,
+                         *args)
+    values = response_values(value_model, params["value"], *args)
+    full = jnp.concatenate([prompt_tokens, rt], axis=1)
+    full_mask = jnp.concatenate([prompt_mask, rm], axis=1)
+    raw = objectives.last_token_values(
+        reward_model.apply({"params": params["reward"]}, full, full_mask).values, full_mask)
+    normalised = params["reward_gain"] * raw + params["reward_bias"]
+    scores = normalised
+    if cfg.no_eos_score is not None:
+      scores = jnp.where(samples.ended_with_eos, normalised, cfg.no_eos_score)
+    kl = algo.kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * rm
+    rewards = algo.token_rewards(scores, kl, rm, beta)
+    if cfg.whiten_rewards:
+      rewards = algo.masked_whiten(rewards, rm, shift_mean=False)
+    advantages, returns = algo.gae(rewards, values, rm, cfg.gamma, cfg.lam)
+    exp = Experience(prompt_tokens, prompt_mask, rt, rm, old_lp, ref_lp, values, advantages,
+                     returns, scores)
+    lengths = jnp.sum(rm, axis=1).astype(jnp.float32)
+    metrics = {
+        "score": jnp.mean(scores), "score_raw": jnp.mean(raw),
+        "score_normalised": jnp.mean(normalised),
+        f"kl_{cfg.kl_estimator}": jnp.mean(jnp.sum(kl, axis=1)),
+        "kl_k3": jnp.mean(jnp.sum(algo.kl_per_token(old_lp, ref_lp, "k3") * rm, axis=1)),
+        "entropy": algo.masked_entropy(logits, rm), "response_length": jnp.mean(lengths),
+        "eos_fraction": jnp.mean(samples.ended_with_eos.astype(jnp.float32)),
+        "beta": jnp.asarray(beta, jnp.float32),
+        "explained_variance": algo.explained_variance(values, returns, rm),
+        "advantage_mean": algo.masked_mean(advantages, rm),
+    }
+    return exp, metrics
+
+  return experience
+
+
+def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransformation,
+                   value_opt: optax.GradientTransformation, cfg: PPOConfig):
+  """Returns pure `(policy, value, experience, ptx_batch, rng) -> (policy, value, metrics)`.
+
+  policy and value are TrainStates. ptx_batch: pretraining {tokens, loss_mask,
+  attention_mask} [b_ptx, L] split into the same number of minibatches (ignored when
+  ptx_coef == 0).
+  """
+
+  def policy_loss(params, mb: Experience, ptx):
+    logp, logits = sequence_logprobs(policy_model, params, mb.prompt_tokens, mb.prompt_mask,
+                                     mb.response_tokens, mb.response_mask, cfg.temperature)
+    adv = algo.masked_whiten(mb.advantages, mb.response_mask)
+    loss, stats = algo.clipped_policy_loss(logp, mb.old_logprobs, adv, mb.response_mask,
+                                           cfg.clip_eps)
+    entropy = algo.masked_entropy(logits, mb.response_mask)
+    ratio_error = jnp.max(jnp.abs(jnp.exp(logp - mb.old_logprobs) - 1.0) * mb.response_mask)
+    stats = dict(stats, policy_loss=loss, entropy_update=entropy, ratio_error=ratio_error)
+    loss = loss - cfg.entropy_coef * entropy
+    if cfg.ptx_coef > 0:
+      ptx_logits = policy_model.apply({"params": params}, ptx["tokens"],
+                                      ptx["attention_mask"]).logits
+      nll, targets, _ = objectives.masked_next_token_loss(ptx_logits, ptx["tokens"],
+                                                          ptx["loss_mask"])
+      ptx_loss = nll / jnp.maximum(targets, 1.0)
+      stats["ptx_loss"] = ptx_loss
+      loss = loss + cfg.ptx_coef * ptx_loss
+    return loss, stats
+
+  def value_loss(params, mb: Experience):
+    values = response_values(value_model, params, mb.prompt_tokens, mb.prompt_mask,
+                             mb.response_tokens, mb.response_mask)
+    loss, stats = algo.clipped_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
+                                          cfg.value_clip_eps)
+    return loss, dict(stats, value_loss=loss)
+
+  def minibatch_step(carry, xs):
+    policy, value = carry
+    mb, ptx = xs
+    (_, p_stats), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb,
+                                                                         ptx)
+    (_, v_stats), v_grads = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
+    policy = _apply(policy, p_grads, policy_opt)
+    value = _apply(value, v_grads, value_opt)
+    stats = dict(p_stats, **v_stats, policy_grad_norm=optax.tree.norm(p_grads),
+                 value_grad_norm=optax.tree.norm(v_grads))
+    return (policy, value), stats
+
+  def update(policy: TrainState, value: TrainState, exp: Experience, ptx_batch, rng):
+    b, m = exp.response_tokens.shape[0], cfg.num_minibatches
+    ptx_batch = ptx_batch if cfg.ptx_coef > 0 else {}
+
+    def epoch(carry, epoch_rng):
+      order = jax.random.permutation(epoch_rng, b).reshape(m, b // m)
+      minibatches = jax.tree.map(lambda x: x[order], exp)
+      ptx = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), ptx_batch)
+      return jax.lax.scan(minibatch_step, carry, (minibatches, ptx))
+
+    (policy, value), stats = jax.lax.scan(epoch, (policy, value),
+                                          jax.random.split(rng, cfg.epochs))
+    # max |pi/pi_old - 1| on the first minibatch of the first epoch: 0 by construction.
+    first_ratio_error = stats.pop("ratio_error")[0, 0]
+    metrics = dict(jax.tree.map(jnp.mean, stats), first_ratio_error=first_ratio_error)
+    return policy, value, metrics
+
+  return update
+
+
+def _apply(state: TrainState, grads, optimizer) -> TrainState:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
