@@ -19,7 +19,7 @@ from instruct.objectives import RANKING_LOSSES
 from instruct.sharding import DEFAULT_RULES
 
 ASSETS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
-STAGES = ("pretrain", "sft", "rm")
+STAGES = ("pretrain", "sft", "rm", "ppo")
 NORMALIZATIONS = ("demonstrations", "policy_samples", "none")
 
 
@@ -169,3 +169,28 @@ def _validate_rm(config) -> None:
   if config.data.kind != "comparisons":
     raise ValueError(f"config.data.kind={config.data.kind!r}: the rm stage reads "
                      "'comparisons'.")
+
+
+def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int,
+                 process_count: int) -> None:
+  """Raises ValueError naming the key for impossible PPO settings."""
+  t, ppo = config.train, config.ppo
+  for key, value in (("policy_from", config.policy_from), ("reward_from", config.reward_from)):
+    if not value:
+      raise ValueError(f"config.{key} is empty: PPO needs the workdir of the "
+                       f"{'SFT' if key == 'policy_from' else 'reward-model'} run.")
+  if t.global_batch_size % ppo.num_minibatches:
+    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
+                     f"by config.ppo.num_minibatches={ppo.num_minibatches}.")
+  if t.global_batch_size % data_parallel or t.global_batch_size % process_count:
+    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
+                     f"by the data-parallel size {data_parallel} (or the {process_count} "
+                     "processes).")
+  if ppo.ptx_coef > 0 and config.ptx.batch_size % ppo.num_minibatches:
+    raise ValueError(f"config.ptx.batch_size={config.ptx.batch_size} is not divisible by "
+                     f"config.ppo.num_minibatches={ppo.num_minibatches}.")
+  if ppo.kl_estimator not in ("k1", "k3"):
+    raise ValueError(f"config.ppo.kl_estimator={ppo.kl_estimator!r}; expected 'k1' or 'k3'.")
+  if config.kl.controller not in ("fixed", "adaptive"):
+    raise ValueError(f"config.kl.controller={config.kl.controller!r}; expected 'fixed' or "
+                     "'adaptive'.")

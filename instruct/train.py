@@ -11,6 +11,11 @@ from ml_collections import config_flags
 
 from instruct import cli
 from instruct import trainer
+from instruct.rl import driver
+
+# config.stage -> function(config, workdir). An explicit table, not name lookup.
+RUNNERS = {**{stage: trainer.train_and_evaluate for stage in trainer.TASKS},
+           "ppo": driver.train_ppo}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
                                           lock_config=True)
@@ -22,12 +27,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config.stage not in trainer.TASKS:
-    raise app.UsageError(
-        f"config.stage={config.stage!r}; known stages: {sorted(trainer.TASKS)}.")
+  if config.stage not in RUNNERS:
+    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(RUNNERS)}.")
   logging.info("Config:\n%s", config)
   try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    RUNNERS[config.stage](config, _WORKDIR.value)
   except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

@@ -15,6 +15,9 @@ Outputs:
                         `make_comparison_records`). They use their own random stream and are
                         not in the tokenizer's training corpus, so adding them changed no
                         other file.
+  data/prompts_{train,validation}.jsonl    prompts for RL (PPO rollouts): {"prompt"} of the
+                        same tasks, from their own random stream and not in the tokenizer's
+                        corpus either (adding them changed no other file).
 
 The demonstrations are small instruction-following tasks over a closed vocabulary (reverse,
 sort, count, repeat, pick the first or last word, upper-case): a tiny model learns them on a
@@ -184,6 +187,13 @@ def make_comparison_records(seed: int = SEED + 1) -> dict[str, list[dict]]:
           "comparisons_validation": comparisons[512:]}
 
 
+def make_prompt_records(seed: int = SEED + 2) -> dict[str, list[dict[str, str]]]:
+  """The shipped RL prompts, by file stem (a random stream of its own)."""
+  rng = random.Random(seed)
+  prompts = [{"prompt": _task(rng)[0]} for _ in range(608)]
+  return {"prompts_train": prompts[:512], "prompts_validation": prompts[512:]}
+
+
 def train_tokenizer(corpus: list[str], out_dir: str) -> None:
   """Trains a byte-level BPE and saves it in the transformers format."""
   import tokenizers
@@ -217,9 +227,11 @@ def main() -> None:
             for recs in records.values() for r in recs]
   train_tokenizer(corpus, TOKENIZER_DIR)
   comparisons = make_comparison_records()  # Not in the tokenizer corpus.
-  for stem, recs in comparisons.items():
+  prompts = make_prompt_records()  # Nor these.
+  for stem, recs in {**comparisons, **prompts}.items():
     write_jsonl(os.path.join(DATA_DIR, f"{stem}.jsonl"), recs)
-  count = sum(map(len, records.values())) + sum(map(len, comparisons.values()))
+  count = sum(len(recs) for group in (records, comparisons, prompts)
+              for recs in group.values())
   print(f"wrote {count} records and a tokenizer to {ASSETS_DIR}")
 
 

@@ -7,6 +7,7 @@ from instruct.data.builders import Comparisons
 from instruct.data.builders import Demonstrations
 from instruct.data.builders import LocalFilesConfig
 from instruct.data.builders import PlainText
+from instruct.data.builders import Prompts
 from instruct.data.builders import load_split
 from instruct.data.comparisons import MAX_RESPONSES
 from instruct.data.comparisons import MIN_RESPONSES
@@ -15,9 +16,13 @@ from instruct.data.comparisons import encode_comparison
 from instruct.data.comparisons import parse_comparison
 from instruct.data.comparisons import read_comparisons
 from instruct.data.pipeline import Batches
+from instruct.data.pipeline import collate_prompts
+from instruct.data.pipeline import encode_prompt
 from instruct.data.pipeline import make_batches
 from instruct.data.pipeline import make_comparison_batches
+from instruct.data.pipeline import make_prompt_batches
 from instruct.data.records import DEMONSTRATION_SCHEMA
+from instruct.data.records import PROMPT_SCHEMA
 from instruct.data.records import RecordError
 from instruct.data.records import TEXT_SCHEMA
 from instruct.data.records import read_jsonl
@@ -37,18 +42,23 @@ __all__ = [
     'LocalFilesConfig',
     'MAX_RESPONSES',
     'MIN_RESPONSES',
+    'PROMPT_SCHEMA',
     'PlainText',
+    'Prompts',
     'RecordError',
     'TEXT_SCHEMA',
     'check_special_tokens',
     'collate_comparisons',
+    'collate_prompts',
     'encode_comparison',
     'encode_demonstration',
+    'encode_prompt',
     'encode_text',
     'load_split',
     'load_tokenizer',
     'make_batches',
     'make_comparison_batches',
+    'make_prompt_batches',
     'parse_comparison',
     'read_comparisons',
     'read_jsonl',

@@ -138,6 +138,26 @@ class Demonstrations(_LocalFilesBuilder, skip_registration=True):
     return records.read_jsonl(path, records.DEMONSTRATION_SCHEMA)
 
 
+class Prompts(_LocalFilesBuilder, skip_registration=True):
+  """Prompts for RL rollouts from local JSON-lines files.
+
+  Each record needs a non-empty string `prompt`; other fields (such as a
+  demonstration's `completion`) are ignored, so demonstration files also
+  work as prompt files.
+  """
+
+  name = 'instruct_prompts'
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Returns the dataset info: one text feature `prompt`."""
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({'prompt': tfds.features.Text()}))
+
+  def _read(self, path: str) -> list[dict]:
+    """Reads prompts validated against PROMPT_SCHEMA."""
+    return records.read_jsonl(path, records.PROMPT_SCHEMA)
+
+
 class PlainText(_LocalFilesBuilder, skip_registration=True):
   """Pretraining text from local `.jsonl` or blank-line-separated files."""
 
@@ -191,6 +211,7 @@ class Comparisons(_LocalFilesBuilder, skip_registration=True):
 BUILDERS: Mapping[str, type[_LocalFilesBuilder]] = {
     'comparisons': Comparisons,
     'demonstrations': Demonstrations,
+    'prompts': Prompts,
     'text': PlainText,
 }
 
@@ -248,7 +269,8 @@ def load_split(kind: str, files: Mapping[str, str], split: str,
   """Prepares (or reuses) a local dataset and returns one split.
 
   Args:
-    kind: 'comparisons', 'demonstrations' or 'text' (see `BUILDERS`).
+    kind: 'comparisons', 'demonstrations', 'prompts' or 'text' (see
+      `BUILDERS`).
     files: Split name mapped to a local file path.
     split: The split to return, e.g. 'train'; a TFDS split expression such as
       'train[:10]' also works.

@@ -6,7 +6,8 @@ slice of every global batch, so the hosts' batches concatenated in process
 order are the global batch whatever the number of hosts. The position
 (`get_state`/`set_state`) is two integers, so resuming is exact and cheap.
 How rows become a batch is pluggable (`collate`): padded sequences by
-default, K-wise comparisons with `make_comparison_batches`.
+default, K-wise comparisons with `make_comparison_batches`, left-padded
+prompts of one fixed length for RL rollouts with `make_prompt_batches`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ Encode = Callable[[Example], tuple[Any, ...]]
 # Maps up to `local_batch_size` rows to a batch of `local_batch_size` rows.
 Collate = Callable[[Sequence[Any], int], dict[str, np.ndarray]]
 _STATE_KEYS = frozenset({'epoch', 'batch'})
+# A row of prompt batches: the prompt's int32 tokens, no loss mask, and
+# whether the prompt was truncated (the `Batches` row convention).
+EncodedPrompt = tuple[np.ndarray, None, bool]
 
 
 class Batches:
@@ -51,8 +55,9 @@ class Batches:
   bucket that fits the longest of the host's rows. Hosts must agree on `L`,
   so with `process_count > 1` exactly one bucket is allowed (enforced): this
   keeps every host tokenizing only its own rows. A custom `collate` builds
-  the batch instead (see `make_comparison_batches`); ordering, host slicing,
-  caching, eval padding, state and `num_truncated` work the same.
+  the batch instead (see `make_comparison_batches` and
+  `make_prompt_batches`); ordering, host slicing, caching, eval padding,
+  state and `num_truncated` work the same.
 
   Examples are encoded lazily, only for the host's rows, and by default kept
   in memory keyed by source index so later epochs do not re-tokenize (meant
@@ -290,6 +295,83 @@ def _encode_comparison(tokenizer: Any, max_length: int,
   return comparisons.encode_comparison(tokenizer, example, max_length)
 
 
+def encode_prompt(tokenizer: Any, prompt: str,
+                  max_length: int) -> tuple[np.ndarray, bool]:
+  """Encodes a prompt for generation: its tokens, without special tokens.
+
+  When longer than `max_length`, the LAST `max_length` tokens are kept: the
+  end of a prompt (e.g. its final 'Answer:') is what a response continues.
+
+  Args:
+    tokenizer: A tokenizer.
+    prompt: The prompt text.
+    max_length: The maximum number of tokens.
+
+  Returns:
+    `(tokens, truncated)`: the int32 token vector (1 to `max_length` long)
+    and whether any token was dropped.
+
+  Raises:
+    ValueError: `max_length` is not positive, or the prompt has no tokens.
+  """
+  if max_length < 1:
+    raise ValueError(f'max_length must be positive, got {max_length}.')
+  ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+  if not ids:
+    raise ValueError(f'Prompt {prompt!r} encodes to no tokens.')
+  truncated = len(ids) > max_length
+  return np.asarray(ids[-max_length:], dtype=np.int32), truncated
+
+
+def collate_prompts(rows: Sequence[EncodedPrompt], local_batch_size: int,
+                    prompt_length: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
+  """Left-pads encoded prompts (plus dummy rows) into one batch.
+
+  Left padding puts every prompt's last token in the last column, where
+  generation continues it; the single fixed length means a sampler compiles
+  once.
+
+  Args:
+    rows: Encoded prompts `(tokens, None, truncated)`, at most
+      `local_batch_size` of them; missing rows become dummy rows.
+    local_batch_size: Rows per batch, B.
+    prompt_length: The fixed prompt length, P.
+    pad_id: The token id used for padding.
+
+  Returns:
+    int32 arrays `[B, P]`: `prompt_tokens` (left-padded with `pad_id`) and
+    `prompt_mask` (1 on real tokens). Dummy rows are all `pad_id` with mask
+    0.
+
+  Raises:
+    ValueError: Too many rows, or an empty prompt or one longer than
+      `prompt_length`.
+  """
+  if len(rows) > local_batch_size:
+    raise ValueError(f'Got {len(rows)} rows for a batch of '
+                     f'{local_batch_size}.')
+  shape = (local_batch_size, prompt_length)
+  tokens = np.full(shape, pad_id, np.int32)
+  mask = np.zeros(shape, np.int32)
+  for row, (row_tokens, _, _) in enumerate(rows):
+    n = len(row_tokens)
+    if not 0 < n <= prompt_length:
+      raise ValueError(f'A prompt has {n} tokens; prompts need 1 to '
+                       f'prompt_length={prompt_length} tokens (encode must '
+                       'truncate them).')
+    tokens[row, prompt_length - n:] = row_tokens
+    mask[row, prompt_length - n:] = 1
+  return {'prompt_tokens': tokens, 'prompt_mask': mask}
+
+
+def _encode_prompt_row(tokenizer: Any, max_length: int,
+                       example: Example) -> EncodedPrompt:
+  """Encodes a `{"prompt"}` example as a `Batches` row."""
+  tokens, truncated = encode_prompt(tokenizer, example['prompt'], max_length)
+  return tokens, None, truncated
+
+
 _ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
     'demonstrations': _encode_demonstration,
     'text': _encode_text,
@@ -326,8 +408,10 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
     ValueError: Unknown `kind`, bad tokenizer or inconsistent sizes.
   """
   if kind not in _ENCODERS:
-    hint = (' (batch comparisons with make_comparison_batches)'
-            if kind == 'comparisons' else '')
+    hint = {
+        'comparisons': ' (batch comparisons with make_comparison_batches)',
+        'prompts': ' (batch prompts with make_prompt_batches)',
+    }.get(kind, '')
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
                      f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
@@ -398,3 +482,54 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
                  shuffle=shuffle, repeat=repeat, process_index=process_index,
                  process_count=process_count, cache_encoded=cache_encoded,
                  collate=collate)
+
+
+def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
+                        *, global_batch_size: int, prompt_length: int,
+                        seed: int, shuffle: bool, repeat: bool, data_dir: str,
+                        process_index: int = 0, process_count: int = 1,
+                        cache_encoded: bool = True) -> Batches:
+  """Loads a split of prompt files and returns its batches (RL rollouts).
+
+  Each row is one prompt encoded by `encode_prompt` (keeping its last
+  `prompt_length` tokens) and batches are built by `collate_prompts`: int32
+  `prompt_tokens` and `prompt_mask` `[B, prompt_length]`, LEFT-padded so the
+  last column holds every prompt's last token. Evaluation dummy rows are all
+  pad with mask 0. Truncated prompts are counted in `num_truncated`.
+
+  Args:
+    files: Split name mapped to a local JSON-lines file whose records have a
+      `prompt` (see `load_split`; demonstration files work too).
+    split: The split to batch.
+    tokenizer: A tokenizer with a pad token distinct from EOS.
+    global_batch_size: Prompts per global batch, summed over hosts.
+    prompt_length: The one fixed prompt length P (no buckets: generation
+      compiles once per shape).
+    seed: Seed of the per-epoch shuffle.
+    shuffle: Whether to shuffle each epoch.
+    repeat: Loop forever (training) or one padded pass (evaluation).
+    data_dir: Where TFDS keeps prepared datasets.
+    process_index: This host's index.
+    process_count: The number of hosts.
+    cache_encoded: Whether to keep encoded examples in memory.
+
+  Returns:
+    The `Batches` iterator.
+
+  Raises:
+    ValueError: Bad tokenizer, non-positive `prompt_length` or inconsistent
+      sizes.
+    RecordError: A record lacks a non-empty string `prompt`.
+  """
+  if prompt_length < 1:
+    raise ValueError(f'prompt_length must be positive, got {prompt_length}.')
+  tokenization.check_special_tokens(tokenizer)
+  source = builders.load_split('prompts', files, split, data_dir)
+  encode = functools.partial(_encode_prompt_row, tokenizer, prompt_length)
+  collate = functools.partial(collate_prompts, prompt_length=prompt_length,
+                              pad_id=tokenizer.pad_token_id)
+  return Batches(source, encode, global_batch_size=global_batch_size,
+                 buckets=(prompt_length,), pad_id=tokenizer.pad_token_id,
+                 seed=seed, shuffle=shuffle, repeat=repeat,
+                 process_index=process_index, process_count=process_count,
+                 cache_encoded=cache_encoded, collate=collate)

@@ -1,8 +1,10 @@
 """Reading and validating local record files.
 
-Records are dictionaries of non-empty strings. Demonstrations and JSON-lines
-pretraining text are stored one JSON object per line; plain-text pretraining
-files hold one record per blank-line-separated paragraph. Every validation
+Records are dictionaries of non-empty strings. Demonstrations, prompts (for
+RL rollouts) and JSON-lines pretraining text are stored one JSON object per
+line; plain-text pretraining files hold one record per blank-line-separated
+paragraph. Fields outside a schema are ignored, so demonstration files are
+also valid prompt files. Every validation
 error is a `RecordError` whose message starts with `path:line:` (1-based) so
 the offending record can be found directly.
 """
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 DEMONSTRATION_SCHEMA: Mapping[str, type] = {'prompt': str, 'completion': str}
+PROMPT_SCHEMA: Mapping[str, type] = {'prompt': str}
 TEXT_SCHEMA: Mapping[str, type] = {'text': str}
 
 

@@ -1,0 +1,84 @@
+r"""PPO (and PPO-ptx) against a trained reward model, from an SFT policy.
+
+  python -m instruct.train --config=configs/ppo.py:tiny --workdir=/tmp/ppo_tiny \
+      --config.policy_from=/tmp/sft_tiny --config.reward_from=/tmp/rm_tiny
+
+The policy and the frozen reference start from the SFT run's last checkpoint, the reward model
+(with its stored normalisation) and the critic from the RM run's. Each iteration samples
+responses to a batch of prompts with the jitted KV-cache sampler, scores them, and runs
+`ppo.epochs` passes of clipped PPO over shuffled minibatches; with `ppo.ptx_coef` > 0 every
+minibatch step also takes a pretraining LM gradient (PPO-ptx). Running the command again
+resumes (policy, critic, both optimiser states, KL controller, rng, data positions).
+
+Presets: `tiny` (CPU, embedded prompts and pretraining text), `tiny_ptx` (the same with
+PPO-ptx).
+"""
+
+import ml_collections
+
+from instruct import config_lib
+
+
+def get_config(arg: str = "tiny"):
+  """The PPO config for a preset name."""
+  preset = arg or "tiny"
+  if preset not in ("tiny", "tiny_ptx"):
+    raise ValueError(f"Unknown preset {preset!r} for configs/ppo.py; use 'tiny' or 'tiny_ptx'.")
+  config = config_lib.base_config()
+  config.stage = "ppo"
+  del config.model  # The policy's and the critic's architectures come from their source runs.
+  config.policy_from = ""      # SFT workdir: initial policy and frozen reference.
+  config.reward_from = ""      # RM workdir: frozen reward model (+ normalisation) and critic.
+
+  prompts = config_lib.embedded_files("prompts")
+  config.data.kind = "prompts"
+  config.data.train_file = prompts["train"]
+  config.data.validation_file = prompts["validation"]
+  config.data.prompt_length = 32          # Prompts are left-padded (or left-truncated) to this.
+  config.data.buckets = (64,)             # Unused by prompts; kept for the shared validation.
+
+  config.ptx = ml_collections.ConfigDict()
+  pretrain = config_lib.embedded_files("pretrain")
+  config.ptx.train_file = pretrain["train"]  # Pretraining text ({"text"} lines or .txt).
+  config.ptx.batch_size = 16                  # Rows per iteration, split over the minibatches.
+  config.ptx.length = 64
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.max_new_tokens = 16
+  config.sampling.temperature = 1.0
+  config.sampling.top_k = 0
+  config.sampling.top_p = 1.0
+
+  config.ppo = ml_collections.ConfigDict()
+  config.ppo.epochs = 4
+  config.ppo.num_minibatches = 4
+  config.ppo.clip_eps = 0.2
+  config.ppo.value_clip_eps = 0.2
+  config.ppo.gamma = 1.0
+  config.ppo.lam = 0.95
+  config.ppo.kl_estimator = "k1"          # 'k1' (log ratio) | 'k3' (always >= 0).
+  config.ppo.whiten_rewards = False
+  config.ppo.no_eos_score = -1.0          # Score of responses without EOS ('none' via None).
+  config.ppo.ptx_coef = 1.0 if preset == "tiny_ptx" else 0.0
+  config.ppo.entropy_coef = 0.0
+
+  config.kl = ml_collections.ConfigDict()
+  config.kl.controller = "adaptive"       # 'fixed' | 'adaptive' (Ziegler et al. 2019).
+  config.kl.initial_beta = 0.05
+  config.kl.target = 6.0                  # Nats per sequence.
+  config.kl.horizon = 10000
+
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.schedule = "linear"
+  config.optimizer.end_lr_fraction = 0.0
+  config.optimizer.warmup_steps = 0
+  config.optimizer.eps = 1e-5             # TF-style Adam epsilon of the original code.
+  config.value_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
+  config.value_optimizer.learning_rate = 3e-4
+
+  config.train.num_steps = 20             # PPO iterations.
+  config.train.global_batch_size = 16     # Prompts per iteration (rollout batch).
+  config.train.log_every = 1
+  config.train.eval_every = 0
+  config.train.checkpoint_every = 10
+  return config
