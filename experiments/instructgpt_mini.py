@@ -12,9 +12,10 @@ Running the pipeline again resumes: finished stages are skipped (their checkpoin
 final step) and an interrupted stage continues from its last checkpoint.
 
 Stages so far: pretrain a base LM on the embedded corpus, SFT it on the embedded
-demonstrations, then train a reward model from the SFT model on the embedded ranked
-comparisons. The summary (`DIR/summary.json`) lists each stage's final validation metrics
-(loss and perplexity for the LM stages; loss and pairwise accuracy for the reward model).
+demonstrations, train a reward model from the SFT model on the embedded ranked comparisons,
+then PPO and PPO-ptx from the SFT policy against that reward model. The summary
+(`DIR/summary.json`) lists each stage's final metrics (validation loss, perplexity and
+accuracy for the supervised stages; reward-model score and KL for PPO).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from instruct import checkpoint as ckpt_lib
 from instruct import cli
 from instruct import config_lib
 from instruct import metrics as metrics_lib
-from instruct import trainer
+from instruct.runners import RUNNERS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline's runs.")
 _PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full"], "Pipeline size.")
@@ -46,20 +47,26 @@ class Stage:
   name: str
   config_file: str              # File under configs/.
   config_arg: str               # Its preset.
-  init_from: str | None = None  # Name of the stage whose final parameters initialise this one.
+  sources: tuple = ()           # (config key, stage name): e.g. ("init_from", "sft") hands
+                                # the final checkpoint of stage "sft" to config.init_from.
   overrides: tuple = ()         # (dotted key, value) pairs.
 
 
 def pipeline(preset: str) -> list[Stage]:
   """The stages of a preset, in order."""
   scale = 1 if preset == "quick" else 4
+  ppo_sources = (("policy_from", "sft"), ("reward_from", "rm"))
   return [
       Stage("pretrain", "pretrain.py", "tiny",
             overrides=(("train.num_steps", 150 * scale), ("train.eval_every", 50 * scale))),
-      Stage("sft", "sft.py", "tiny", init_from="pretrain",
+      Stage("sft", "sft.py", "tiny", sources=(("init_from", "pretrain"),),
             overrides=(("train.num_steps", 80 * scale), ("train.eval_every", 40 * scale))),
-      Stage("rm", "rm.py", "tiny", init_from="sft",
+      Stage("rm", "rm.py", "tiny", sources=(("init_from", "sft"),),
             overrides=(("train.num_steps", 64 * scale), ("train.eval_every", 32 * scale))),
+      Stage("ppo", "ppo.py", "tiny", sources=ppo_sources,
+            overrides=(("train.num_steps", 20 * scale),)),
+      Stage("ppo_ptx", "ppo.py", "tiny_ptx", sources=ppo_sources,
+            overrides=(("train.num_steps", 20 * scale),)),
   ]
 
 
@@ -70,8 +77,8 @@ def load_config(stage: Stage, root: str):
   for key, value in stage.overrides:
     section, name = key.split(".")
     config[section][name] = value
-  if stage.init_from:
-    config.init_from = os.path.join(root, stage.init_from)
+  for key, source in stage.sources:
+    config[key] = os.path.join(root, source)
   return config
 
 
@@ -85,10 +92,11 @@ def run_stage(stage: Stage, root: str) -> dict:
   else:
     logging.info("[%s] training in %s", stage.name, workdir)
     start = time.time()
-    trainer.train_and_evaluate(config, workdir)
+    RUNNERS[config.stage](config, workdir)
     logging.info("[%s] done in %.0f s", stage.name, time.time() - start)
-  records = [r for r in metrics_lib.read_metrics(workdir) if "val_loss" in r]
-  return {"workdir": workdir, **records[-1]} if records else {"workdir": workdir}
+  records = metrics_lib.read_metrics(workdir)
+  evals = [r for r in records if "val_loss" in r] or records[-1:]
+  return {"workdir": workdir, **evals[-1]} if evals else {"workdir": workdir}
 
 
 def run(root: str, preset: str = "quick") -> dict:
@@ -109,10 +117,12 @@ def main(argv):
   cli.quiet_library_logs()
   summary = run(_WORKDIR.value, _PRESET.value)
   nan = float("nan")
-  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s} {'val_acc':>8s}")
+  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s} {'val_acc':>8s} "
+        f"{'rm_score':>9s} {'kl':>7s}")
   for name, result in summary.items():
     print(f"{name:10s} {result.get('step', 0):6d} {result.get('val_loss', nan):9.4f} "
-          f"{result.get('val_perplexity', nan):8.2f} {result.get('val_accuracy', nan):8.3f}")
+          f"{result.get('val_perplexity', nan):8.2f} {result.get('val_accuracy', nan):8.3f} "
+          f"{result.get('score', nan):9.3f} {result.get('kl_k1', nan):7.3f}")
   print(f"\nSummary written to {os.path.join(_WORKDIR.value, 'summary.json')}", file=sys.stderr)
 
 

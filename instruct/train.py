@@ -11,11 +11,7 @@ from ml_collections import config_flags
 
 from instruct import cli
 from instruct import trainer
-from instruct.rl import driver
-
-# config.stage -> function(config, workdir). An explicit table, not name lookup.
-RUNNERS = {**{stage: trainer.train_and_evaluate for stage in trainer.TASKS},
-           "ppo": driver.train_ppo}
+from instruct.runners import RUNNERS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
                                           lock_config=True)

@@ -81,3 +81,22 @@ def test_ppo_needs_its_source_runs(sources, tfds_dir, tmp_path):
   config.reward_from = str(sources / "sft")
   with pytest.raises(ValueError, match="not a reward-model run"):
     driver.train_ppo(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, mesh_shape):
+  one = ppo_config(sources, tfds_dir, num_steps=2)
+  one.mesh.shape = (1, 1, 1)
+  expected = driver.train_ppo(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+  many = ppo_config(sources, tfds_dir, num_steps=2)
+  many.mesh.shape = mesh_shape
+  got = driver.train_ppo(many, str(tmp_path / "many"))
+  ref_records = metrics_lib.read_metrics(str(tmp_path / "one"))
+  records = metrics_lib.read_metrics(str(tmp_path / "many"))
+  for name in ("score", "kl_k1", "policy_loss", "value_loss", "response_length"):
+    np.testing.assert_allclose([r[name] for r in records], [r[name] for r in ref_records],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  got, expected = params_of(got), params_of(expected)
+  for model in ("policy", "value"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+                 got[model].params, expected[model].params)

@@ -138,9 +138,9 @@ class PPORun:
     return state, frozen, {}
 
 
-def train_ppo(config, workdir: str) -> dict:
-  """Runs PPO as configured in `workdir`; returns the final state dict."""
-  mesh = shd.make_mesh(config.mesh)
+def train_ppo(config, workdir: str, devices=None) -> dict:
+  """Runs PPO as configured in `workdir` (on `devices`, default all); returns the final state."""
+  mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.rules_from_config(config.mesh)
   config_lib.validate_ppo(config, shd.data_parallel_size(mesh, rules), jax.process_count())
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
