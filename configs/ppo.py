@@ -58,7 +58,8 @@ def get_config(arg: str = "tiny"):
   config.ppo.lam = 0.95
   config.ppo.kl_estimator = "k1"          # 'k1' (log ratio) | 'k3' (always >= 0).
   config.ppo.whiten_rewards = False
-  config.ppo.no_eos_score = -1.0          # Score of responses without EOS ('none' via None).
+  config.ppo.penalize_no_eos = True       # Responses without EOS get no_eos_score; False:
+  config.ppo.no_eos_score = -1.0          # score them as they are (truncated).
   config.ppo.ptx_coef = 1.0 if preset == "tiny_ptx" else 0.0
   config.ppo.entropy_coef = 0.0
 

@@ -100,3 +100,11 @@ def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, 
   for model in ("policy", "value"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
                  got[model].params, expected[model].params)
+
+
+def test_no_eos_handling_maps_from_the_config():
+  config = load_config("ppo", "tiny")
+  assert driver._ppo_config(config).no_eos_score == -1.0
+  config.ppo.penalize_no_eos = False
+  assert driver._ppo_config(config).no_eos_score is None
+  assert driver._ppo_config(config).temperature == config.sampling.temperature

@@ -46,8 +46,10 @@ def _source_model(workdir: str, head: str, what: str) -> tuple[Transformer, dict
 
 
 def _ppo_config(config) -> PPOConfig:
-  return PPOConfig(**{k: v for k, v in config.ppo.items()},
-                   temperature=config.sampling.temperature)
+  fields = {k: v for k, v in config.ppo.items() if k != "penalize_no_eos"}
+  if not config.ppo.penalize_no_eos:
+    fields["no_eos_score"] = None
+  return PPOConfig(**fields, temperature=config.sampling.temperature)
 
 
 def _data(config, tokenizer):
