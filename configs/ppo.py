@@ -62,6 +62,8 @@ def get_config(arg: str = "tiny"):
   config.ppo.no_eos_score = -1.0          # score them as they are (truncated).
   config.ppo.ptx_coef = 1.0 if preset == "tiny_ptx" else 0.0
   config.ppo.entropy_coef = 0.0
+  config.ppo.shared_value_head = False    # True: the critic is a zero-initialised value head on
+  config.ppo.vf_coef = 0.1                # the policy trunk (loss += vf_coef * value loss).
 
   config.kl = ml_collections.ConfigDict()
   config.kl.controller = "adaptive"       # 'fixed' | 'adaptive' (Ziegler et al. 2019).

@@ -108,3 +108,20 @@ def test_no_eos_handling_maps_from_the_config():
   config.ppo.penalize_no_eos = False
   assert driver._ppo_config(config).no_eos_score is None
   assert driver._ppo_config(config).temperature == config.sampling.temperature
+
+
+def test_shared_value_head_trains_and_resumes(sources, tfds_dir, tmp_path):
+  def config(**train):
+    c = ppo_config(sources, tfds_dir, num_steps=2, **train)
+    c.ppo.shared_value_head = True
+    return c
+  full = driver.train_ppo(config(), str(tmp_path / "a"))
+  assert "value" not in full  # No separate critic.
+  head = jax.device_get(full["policy"].params["value_head"]["kernel"])
+  assert np.any(head != 0.0)  # Initialised at zero, trained through vf_coef * value loss.
+  records = metrics_lib.read_metrics(str(tmp_path / "a"))
+  assert records[0]["explained_variance"] == 0.0 and np.isfinite(records[1]["value_loss"])
+  driver.train_ppo(config(stop_at_step=1), str(tmp_path / "b"))
+  resumed = driver.train_ppo(config(), str(tmp_path / "b"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               jax.device_get(full["policy"]), jax.device_get(resumed["policy"]))

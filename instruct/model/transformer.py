@@ -1,7 +1,8 @@
 """The decoder-only Transformer: backbone, language-model head and scalar head.
 
 `Transformer(cfg, head='lm')` returns next-token logits, `head='scalar'` one scalar per position
-(reward and value models: read it at the last real token). Both share the same backbone
+(reward and value models: read it at the last real token), and `head='policy_value'` both:
+the LM head plus a zero-initialised `value_head` on the same trunk (PPO with a shared critic). Both share the same backbone
 parameters, so an SFT checkpoint initialises a reward model by dropping `lm_head` (if any) and
 adding `scalar_head`.
 
@@ -27,7 +28,7 @@ from instruct.model.config import ModelConfig
 from instruct.model.layers import Block, constrain, make_norm
 
 Array = jax.Array
-HEADS = ("lm", "scalar")
+HEADS = ("lm", "scalar", "policy_value")
 
 # Logical axes of the KV cache arrays, for sharding a cache on a mesh.
 CACHE_KV_AXES = ("layers", "act_batch", "act_length", "act_kv_heads", "act_kv")
@@ -130,12 +131,8 @@ class Transformer(nn.Module):
       new_cache = KVCache(k=layer_caches[0], v=layer_caches[1], mask=key_mask,
                           index=cache.index + tokens_bt.shape[1])
     if self.head == "scalar":
-      values = nn.Dense(
-          1, dtype=jnp.float32, name="scalar_head",
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal((cfg.d_model + 1) ** -0.5), ("embed", None)),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
-      return ModelOutput(values=values[..., 0], cache=new_cache)
+      return ModelOutput(values=self._scalar(x, "scalar_head"), cache=new_cache)
+    values = self._scalar(x, "value_head") if self.head == "policy_value" else None
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -144,7 +141,18 @@ class Transformer(nn.Module):
           kernel_init=nn.with_logical_partitioning(
               nn.initializers.normal(cfg.init_std), ("embed", "vocab")))(x)
     logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
-    return ModelOutput(logits=logits, cache=new_cache)
+    return ModelOutput(logits=logits, values=values, cache=new_cache)
+
+  def _scalar(self, x, name: str):
+    """[b, t] scalar head: `scalar_head` N(0, 1/sqrt(d+1)) (reward model, Ouyang et al.), or a
+    zero-initialised `value_head` on a policy trunk."""
+    std = 0.0 if name == "value_head" else (self.cfg.d_model + 1) ** -0.5
+    init = nn.initializers.normal(std) if std else nn.initializers.zeros_init()
+    values = nn.Dense(
+        1, dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
+    return values[..., 0]
 
   def _layers(self, x, layer_caches, allowed_bqk, positions_bt, cache_index, deterministic):
     """Runs the layers, scanned (stacked parameters under 'layers') or as `layers_{i}`."""

@@ -75,11 +75,14 @@ class PPORun:
 
   def __init__(self, config, tokenizer, mesh, rules):
     self.config, self.mesh, self.rules = config, mesh, rules
-    self.policy_model, _ = _source_model(config.policy_from, "lm", "policy_from")
+    ppo = _ppo_config(config)
+    self.shared = ppo.shared_value_head
+    self.policy_model, _ = _source_model(config.policy_from,
+                                         "policy_value" if self.shared else "lm", "policy_from")
+    # The reward model's architecture; also the separate critic's (initialised from the RM).
     self.value_model, rm_source = _source_model(config.reward_from, "scalar", "reward_from")
     if rm_source.get("stage") != "rm":
       raise ValueError(f"config.reward_from={config.reward_from!r} is not a reward-model run.")
-    ppo = _ppo_config(config)
     updates = config.train.num_steps * ppo.epochs * ppo.num_minibatches
     self.policy_opt = optim.make_optimizer(config.optimizer, updates)
     self.value_opt = optim.make_optimizer(config.value_optimizer, updates)
@@ -91,8 +94,8 @@ class PPORun:
     batch, repl = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
     self.batch_sharding, self.replicated = batch, repl
     pol_sh = self.policy_factory.shardings
-    val_sh = self.value_factory.shardings
-    self.state_shardings = {"policy": pol_sh, "value": val_sh, "kl": repl}
+    val_sh = None if self.shared else self.value_factory.shardings
+    critic_model = self.policy_model if self.shared else self.value_model
     sampling = SamplingConfig(config.sampling.max_new_tokens, tokenizer.eos_token_id,
                               tokenizer.pad_token_id, config.sampling.temperature,
                               config.sampling.top_k, config.sampling.top_p)
@@ -100,21 +103,28 @@ class PPORun:
     self.sample = jax.jit(make_sampler(self.policy_model, sampling),
                           in_shardings=(pol_sh.params, batch, batch, repl),
                           out_shardings=samples_sh)
-    frozen_sh = {"policy": pol_sh.params, "reference": pol_sh.params, "value": val_sh.params,
-                 "reward": val_sh.params, "reward_gain": repl, "reward_bias": repl}
+    frozen_sh = {"policy": pol_sh.params, "reference": pol_sh.params,
+                 "value": (val_sh or pol_sh).params,
+                 "reward": self.value_factory.shardings.params, "reward_gain": repl,
+                 "reward_bias": repl}
     self.experience = jax.jit(
-        make_experience_fn(self.policy_model, self.value_model, self.value_model, ppo),
+        make_experience_fn(self.policy_model, critic_model, self.value_model, ppo),
         in_shardings=(frozen_sh, samples_sh, batch, batch, repl))
     self.update = jax.jit(
-        make_update_fn(self.policy_model, self.value_model, self.policy_opt, self.value_opt,
-                       ppo),
+        make_update_fn(self.policy_model, critic_model, self.policy_opt, self.value_opt, ppo),
         in_shardings=(pol_sh, val_sh, None, None, repl),
         out_shardings=(pol_sh, val_sh, repl), donate_argnums=(0, 1))
 
   def initial(self, checkpointer) -> tuple[dict, dict, dict]:
     """(state, frozen params, extras): resumed from the workdir or started from the sources."""
     config = self.config
-    reference = latest_params(config.policy_from, self.policy_factory.abstract.params)
+    abstract_policy = self.policy_factory.abstract.params
+    reference = dict(latest_params(config.policy_from, {
+        k: v for k, v in abstract_policy.items() if k != "value_head"}))
+    if self.shared:  # A new zero value head on the SFT trunk (its values are unused for ref).
+      reference["value_head"] = jax.tree.map(
+          lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+          abstract_policy["value_head"])
     reward = latest_params(config.reward_from, self.value_factory.abstract.params)
     rm_ckpt = ckpt_lib.Checkpointer(config.reward_from)
     norm = rm_ckpt.restore_extras(rm_ckpt.latest_step()).get("reward_normalization")
@@ -130,13 +140,15 @@ class PPORun:
       kl = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=self.replicated),
                         jax.eval_shape(algo.init_kl_controller, 0.0))
-      abstract = {"policy": self.policy_factory.abstract, "value": self.value_factory.abstract,
-                  "kl": kl}
+      abstract = {"policy": self.policy_factory.abstract, "kl": kl}
+      if not self.shared:
+        abstract["value"] = self.value_factory.abstract
       state, extras = checkpointer.restore(step, abstract)
       return state, frozen, extras
     state = {"policy": self.policy_factory.from_params(reference),
-             "value": self.value_factory.from_params(reward),
              "kl": algo.init_kl_controller(config.kl.initial_beta)}
+    if not self.shared:
+      state["value"] = self.value_factory.from_params(reward)
     return state, frozen, {}
 
 
@@ -186,14 +198,15 @@ def _iterate(run: PPORun, state, frozen, prompts, ptx, rng, checkpointer, writer
         state["policy"].params, batch["prompt_tokens"], batch["prompt_mask"],
         jax.random.fold_in(iteration_rng, 0)))
     rollout_s, timer = time.perf_counter() - timer, time.perf_counter()
-    params = dict(frozen, policy=state["policy"].params, value=state["value"].params)
+    critic = state.get("value", state["policy"])
+    params = dict(frozen, policy=state["policy"].params, value=critic.params)
     experience, metrics = run.experience(params, samples, batch["prompt_tokens"],
                                          batch["prompt_mask"], state["kl"].beta)
     jax.block_until_ready(experience)
     scoring_s, timer = time.perf_counter() - timer, time.perf_counter()
     ptx_batch = (shd.host_batch_to_global(next(ptx), run.batch_sharding)
                  if ptx is not None else {})
-    policy, value, update_metrics = run.update(state["policy"], state["value"], experience,
+    policy, value, update_metrics = run.update(state["policy"], state.get("value"), experience,
                                                ptx_batch, jax.random.fold_in(iteration_rng, 1))
     jax.block_until_ready(policy)
     update_s = time.perf_counter() - timer
@@ -201,7 +214,7 @@ def _iterate(run: PPORun, state, frozen, prompts, ptx, rng, checkpointer, writer
     kl_state = algo.update_kl_controller(
         state["kl"], metrics[kl_name], config.train.global_batch_size, config.kl.target,
         config.kl.horizon, config.kl.controller)
-    state = {"policy": policy, "value": value, "kl": kl_state}
+    state = {"policy": policy, "kl": kl_state, **({"value": value} if value else {})}
     step += 1
     record = {k: float(v) for k, v in jax.device_get(dict(metrics, **update_metrics)).items()}
     if not all(np.isfinite(v) for v in record.values()):

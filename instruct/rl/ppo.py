@@ -54,6 +54,9 @@ class PPOConfig:
   temperature: float = 1.0
   ptx_coef: float = 0.0        # gamma of PPO-ptx; 0 = plain PPO.
   entropy_coef: float = 0.0
+  shared_value_head: bool = False  # Critic = a value head on the policy trunk (one optimiser,
+  vf_coef: float = 0.1             # loss = policy + vf_coef * value) instead of a separate
+                                   # model initialised from the RM.
 
 
 @flax.struct.dataclass
@@ -143,7 +146,8 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
                    value_opt: optax.GradientTransformation, cfg: PPOConfig):
   """Returns pure `(policy, value, experience, ptx_batch, rng) -> (policy, value, metrics)`.
 
-  policy and value are TrainStates. ptx_batch: pretraining {tokens, loss_mask,
+  policy and value are TrainStates; with `cfg.shared_value_head` value is None, value_model
+  is the policy's model (head 'policy_value') and value_opt is unused. ptx_batch: pretraining {tokens, loss_mask,
   attention_mask} [b_ptx, L] split into the same number of minibatches (ignored when
   ptx_coef == 0).
   """
@@ -175,9 +179,18 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
                                           cfg.value_clip_eps)
     return loss, dict(stats, value_loss=loss)
 
+  def shared_loss(params, mb: Experience, ptx):
+    p_loss, p_stats = policy_loss(params, mb, ptx)
+    v_loss, v_stats = value_loss(params, mb)
+    return p_loss + cfg.vf_coef * v_loss, dict(p_stats, **v_stats)
+
   def minibatch_step(carry, xs):
     policy, value = carry
     mb, ptx = xs
+    if cfg.shared_value_head:  # `value` is None; value_model is the policy's own model.
+      (_, stats), grads = jax.value_and_grad(shared_loss, has_aux=True)(policy.params, mb, ptx)
+      policy = _apply(policy, grads, policy_opt)
+      return (policy, value), dict(stats, policy_grad_norm=optax.tree.norm(grads))
     (_, p_stats), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb,
                                                                          ptx)
     (_, v_stats), v_grads = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
