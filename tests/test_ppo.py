@@ -93,10 +93,12 @@ def lm_loss(params, batch):
   return float(loss_sum / targets)
 
 
-def test_first_minibatch_ratio_is_exactly_one_and_kl_starts_at_zero(ptx_batch):
+def test_first_minibatch_ratio_is_one_and_kl_starts_at_zero(ptx_batch):
   history, _ = run(2, 0.0, ptx_batch)
   for h in history:
-    assert h["first_ratio_error"] == 0.0
+    # 1 up to float32 rounding (two XLA programs need not agree bitwise); a ratio computed
+    # from the sampler's log-probs, or with another temperature, would be off by far more.
+    assert h["first_ratio_error"] <= 1e-6
   # Iteration 0: the policy IS the reference, so the KL (both estimators) is exactly 0.
   assert history[0]["kl_k1"] == 0.0 and history[0]["kl_k3"] == 0.0
   assert history[1]["kl_k3"] > 0.0

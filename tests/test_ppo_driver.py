@@ -51,7 +51,7 @@ def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path
                "response_length", "eos_fraction", "rollout_seconds", "scoring_seconds",
                "update_seconds", "policy_loss"):
     assert all(np.isfinite(r[name]) for r in records), name
-  assert all(r["first_ratio_error"] == 0.0 for r in records)
+  assert all(r["first_ratio_error"] <= 1e-6 for r in records)
   assert records[0]["kl_k1"] == 0.0  # The policy starts as the reference.
   # Adaptive KL controller: beta moves by the clipped error times n_steps / horizon.
   config = ppo_config(sources, tfds_dir)
