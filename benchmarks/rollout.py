@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -47,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from machine import cpu_model  # benchmarks/machine.py (the script directory is on sys.path)
 
 from instruct import config_lib
 from instruct import sharding as shd
@@ -266,17 +267,6 @@ def bench_preset(name: str, args: argparse.Namespace, log: CompileLog) -> dict:
     result.update(bench_ppo(run, s, log))
   result["wall_s"] = time.perf_counter() - start
   return result
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 SAMPLER_HEADER = ("| preset | params | B x prompt + new | compile s | call s, median (min-max) "

@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -44,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from machine import cpu_model  # benchmarks/machine.py (the script directory is on sys.path)
 
 from instruct import config_lib
 from instruct import sharding as shd
@@ -166,17 +167,6 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
       "step_s_max": max(times), "tokens_per_s": batch * length / step_s,
       "flops_per_step": flops, "achieved_flops": flops / step_s, "final_loss": loss,
   }
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 HEADER = ("| preset | params | N (matmul) | B x T | compile s | step s, median (min-max) "

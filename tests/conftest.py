@@ -16,5 +16,18 @@ def tfds_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+  """The embedded tokenizer."""
+  from instruct import data
+  return data.load_tokenizer(data.DEFAULT_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  """A TFDS data directory of the test module's own."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

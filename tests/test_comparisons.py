@@ -25,16 +25,6 @@ _RANKED = {'prompt': 'Pick one.\nAnswer:', 'responses': [' a', ' b', ' c'],
 
 
 @pytest.fixture(scope='module')
-def tokenizer():
-  return data.load_tokenizer(data.DEFAULT_TOKENIZER)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def shipped():
   """The shipped comparison files: split -> (raw JSON records, parsed)."""
   out = {}

@@ -22,16 +22,6 @@ DEMO_FILES = {
 
 
 @pytest.fixture(scope='module')
-def tokenizer():
-  return data.load_tokenizer(data.DEFAULT_TOKENIZER)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def demos_train(data_dir):
   return data.load_split('demonstrations', DEMO_FILES, 'train', data_dir)
 

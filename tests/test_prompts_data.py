@@ -21,16 +21,6 @@ PROMPT_FILES = {
 PROMPT_LENGTH = 32  # Every shipped prompt fits (checked below).
 
 
-@pytest.fixture(scope='module')
-def tokenizer():
-  return data.load_tokenizer(data.DEFAULT_TOKENIZER)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _write(path, lines):
   path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
   return path
