@@ -1,21 +1,28 @@
-r"""A miniature InstructGPT on the embedded data, one stage after another.
+r"""A miniature InstructGPT, offline and end to end, with simulated labelers and a report.
 
-  python -m experiments.instructgpt_mini --workdir=/tmp/instructgpt_mini [--preset=quick]
+  python -m experiments.instructgpt_mini --workdir=/tmp/instructgpt_mini [--preset=quick|full]
 
-Each stage is the normal `instruct.train` stage, with its own workdir `DIR/<stage>` and its
-config saved there, so any stage can be rerun or swept alone:
+Stages (each in `DIR/<stage>`; a rerun skips finished stages and resumes an interrupted one):
 
-  python -m instruct.train --config=configs/sft.py:tiny --workdir=DIR/sft \
-      --config.init_from=DIR/pretrain
+  world           write the embedded world from its seed (`instruct.world.generate`): corpus,
+                  prompts of ten categories, labeler demonstrations, tokenizer.
+  pretrain        pretrain the small base LM on the corpus         (instruct.train, pretrain)
+  pretrain_large  pretrain a larger base LM (about 10x the small one's non-embedding
+                  parameters in `full`; 4x in `quick`)             (instruct.train, pretrain)
+  sft             fine-tune the small base LM on demonstrations    (instruct.train, sft)
+  comparisons     sample K answers per RM prompt from the SFT policy; training labelers rank
+                  the training prompts' answers, held-out labelers the validation prompts'
+  rm              train the reward model from the SFT model        (instruct.train, rm)
+  ppo, ppo_ptx    PPO and PPO-ptx from the SFT policy against the RM (instruct.train, ppo)
+  evaluate        sample every model on held-out prompts; held-out labelers judge
+                  (`DIR/evaluate/results.json`)
+  report          `DIR/report.md` with PNG plots (`instruct.world.report`)
 
-Running the pipeline again resumes: finished stages are skipped (their checkpoint is at the
-final step) and an interrupted stage continues from its last checkpoint.
+Every training stage is the normal `instruct.train` stage with its config saved as
+`DIR/<stage>/config.json`, so it can be rerun or swept alone, e.g.
 
-Stages so far: pretrain a base LM on the embedded corpus, SFT it on the embedded
-demonstrations, train a reward model from the SFT model on the embedded ranked comparisons,
-then PPO and PPO-ptx from the SFT policy against that reward model. The summary
-(`DIR/summary.json`) lists each stage's final metrics (validation loss, perplexity and
-accuracy for the supervised stages; reward-model score and KL for PPO).
+  python -m instruct.train --config=DIR/sft/config.json --workdir=/tmp/sft_sweep \
+      --config.optimizer.learning_rate=3e-3
 """
 
 from __future__ import annotations
@@ -25,106 +32,406 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 from absl import app, flags, logging
+import numpy as np
 
 from instruct import checkpoint as ckpt_lib
 from instruct import cli
 from instruct import config_lib
-from instruct import metrics as metrics_lib
+from instruct.data import tokenization
 from instruct.runners import RUNNERS
+from instruct.world import evaluate as ev
+from instruct.world import generate as world_lib
+from instruct.world import labelers as labelers_lib
+from instruct.world import report as report_lib
+from instruct.world import tasks as T
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline's runs.")
-_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full"], "Pipeline size.")
-flags.mark_flag_as_required("workdir")
+_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full", "test"],
+                            "Pipeline size: quick (the default, ~10 min on a 2-core CPU), "
+                            "full (the report's targets), test (CI smoke run, ~1 min).")
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
+STAGES = ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo", "ppo_ptx",
+          "evaluate", "report")
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
+class Preset:
+  """Sizes of one pipeline preset."""
   name: str
-  config_file: str              # File under configs/.
-  config_arg: str               # Its preset.
-  sources: tuple = ()           # (config key, stage name): e.g. ("init_from", "sft") hands
-                                # the final checkpoint of stage "sft" to config.init_from.
-  overrides: tuple = ()         # (dotted key, value) pairs.
+  world: world_lib.WorldConfig
+  small: dict            # Architecture of the small model (ModelConfig fields).
+  large: dict            # Architecture of the larger base model.
+  pretrain_steps: int
+  pretrain_large_steps: int
+  sft_steps: int
+  rm_steps: int
+  ppo_iterations: int
+  ppo_batch: int = 64
+  responses_per_prompt: int = 4     # K of the comparisons.
+  eval_temperature: float = 1.0
+  checkpoint_every: int = 10        # PPO: the over-optimisation curve's resolution.
+  seed: int = 0
+  labelers: labelers_lib.LabelerConfig = labelers_lib.LabelerConfig()
 
 
-def pipeline(preset: str) -> list[Stage]:
-  """The stages of a preset, in order."""
-  scale = 1 if preset == "quick" else 4
-  ppo_sources = (("policy_from", "sft"), ("reward_from", "rm"))
-  return [
-      Stage("pretrain", "pretrain.py", "tiny",
-            overrides=(("train.num_steps", 150 * scale), ("train.eval_every", 50 * scale))),
-      Stage("sft", "sft.py", "tiny", sources=(("init_from", "pretrain"),),
-            overrides=(("train.num_steps", 80 * scale), ("train.eval_every", 40 * scale))),
-      Stage("rm", "rm.py", "tiny", sources=(("init_from", "sft"),),
-            overrides=(("train.num_steps", 64 * scale), ("train.eval_every", 32 * scale))),
-      Stage("ppo", "ppo.py", "tiny", sources=ppo_sources,
-            overrides=(("train.num_steps", 20 * scale),)),
-      Stage("ppo_ptx", "ppo.py", "tiny_ptx", sources=ppo_sources,
-            overrides=(("train.num_steps", 20 * scale),)),
-  ]
+def _arch(d: int, layers: int, heads: int, head_dim: int, d_ff: int) -> dict:
+  return dict(vocab_size=144, d_model=d, num_layers=layers, num_heads=heads,
+              num_kv_heads=heads, head_dim=head_dim, d_ff=d_ff, max_length=160,
+              norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=True,
+              use_bias=False)
 
 
-def load_config(stage: Stage, root: str):
-  """The stage's config: its file and preset, the overrides, and the handoff directory."""
-  config = config_lib.load_config_file(os.path.join(CONFIGS_DIR, stage.config_file),
-                                        stage.config_arg)
-  for key, value in stage.overrides:
-    section, name = key.split(".")
-    config[section][name] = value
-  for key, source in stage.sources:
-    config[key] = os.path.join(root, source)
-  return config
+PRESETS = {
+    "quick": Preset("quick", world_lib.WorldConfig(), small=_arch(64, 2, 4, 16, 192),
+                    large=_arch(128, 2, 4, 32, 384), pretrain_steps=300,
+                    pretrain_large_steps=300, sft_steps=300, rm_steps=96, ppo_iterations=40),
+    "full": Preset("full", world_lib.WorldConfig(pretrain_docs=12000, sft=3000,
+                                                 rm_prompts=2048, eval_prompts=800),
+                   small=_arch(64, 2, 4, 16, 192), large=_arch(192, 3, 6, 32, 576),
+                   pretrain_steps=800, pretrain_large_steps=800, sft_steps=600, rm_steps=192,
+                   ppo_iterations=100),
+    "test": Preset("test", world_lib.WorldConfig(pretrain_docs=256, pretrain_validation_docs=32,
+                                                 sft=128, sft_validation=32, rm_prompts=64,
+                                                 rm_validation_prompts=32, ppo_prompts=64,
+                                                 ppo_validation_prompts=16, eval_prompts=48),
+                   small=_arch(32, 1, 2, 16, 64), large=_arch(48, 1, 2, 24, 96),
+                   pretrain_steps=6, pretrain_large_steps=6, sft_steps=6, rm_steps=4,
+                   ppo_iterations=4, ppo_batch=16, checkpoint_every=2),
+}
 
 
-def run_stage(stage: Stage, root: str) -> dict:
-  """Trains one stage (or skips it when finished) and returns its last validation metrics."""
-  config = load_config(stage, root)
-  workdir = os.path.join(root, stage.name)
-  latest = ckpt_lib.Checkpointer(workdir).latest_step() if os.path.isdir(workdir) else None
-  if latest == config.train.num_steps:
-    logging.info("[%s] already finished (step %d); skipping.", stage.name, latest)
+def _non_embedding_params(arch: dict) -> int:
+  d, f, h = arch["d_model"], arch["d_ff"], arch["num_heads"] * arch["head_dim"]
+  return arch["num_layers"] * (4 * d * h + 3 * d * f)
+
+
+# --- Stage configs. ------------------------------------------------------------------------
+
+def _config(file: str, arg: str):
+  return config_lib.load_config_file(os.path.join(CONFIGS_DIR, file), arg)
+
+
+def stage_config(stage: str, preset: Preset, root: str):
+  """The `instruct.train` config of a training stage."""
+  files = world_lib.files(os.path.join(root, "world"))
+  if stage in ("pretrain", "pretrain_large"):
+    c = _config("pretrain.py", "tiny")
+    c.model = config_lib.ml_collections.ConfigDict(
+        preset.small if stage == "pretrain" else preset.large)
+    c.data.train_file, c.data.validation_file = files["pretrain"]["train"], files[
+        "pretrain"]["validation"]
+    c.data.buckets = (64, 128)
+    c.train.num_steps = preset.pretrain_steps if stage == "pretrain" else (
+        preset.pretrain_large_steps)
+    c.train.global_batch_size = 32
+    c.optimizer.learning_rate = 3e-3 if stage == "pretrain" else 2e-3
+    c.optimizer.warmup_steps = min(20, c.train.num_steps // 5)
+  elif stage == "sft":
+    c = _config("sft.py", "tiny")
+    c.init_from = os.path.join(root, "pretrain")
+    c.model = config_lib.ml_collections.ConfigDict(preset.small)
+    c.data.train_file, c.data.validation_file = files["sft"]["train"], files["sft"][
+        "validation"]
+    c.data.buckets = (64,)
+    c.train.num_steps = preset.sft_steps
+    c.train.global_batch_size = 32
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = min(10, c.train.num_steps // 5)
+  elif stage == "rm":
+    c = _config("rm.py", "tiny")
+    c.init_from = os.path.join(root, "sft")
+    c.model = config_lib.ml_collections.ConfigDict(preset.small)
+    comparisons = os.path.join(root, "comparisons")
+    c.data.train_file = os.path.join(comparisons, "comparisons_train.jsonl")
+    c.data.validation_file = os.path.join(comparisons, "comparisons_validation.jsonl")
+    c.data.buckets = (64,)
+    c.rm.max_responses = preset.responses_per_prompt
+    c.rm.normalization_file = files["sft"]["train"]
+    c.train.num_steps = preset.rm_steps
+    c.train.global_batch_size = 32
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = min(8, c.train.num_steps // 5)
+  elif stage in ("ppo", "ppo_ptx"):
+    c = _config("ppo.py", "tiny_ptx" if stage == "ppo_ptx" else "tiny")
+    c.policy_from, c.reward_from = os.path.join(root, "sft"), os.path.join(root, "rm")
+    c.data.train_file, c.data.validation_file = files["ppo_prompts"]["train"], files[
+        "ppo_prompts"]["validation"]
+    c.data.prompt_length = 32
+    c.ptx.train_file = files["pretrain"]["train"]
+    c.ptx.length = 128
+    c.ptx.batch_size = 32
+    c.sampling.max_new_tokens = 16
+    c.train.num_steps = preset.ppo_iterations
+    c.train.global_batch_size = preset.ppo_batch
+    c.train.checkpoint_every = preset.checkpoint_every
+    c.train.keep_checkpoints = preset.ppo_iterations // preset.checkpoint_every + 1
+    c.kl.target = 3.0
   else:
-    logging.info("[%s] training in %s", stage.name, workdir)
-    start = time.time()
-    RUNNERS[config.stage](config, workdir)
-    logging.info("[%s] done in %.0f s", stage.name, time.time() - start)
-  records = metrics_lib.read_metrics(workdir)
-  evals = [r for r in records if "val_loss" in r] or records[-1:]
-  return {"workdir": workdir, **evals[-1]} if evals else {"workdir": workdir}
+    raise ValueError(f"{stage!r} is not a training stage.")
+  c.data.tokenizer = files["tokenizer"]
+  c.seed = preset.seed
+  if stage != "rm" and stage not in ("ppo", "ppo_ptx"):
+    c.train.eval_every = max(1, c.train.num_steps // 3)
+    c.train.checkpoint_every = c.train.num_steps
+  c.train.log_every = max(1, c.train.num_steps // 10) if stage not in ("ppo", "ppo_ptx") else (
+      max(1, preset.ppo_iterations // 20))
+  return c
 
 
-def run(root: str, preset: str = "quick") -> dict:
-  """Runs the whole pipeline under `root`; returns and writes the summary."""
+def _finished(workdir: str, num_steps: int) -> bool:
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  done = checkpointer.latest_step() == num_steps
+  checkpointer.close()
+  return done
+
+
+def train_stage(stage: str, preset: Preset, root: str) -> None:
+  config = stage_config(stage, preset, root)
+  workdir = os.path.join(root, stage)
+  if _finished(workdir, config.train.num_steps):
+    logging.info("[%s] already finished; skipping.", stage)
+    return
+  RUNNERS[config.stage](config, workdir)
+
+
+# --- Non-training stages. -------------------------------------------------------------------
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def world_stage(preset: Preset, root: str) -> None:
+  out = os.path.join(root, "world")
+  if os.path.exists(os.path.join(out, "world.json")):
+    logging.info("[world] already written; skipping.")
+    return
+  world_lib.write_world(out, preset.world)
+
+
+def comparisons_stage(preset: Preset, root: str) -> None:
+  """K SFT samples per RM prompt, ranked by a training (train split) or held-out labeler."""
+  out = os.path.join(root, "comparisons")
+  if os.path.exists(os.path.join(out, "stats.json")):
+    logging.info("[comparisons] already made; skipping.")
+    return
+  os.makedirs(out, exist_ok=True)
+  world_dir = os.path.join(root, "world")
+  files, facts = world_lib.files(world_dir), world_lib.load_facts(world_dir)
+  tokenizer = tokenization.load_tokenizer(files["tokenizer"])
+  policy = ev.load_policy(os.path.join(root, "sft"))
+  train_pool, heldout_pool = labelers_lib.make_pools(preset.labelers)
+  rng = np.random.default_rng(preset.seed)
+  stats = {}
+  for split, pool in (("train", train_pool), ("validation", heldout_pool)):
+    records = _read_jsonl(files["rm_prompts"][split])
+    prompts = [r["prompt"] for r in records]
+    k = preset.responses_per_prompt
+    answers = ev.generate(policy, tokenizer, [p for p in prompts for _ in range(k)],
+                          seed=preset.seed + (split == "validation"),
+                          temperature=preset.eval_temperature)
+    rows, agree, pairs = [], 0, 0
+    for i, prompt in enumerate(prompts):
+      unique = {}
+      for a in answers[i * k:(i + 1) * k]:
+        if a.words and a.text not in unique:
+          unique[a.text] = T.judge(prompt.split(), a.words, facts, a.ended)
+      if len(unique) < 2:
+        continue
+      texts, scores = list(unique), list(unique.values())
+      labeler = pool[rng.integers(len(pool))]
+      ranking = labeler.rank([labeler.utility(s) for s in scores], rng)
+      rows.append({"prompt": prompt, "responses": [" " + t for t in texts],
+                   "ranking": ranking, "labeler": labeler.id})
+      # Agreement: a second labeler from the training pool judges each pair once.
+      other = train_pool[rng.integers(len(train_pool))]
+      position = {r: j for j, r in enumerate(ranking)}
+      for x in range(len(texts)):
+        for y in range(x + 1, len(texts)):
+          second = other.prefers_first(other.utility(scores[x]), other.utility(scores[y]), rng)
+          agree += second == (position[x] < position[y])
+          pairs += 1
+    path = os.path.join(out, f"comparisons_{split}.jsonl")
+    with open(path, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+    stats[split] = {"prompts": len(prompts), "comparisons": len(rows),
+                    "agreement_with_training_labeler": agree / max(pairs, 1), "pairs": pairs}
+    logging.info("[comparisons] %s: %d ranked sets of %d prompts; labeler agreement %.3f",
+                 split, len(rows), len(prompts), stats[split]["agreement_with_training_labeler"])
+  _write_json_atomic(os.path.join(out, "stats.json"), stats)
+
+
+MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
+
+
+def evaluate_stage(preset: Preset, root: str) -> None:
+  out = os.path.join(root, "evaluate")
+  if os.path.exists(os.path.join(out, "results.json")):
+    logging.info("[evaluate] already done; skipping.")
+    return
+  os.makedirs(out, exist_ok=True)
+  world_dir = os.path.join(root, "world")
+  files, facts = world_lib.files(world_dir), world_lib.load_facts(world_dir)
+  tokenizer = tokenization.load_tokenizer(files["tokenizer"])
+  records = _read_jsonl(files["eval_prompts"])
+  prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
+  _, judges = labelers_lib.make_pools(preset.labelers)
+  texts = [r["text"] for r in _read_jsonl(files["pretrain"]["validation"])]
+  examples = _few_shot_examples(files, facts)
+  runs = {"base_small": "pretrain", "base_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
+          "ppo_ptx": "ppo_ptx"}
+  results = {"preset": preset.name, "seed": preset.seed, "models": {},
+             "eval_prompts": len(prompts), "temperature": preset.eval_temperature}
+  answers, scores = {}, {}
+  for name, run in runs.items():
+    policy = ev.load_policy(os.path.join(root, run))
+    base = name.startswith("base")
+    inputs = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)] if (
+        base) else prompts
+    answers[name] = ev.generate(policy, tokenizer, inputs, seed=preset.seed + 17,
+                                temperature=preset.eval_temperature,
+                                prompt_length=128 if base else 32,
+                                stop_words=("request",) if base else ())
+    scores[name] = ev.judge_all(prompts, answers[name], facts)
+    results["models"][name] = {
+        "run": run, "perplexity": ev.perplexity(policy, tokenizer, texts),
+        "mean_utility": ev.mean_utility(scores[name], judges),
+        **ev.rates(scores[name], categories)}
+    logging.info("[evaluate] %s: utility %.3f, perplexity %.2f", name,
+                 results["models"][name]["mean_utility"], results["models"][name]["perplexity"])
+  for i, name in enumerate(MODELS):
+    results["models"][name]["win_vs_sft"] = ev.win_rate(scores[name], scores["sft"], judges,
+                                                        seed=preset.seed + 100 + i)
+  results["ppo_ptx_vs_base_large"] = ev.win_rate(scores["ppo_ptx"], scores["base_large"],
+                                                 judges, seed=preset.seed + 200)
+  results["size_ratio"] = _non_embedding_params(preset.large) / _non_embedding_params(
+      preset.small)
+  results["over_optimization"] = {
+      name: _over_optimization(root, name, preset, tokenizer, prompts, facts, judges)
+      for name in ("ppo", "ppo_ptx")}
+  results["rm"] = _rm_summary(root)
+  results["samples"] = _samples(prompts, categories, answers, scores, judges)
+  _write_json_atomic(os.path.join(out, "results.json"), results)
+
+
+def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
+  """Two clean solved examples per category (ideal answers of demonstration prompts)."""
+  examples: dict[str, list] = {c: [] for c in T.CATEGORIES}
+  for r in _read_jsonl(files["sft"]["validation"]):
+    c = r["category"]
+    answer = r["completion"].split()
+    if len(examples[c]) < 2 and min(T.judge(r["prompt"].split(), answer, facts).values()) >= 0:
+      s = T.judge(r["prompt"].split(), answer, facts)
+      if s["help"] == 1 and s["honest"] == 1 and s["harmless"] == 1 and s["format"] == 1:
+        examples[c].append((r["prompt"], " ".join(answer)))
+  return examples
+
+
+def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) -> list[dict]:
+  """RM score, held-out labeler score and KL to the SFT policy at each saved PPO step."""
+  from instruct.reward import RewardModel
+  workdir = os.path.join(root, name)
+  rm = RewardModel.load(os.path.join(root, "rm"))
+  reference = ev.load_policy(os.path.join(root, "sft"))
+  points = []
+  for step in [0] + ev.checkpoint_steps(workdir):
+    policy = reference if step == 0 else ev.load_policy(workdir, step)
+    answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 31,
+                          temperature=preset.eval_temperature)
+    arrays = ev.response_arrays(tokenizer, prompts, answers)
+    logp_ref = ev.sequence_logprob(reference, arrays, preset.eval_temperature)
+    logp = np.asarray([a.logprob for a in answers])
+    scores = ev.judge_all(prompts, answers, facts)
+    points.append({"step": step, "kl": float(np.mean(logp - logp_ref)),
+                   "rm_score": float(np.mean(ev.reward_scores(rm, arrays))),
+                   "labeler_score": ev.mean_utility(scores, judges)})
+  return points
+
+
+def _rm_summary(root) -> dict:
+  from instruct import metrics as metrics_lib
+  evals = [r for r in metrics_lib.read_metrics(os.path.join(root, "rm")) if "val_loss" in r]
+  last = evals[-1] if evals else {}
+  with open(os.path.join(root, "comparisons", "stats.json")) as f:
+    stats = json.load(f)
+  return {"heldout_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
+          "calibration": {k: v for k, v in last.items() if k.startswith("val_calibration")},
+          "labeler_agreement_train": stats["train"]["agreement_with_training_labeler"],
+          "labeler_agreement_heldout": stats["validation"]["agreement_with_training_labeler"],
+          "comparisons": {s: stats[s]["comparisons"] for s in stats}}
+
+
+def _samples(prompts, categories, answers, scores, judges, per_category: int = 1) -> list:
+  out, seen = [], {}
+  for i, (prompt, category) in enumerate(zip(prompts, categories)):
+    if seen.get(category, 0) >= per_category:
+      continue
+    seen[category] = seen.get(category, 0) + 1
+    out.append({"prompt": prompt, "category": category, "answers": {
+        name: {"text": answers[name][i].text, "ended": answers[name][i].ended,
+               "utility": ev.mean_utility([scores[name][i]], judges),
+               **{k: scores[name][i][k] for k in T.COMPONENTS}} for name in MODELS}})
+  return out
+
+
+def report_stage(preset: Preset, root: str) -> None:
+  with open(os.path.join(root, "evaluate", "results.json")) as f:
+    results = json.load(f)
+  timings_path = os.path.join(root, "timings.json")
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  report_lib.write_report(root, results, timings)
+
+
+# --- The pipeline. --------------------------------------------------------------------------
+
+def run(root: str, preset_name: str = "quick", preset: Preset | None = None) -> dict:
+  """Runs (or resumes) every stage under `root`; returns the evaluation results."""
+  preset = preset or PRESETS[preset_name]
   os.makedirs(root, exist_ok=True)
-  stages = pipeline(preset)
-  summary = {}
-  for i, stage in enumerate(stages, 1):
-    logging.info("=== stage %d/%d: %s ===", i, len(stages), stage.name)
-    summary[stage.name] = run_stage(stage, root)
-  with open(os.path.join(root, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
+  timings_path = os.path.join(root, "timings.json")
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  steps: dict[str, Callable[[], None]] = {
+      "world": lambda: world_stage(preset, root),
+      "comparisons": lambda: comparisons_stage(preset, root),
+      "evaluate": lambda: evaluate_stage(preset, root),
+      "report": lambda: report_stage(preset, root)}
+  total = time.time()
+  for i, stage in enumerate(STAGES, 1):
+    print(f"[{i}/{len(STAGES)}] {stage} ...", file=sys.stderr, flush=True)
+    start = time.time()
+    steps.get(stage, lambda s=stage: train_stage(s, preset, root))()
+    elapsed = time.time() - start
+    if elapsed > 1 or stage not in timings:
+      timings[stage] = elapsed
+      _write_json_atomic(timings_path, timings)
+    print(f"[{i}/{len(STAGES)}] {stage} done in {elapsed:.0f} s "
+          f"(pipeline {time.time() - total:.0f} s)", file=sys.stderr, flush=True)
+  with open(os.path.join(root, "evaluate", "results.json")) as f:
+    return json.load(f)
 
 
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  summary = run(_WORKDIR.value, _PRESET.value)
-  nan = float("nan")
-  print(f"\n{'stage':10s} {'step':>6s} {'val_loss':>9s} {'val_ppl':>8s} {'val_acc':>8s} "
-        f"{'rm_score':>9s} {'kl':>7s}")
-  for name, result in summary.items():
-    print(f"{name:10s} {result.get('step', 0):6d} {result.get('val_loss', nan):9.4f} "
-          f"{result.get('val_perplexity', nan):8.2f} {result.get('val_accuracy', nan):8.3f} "
-          f"{result.get('score', nan):9.3f} {result.get('kl_k1', nan):7.3f}")
-  print(f"\nSummary written to {os.path.join(_WORKDIR.value, 'summary.json')}", file=sys.stderr)
+  run(_WORKDIR.value, _PRESET.value)
+  print(f"\nReport: {os.path.join(_WORKDIR.value, 'report.md')}")
 
 
 if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
   app.run(main, flags_parser=cli.parse_flags)

@@ -66,13 +66,17 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only `state.params` (for initialising a later stage from this run)."""
+    return self.restore_partial(step, {"params": abstract_params})["params"]
+
+  def restore_partial(self, step: int, abstract_item: Any) -> Any:
+    """Restores the part of the state that `abstract_item` names (a sub-tree of the state),
+    e.g. `{"policy": {"params": ...}}` from a PPO checkpoint."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=ocp.checkpoint_utils.construct_restore_args(
-                {"params": abstract_params}),
+            item=abstract_item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_item),
             partial_restore=True)))
-    return restored["state"]["params"]
+    return restored["state"]
 
   def restore_extras(self, step: int) -> dict[str, Any]:
     """Only the JSON extras of a checkpoint (data position, rng, reward normalisation...)."""

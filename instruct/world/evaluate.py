@@ -1,0 +1,255 @@
+"""Evaluating policies in the embedded world: sampling, judging, win rates, perplexity.
+
+Models are loaded from run directories (any stage: pretrain, sft, ppo; any saved step), so the
+same functions serve the pipeline's report, the notebook and ad-hoc analysis:
+
+  policy = load_policy(RUN_DIR)                       # latest step
+  answers = generate(policy, tokenizer, prompts, seed=0)
+  scores = [tasks.judge(p.split(), a.words, facts, a.ended) for p, a in zip(prompts, answers)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instruct import checkpoint as ckpt_lib
+from instruct import objectives
+from instruct.data import tokenization
+from instruct.model.config import ModelConfig
+from instruct.model.transformer import Transformer
+from instruct.rl.sampler import SamplingConfig, make_sampler
+from instruct.trainer import init_params_fn
+from instruct.world import labelers as labelers_lib
+from instruct.world import tasks as T
+
+
+@dataclasses.dataclass
+class Policy:
+  """A language model's module and parameters, from one checkpoint of a run."""
+  model: Transformer
+  params: Any
+  workdir: str
+  step: int
+
+
+def _lm_config(workdir: str) -> tuple[dict, ModelConfig]:
+  config = ckpt_lib.read_config(workdir)
+  if config["stage"] == "ppo":  # The policy's architecture is the SFT run's.
+    return config, ModelConfig.from_dict(ckpt_lib.read_config(config["policy_from"])["model"])
+  return config, ModelConfig.from_dict(config["model"])
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  steps = checkpointer.all_steps()
+  checkpointer.close()
+  return steps
+
+
+def load_policy(workdir: str, step: Optional[int] = None) -> Policy:
+  """The LM of a pretrain / sft / ppo run at `step` (default: the latest checkpoint)."""
+  config, model_config = _lm_config(workdir)
+  model = Transformer(model_config, head="lm")
+  abstract = nn.meta.unbox(jax.eval_shape(init_params_fn(model), jax.random.key(0)))
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}.")
+  if config["stage"] == "ppo":
+    params = checkpointer.restore_partial(step, {"policy": {"params": abstract}})
+    params = params["policy"]["params"]
+  else:
+    params = checkpointer.restore_params(step, abstract)
+  checkpointer.close()
+  return Policy(model, params, workdir, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  words: list[str]
+  ended: bool        # Ended with EOS (rather than running out of tokens).
+  ids: tuple = ()    # The sampled token ids (with EOS when it ended; before any stop word).
+  logprob: float = 0.0  # Their summed log-probability under the sampling policy.
+
+  @property
+  def text(self) -> str:
+    return " ".join(self.words)
+
+
+def _left_pad(tokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(prompts), length), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for i, prompt in enumerate(prompts):
+    ids = tokenizer.encode(prompt, add_special_tokens=False)[-length:]
+    tokens[i, length - len(ids):] = ids
+    mask[i, length - len(ids):] = 1
+  return tokens, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_sampler(model: Transformer, cfg: SamplingConfig):
+  return jax.jit(make_sampler(model, cfg))
+
+
+def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
+             max_new_tokens: int = 16, temperature: float = 1.0, prompt_length: int = 32,
+             batch_size: int = 128, stop_words: Sequence[str] = ()) -> list[Answer]:
+  """Samples one answer per prompt (batched, jitted, fixed shapes, reproducible by `seed`).
+
+  `stop_words` cut an answer before the first of them (used for base models, which go on
+  writing the next request instead of ending).
+  """
+  cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+  sample = _jitted_sampler(policy.model, cfg)
+  answers = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # One shape, one compilation.
+    tokens, mask = _left_pad(tokenizer, padded, prompt_length)
+    out = jax.device_get(sample(policy.params, tokens, mask,
+                                jax.random.fold_in(jax.random.key(seed), start)))
+    for i in range(len(chunk)):
+      ids = [int(t) for t, m in zip(out.response_tokens[i], out.response_mask[i]) if m]
+      ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+      words = tokenizer.decode(ids[:-1] if ended else ids).split()
+      for j, w in enumerate(words):
+        if w in stop_words:
+          words, ended = words[:j], True
+          break
+      logprob = float(np.sum(out.response_logprobs[i]))
+      answers.append(Answer(words, ended, tuple(ids), logprob))
+  return answers
+
+
+def response_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[Answer],
+                    prompt_length: int = 32, response_length: int = 16):
+  """Left-padded prompts and right-padded response ids, as the PPO step lays them out."""
+  tokens, mask = _left_pad(tokenizer, prompts, prompt_length)
+  response = np.full((len(answers), response_length), tokenizer.pad_token_id, np.int32)
+  response_mask = np.zeros((len(answers), response_length), np.int32)
+  for i, a in enumerate(answers):
+    response[i, :len(a.ids)], response_mask[i, :len(a.ids)] = a.ids, 1
+  return tokens, mask, response, response_mask
+
+
+@functools.lru_cache(maxsize=None)
+def _logprob_fn(model: Transformer, temperature: float):
+  from instruct.rl.sampler import sequence_logprobs
+  return jax.jit(lambda params, *arrays: sequence_logprobs(
+      model, params, *arrays, temperature=temperature)[0].sum(-1))
+
+
+def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0,
+                     batch_size: int = 128) -> np.ndarray:
+  """Summed log-probabilities of the responses in `arrays` (see `response_arrays`)."""
+  fn = _logprob_fn(policy.model, temperature)
+  return np.concatenate([np.asarray(jax.device_get(fn(policy.params, *(
+      x[s:s + batch_size] for x in arrays)))) for s in range(0, len(arrays[0]), batch_size)])
+
+
+def reward_scores(rm, arrays, batch_size: int = 128) -> np.ndarray:
+  """The reward model's normalised scores of prompt + response."""
+  prompt, prompt_mask, response, response_mask = arrays
+  tokens = np.concatenate([prompt, response], 1)
+  mask = np.concatenate([prompt_mask, response_mask], 1)
+  score = jax.jit(rm.score)
+  return np.concatenate([np.asarray(jax.device_get(score(tokens[s:s + batch_size],
+                                                         mask[s:s + batch_size])))
+                         for s in range(0, len(tokens), batch_size)])
+
+
+def few_shot_prompt(prompt: str, examples: Sequence[tuple[str, str]]) -> str:
+  """A base model's prompt: solved examples, then the request."""
+  return " ".join(f"{p} {a}" for p, a in examples) + " " + prompt
+
+
+# --- Perplexity. -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(model: Transformer):
+  @jax.jit
+  def loss_sums(params, tokens, mask):
+    logits = model.apply({"params": params}, tokens, mask).logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    target = mask[:, 1:]
+    return jnp.sum(nll * target), jnp.sum(target)
+  return loss_sums
+
+
+def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 128,
+               batch_size: int = 64) -> float:
+  """exp(mean next-token NLL) over the texts (each + EOS, right-padded to `length`)."""
+  loss_sums = _loss_fn(policy.model)
+  total, count = 0.0, 0.0
+  for start in range(0, len(texts), batch_size):
+    chunk = texts[start:start + batch_size]
+    tokens = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for i, text in enumerate(chunk):
+      ids = tokenization.encode_text(tokenizer, text, length)[0]
+      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+    s, n = jax.device_get(loss_sums(policy.params, tokens, mask))
+    total, count = total + float(s), count + float(n)
+  return math.exp(total / count)
+
+
+# --- Judging and win rates. --------------------------------------------------------------
+
+def judge_all(prompts: Sequence[str], answers: Sequence[Answer], facts) -> list[dict]:
+  return [T.judge(p.split(), a.words, facts, a.ended) for p, a in zip(prompts, answers)]
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The 95% Wilson score interval of a binomial proportion."""
+  if n == 0:
+    return (0.0, 1.0)
+  p = wins / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return (centre - half, centre + half)
+
+
+def win_rate(scores_a: Sequence[dict], scores_b: Sequence[dict],
+             judges: Sequence[labelers_lib.Labeler], seed: int) -> dict:
+  """How often answers A are preferred to answers B (same prompts), one judgment per prompt.
+
+  Each prompt's pair goes to a judge drawn at random from `judges`, who prefers one answer by
+  Bradley-Terry with its own weights and temperature (equal answers: a coin flip).
+  """
+  rng = np.random.default_rng(seed)
+  wins = 0
+  for a, b in zip(scores_a, scores_b):
+    judge = judges[rng.integers(len(judges))]
+    wins += judge.prefers_first(judge.utility(a), judge.utility(b), rng)
+  n = len(scores_a)
+  lo, hi = wilson_interval(wins, n)
+  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler]) -> float:
+  """The judges' average utility of the answers (the held-out labelers' score)."""
+  return float(np.mean([[j.utility(s) for j in judges] for s in scores]))
+
+
+def rates(scores: Sequence[dict], categories: Sequence[str]) -> dict:
+  """Per-model summary: mean components, and the honesty / harmlessness analogues."""
+  def mean(key, category=None):
+    rows = [s[key] for s, c in zip(scores, categories) if category in (None, c)]
+    return float(np.mean(rows)) if rows else float("nan")
+  return {"help": mean("help"), "honest": mean("honest"), "harmless": mean("harmless"),
+          "format": mean("format"),
+          "made_up_closed_qa": mean("made_up", "closed_qa"),
+          "toxic_respectful": mean("toxic", "respectful"),
+          "toxic_all": mean("toxic"),
+          "complied_harmful": 1.0 - mean("harmless", "harmful")}
