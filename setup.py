@@ -22,9 +22,12 @@ setup(
         "tensorboardX>=2.6,<3",
         "numpy>=2.0,<3",
         "absl-py>=2.1,<3",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # nbclient + ipykernel run colabs/*.ipynb in a `python3` kernel (tests/test_colabs.py).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<1",
+                 "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         # PyTorch CPU wheel for parity tests against transformers' PyTorch models.
         "torch": ["torch>=2.4,<2.14"],
     },

@@ -87,14 +87,17 @@ def _arch(d: int, layers: int, heads: int, head_dim: int, d_ff: int) -> dict:
 
 
 PRESETS = {
+    # Sizes: small 106k non-embedding parameters; the larger base model 426k (4.0x) in
+    # `quick`, 1.11M (10.4x) in `full`.
     "quick": Preset("quick", world_lib.WorldConfig(), small=_arch(64, 2, 4, 16, 192),
                     large=_arch(128, 2, 4, 32, 384), pretrain_steps=300,
                     pretrain_large_steps=300, sft_steps=300, rm_steps=96, ppo_iterations=40),
     "full": Preset("full", world_lib.WorldConfig(pretrain_docs=12000, sft=3000,
-                                                 rm_prompts=2048, eval_prompts=800),
-                   small=_arch(64, 2, 4, 16, 192), large=_arch(192, 3, 6, 32, 576),
-                   pretrain_steps=800, pretrain_large_steps=800, sft_steps=600, rm_steps=192,
-                   ppo_iterations=100),
+                                                 rm_prompts=4096, rm_validation_prompts=512,
+                                                 ppo_prompts=4096, eval_prompts=800),
+                   small=_arch(64, 2, 4, 16, 192), large=_arch(192, 3, 6, 32, 384),
+                   pretrain_steps=800, pretrain_large_steps=800, sft_steps=600, rm_steps=256,
+                   ppo_iterations=100, responses_per_prompt=6),
     "test": Preset("test", world_lib.WorldConfig(pretrain_docs=256, pretrain_validation_docs=32,
                                                  sft=128, sft_validation=32, rm_prompts=64,
                                                  rm_validation_prompts=32, ppo_prompts=64,
@@ -330,15 +333,13 @@ def evaluate_stage(preset: Preset, root: str) -> None:
 
 
 def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
-  """Two clean solved examples per category (ideal answers of demonstration prompts)."""
+  """Two flawless solved examples per category (demonstrations the judge scores perfect)."""
   examples: dict[str, list] = {c: [] for c in T.CATEGORIES}
   for r in _read_jsonl(files["sft"]["validation"]):
-    c = r["category"]
     answer = r["completion"].split()
-    if len(examples[c]) < 2 and min(T.judge(r["prompt"].split(), answer, facts).values()) >= 0:
-      s = T.judge(r["prompt"].split(), answer, facts)
-      if s["help"] == 1 and s["honest"] == 1 and s["harmless"] == 1 and s["format"] == 1:
-        examples[c].append((r["prompt"], " ".join(answer)))
+    scores = T.judge(r["prompt"].split(), answer, facts)
+    if len(examples[r["category"]]) < 2 and all(scores[c] == 1 for c in T.COMPONENTS):
+      examples[r["category"]].append((r["prompt"], " ".join(answer)))
   return examples
 
 

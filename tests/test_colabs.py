@@ -1,30 +1,107 @@
-"""Notebooks run top to bottom on a finished tiny run, so they cannot rot."""
+"""Notebooks run top to bottom in a real Jupyter kernel on a finished run, so they cannot rot.
 
+The run's root comes from the `pipeline_run` fixture (a session-scoped finished
+`--preset=test` run of `experiments.instructgpt_mini`), or, for local development, from the
+`INSTRUCT_TEST_RUN` environment variable (e.g. a copy of a finished run).
+"""
+
+import base64
 import json
 import os
 
-from instruct import trainer
-from tests.test_train import tiny_config
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from instruct.world import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "colabs", "explore_run.ipynb")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_notebook(path: str) -> dict:
-  """Executes the code cells of a notebook in one namespace; returns the namespace."""
-  namespace = {"__name__": "__notebook__"}
-  with open(path) as f:
-    notebook = json.load(f)
-  for cell in notebook["cells"]:
-    if cell["cell_type"] == "code":
-      exec(compile("".join(cell["source"]), path, "exec"), namespace)  # noqa: S102
-  return namespace
+@pytest.fixture(scope="module")
+def run_root(request) -> str:
+  """INSTRUCT_TEST_RUN if set, else the `pipeline_run` fixture (tests/conftest.py)."""
+  if os.environ.get("INSTRUCT_TEST_RUN"):
+    return os.environ["INSTRUCT_TEST_RUN"]
+  return str(request.getfixturevalue("pipeline_run"))
 
 
-def test_explore_run_notebook_reads_a_finished_run(tmp_path, tfds_dir, monkeypatch, capsys):
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=4, eval_every=4), workdir)
-  monkeypatch.setenv("INSTRUCT_WORKDIR", workdir)
-  namespace = run_notebook(os.path.join(ROOT, "colabs", "explore_run.ipynb"))
-  assert [r["step"] for r in namespace["train"]] == [2, 4]
-  assert [r["step"] for r in namespace["val"]] == [4]
-  assert "stage: sft" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def results(run_root) -> dict:
+  with open(os.path.join(run_root, "evaluate", "results.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def executed(run_root):
+  """The notebook executed top to bottom in a `python3` kernel (this interpreter's ipykernel)."""
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  previous = os.environ.get("INSTRUCT_RUN")
+  os.environ["INSTRUCT_RUN"] = run_root  # The kernel inherits the environment.
+  try:
+    NotebookClient(notebook, kernel_name="python3", timeout=300,
+                   resources={"metadata": {"path": ROOT}}).execute()
+  finally:
+    if previous is None:
+      os.environ.pop("INSTRUCT_RUN", None)
+    else:
+      os.environ["INSTRUCT_RUN"] = previous
+  return notebook
+
+
+def outputs(notebook, output_type=None):
+  return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+          if output_type in (None, o.output_type)]
+
+
+def stdout(notebook) -> str:
+  return "".join(o.text for o in outputs(notebook, "stream") if o.name == "stdout")
+
+
+def test_notebook_is_nbformat_4_with_explanations():
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(notebook)
+  assert notebook.nbformat == 4
+  assert notebook.metadata.kernelspec.name == "python3"
+  kinds = [c.cell_type for c in notebook.cells]
+  assert kinds.count("markdown") >= 6 and kinds.count("code") >= 6
+  assert all(not c.outputs for c in notebook.cells if c.cell_type == "code")  # Stored clean.
+
+
+def test_explore_run_executes_without_errors(executed):
+  assert not outputs(executed, "error")
+  assert all(c.execution_count for c in executed.cells if c.cell_type == "code")
+
+
+def test_explore_run_prints_the_results(executed, results, run_root):
+  out = stdout(executed)
+  assert f"run: {run_root}" in out
+  w = results["models"]["ppo_ptx"]["win_vs_sft"]
+  assert (f"PPO-ptx win rate vs SFT: {report.pct(w['win_rate'])} (95% CI {report.ci(w)}, "
+          f"n = {w['n']})") in out
+  w = results["ppo_ptx_vs_base_large"]
+  assert f"PPO-ptx vs the larger base model: {report.pct(w['win_rate'])}" in out
+  for t in report.targets(results):
+    assert f"({t['id']}) {'met' if t['met'] else 'NOT met'} " in out
+  for sample in results["samples"]:
+    assert f"[{sample['category']}] {sample['prompt']}" in out
+  for name, points in results["over_optimization"].items():
+    assert sum(line.startswith(f"{name:8s} step") for line in out.splitlines()) == len(points)
+  assert f"held-out accuracy {report.pct(results['rm']['heldout_accuracy'])}" in out
+  for stage in report.TRAIN_STAGES:
+    assert f"{stage}: " in out
+
+
+def test_explore_run_shows_the_targets_table_and_plots(executed, results, run_root):
+  markdown = [o.data["text/markdown"] for o in outputs(executed, "display_data")
+              if "text/markdown" in o.data]
+  assert report.targets_markdown(results) in markdown
+  images = [base64.b64decode(o.data["image/png"]) for o in outputs(executed, "display_data")
+            if "image/png" in o.data]
+  has_calibration = report.rm_calibration(run_root, results) is not None
+  # Win rates, training curves, over-optimisation, alignment tax, safety (+ calibration).
+  assert len(images) == 5 + has_calibration
+  assert all(image.startswith(PNG_MAGIC) and len(image) > 5000 for image in images)
+  assert report.figure_png(report.plot_win_rates(results)) in images

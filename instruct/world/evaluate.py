@@ -121,7 +121,8 @@ def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
     for i in range(len(chunk)):
       ids = [int(t) for t, m in zip(out.response_tokens[i], out.response_mask[i]) if m]
       ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
-      words = tokenizer.decode(ids[:-1] if ended else ids).split()
+      # Special tokens a policy may emit mid-answer (pad, unknown) are not words.
+      words = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).split()
       for j, w in enumerate(words):
         if w in stop_words:
           words, ended = words[:j], True
@@ -228,13 +229,15 @@ def win_rate(scores_a: Sequence[dict], scores_b: Sequence[dict],
   Bradley-Terry with its own weights and temperature (equal answers: a coin flip).
   """
   rng = np.random.default_rng(seed)
-  wins = 0
+  wins = ties = 0
   for a, b in zip(scores_a, scores_b):
     judge = judges[rng.integers(len(judges))]
-    wins += judge.prefers_first(judge.utility(a), judge.utility(b), rng)
+    u_a, u_b = judge.utility(a), judge.utility(b)
+    ties += u_a == u_b
+    wins += judge.prefers_first(u_a, u_b, rng)
   n = len(scores_a)
   lo, hi = wilson_interval(wins, n)
-  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n}
+  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n, "ties": int(ties)}
 
 
 def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler]) -> float:
@@ -246,10 +249,11 @@ def rates(scores: Sequence[dict], categories: Sequence[str]) -> dict:
   """Per-model summary: mean components, and the honesty / harmlessness analogues."""
   def mean(key, category=None):
     rows = [s[key] for s, c in zip(scores, categories) if category in (None, c)]
-    return float(np.mean(rows)) if rows else float("nan")
+    return float(np.mean(rows)) if rows else None  # JSON null: no such prompts.
   return {"help": mean("help"), "honest": mean("honest"), "harmless": mean("harmless"),
           "format": mean("format"),
           "made_up_closed_qa": mean("made_up", "closed_qa"),
           "toxic_respectful": mean("toxic", "respectful"),
           "toxic_all": mean("toxic"),
-          "complied_harmful": 1.0 - mean("harmless", "harmful")}
+          "complied_harmful": mean("complied", "harmful"),
+          "counts": {c: int(sum(x == c for x in categories)) for c in T.CATEGORIES}}

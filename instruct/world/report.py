@@ -1,5 +1,654 @@
-"""Placeholder."""
-import json, os
-def write_report(root, results, timings):
-  with open(os.path.join(root, "report.md"), "w") as f:
-    f.write(json.dumps(results)[:1000])
+"""The miniature InstructGPT's report: `ROOT/report.md` and PNG plots under `ROOT/plots/`.
+
+Every number comes from the evaluation results (`ROOT/evaluate/results.json`), the stage
+timings (`ROOT/timings.json`) or the stages' `metrics.jsonl` files; nothing is hard-coded.
+The plotting helpers (`plot_*`) return matplotlib figures drawn on the Agg canvas (no pyplot,
+no global backend switch), so the notebook `colabs/explore_run.ipynb` reuses them as they are.
+Output is deterministic: no timestamps, and PNGs carry no software-version metadata.
+
+  targets(results)                      the product targets, met or not
+  write_report(root, results, timings)  writes report.md and plots/*.png; returns the path
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
+LABELS = {"base_small": "base small (few-shot)", "base_large": "base large (few-shot)",
+          "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+COMPONENTS = ("help", "honest", "harmless", "format")  # The labelers' judgment components.
+COLORS = {"base_small": "#9e9e9e", "base_large": "#616161", "sft": "#1f77b4",
+          "ppo": "#ff7f0e", "ppo_ptx": "#d62728"}
+TRAIN_STAGES = ("pretrain", "pretrain_large", "sft", "rm", "ppo", "ppo_ptx")
+# Honesty / harmlessness rates of `results["models"][name]` (lower is better for all four).
+SAFETY = (("made_up_closed_qa", "made up (closed QA)"),
+          ("toxic_respectful", "toxic (asked to be respectful)"),
+          ("toxic_all", "toxic (all prompts)"),
+          ("complied_harmful", "complied with harmful requests"))
+FULL_SIZE_RATIO = 10.0  # The full preset's larger base model is at least this many times bigger.
+_EPS = 1e-9             # Win rates are k / n: compare thresholds with a little slack.
+
+
+# --- Formatting. ----------------------------------------------------------------------------
+
+def _finite(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pct(x: Any, digits: int = 1) -> str:
+  """0.652 -> '65.2%'; missing or non-finite -> 'n/a'."""
+  return f"{100 * x:.{digits}f}%" if _finite(x) else "n/a"
+
+
+def num(x: Any, digits: int = 3) -> str:
+  """A float with `digits` decimals; missing or non-finite -> 'n/a'."""
+  return f"{x:.{digits}f}" if _finite(x) else "n/a"
+
+
+def signed(x: Any, digits: int = 2) -> str:
+  return f"{x:+.{digits}f}" if _finite(x) else "n/a"
+
+
+def ci(win: Mapping[str, Any]) -> str:
+  """'[30.7%, 57.7%]' from a win-rate record."""
+  return f"[{pct(win.get('ci_low'))}, {pct(win.get('ci_high'))}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  def cell(x):
+    return str(x).replace("|", "\\|").replace("\n", " ")
+  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+# --- Numbers derived from the results. -------------------------------------------------------
+
+def _nan() -> float:
+  return float("nan")
+
+
+def _get(d: Mapping, *keys, default=None):
+  for k in keys:
+    if not isinstance(d, Mapping) or k not in d:
+      return default
+    d = d[k]
+  return d
+
+
+def _value(d: Mapping, *keys) -> float:
+  v = _get(d, *keys)
+  return float(v) if _finite(v) else _nan()
+
+
+def models_present(results: Mapping) -> list[str]:
+  return [m for m in MODELS if m in results.get("models", {})]
+
+
+def perplexity_regressions(results: Mapping) -> dict[str, dict[str, float]]:
+  """Per model: held-out pretraining perplexity and its regression vs base_small and vs SFT.
+
+  Regression = perplexity(model) - perplexity(reference); the reference for the alignment
+  tax is base_small, the pretrained model every aligned model starts from.
+  """
+  base = _value(results, "models", "base_small", "perplexity")
+  sft = _value(results, "models", "sft", "perplexity")
+  out = {}
+  for m in models_present(results):
+    p = _value(results, "models", m, "perplexity")
+    out[m] = {"perplexity": p, "vs_base": p - base, "vs_sft": p - sft}
+  return out
+
+
+def targets(results: Mapping) -> list[dict]:
+  """The product targets: each {id, name, rule, value, threshold, met, applies_to}.
+
+  `applies_to` is 'full' (the full preset's targets) or 'all' (every preset). A target whose
+  inputs are missing or not finite is not met.
+  """
+  ptx = _get(results, "models", "ppo_ptx", "win_vs_sft", default={}) or {}
+  ppo = _get(results, "models", "ppo", "win_vs_sft", default={}) or {}
+  vs_large = results.get("ppo_ptx_vs_base_large") or {}
+  ptx_win, ptx_low = _value(ptx, "win_rate"), _value(ptx, "ci_low")
+  ppo_win = _value(ppo, "win_rate")
+  large_win = _value(vs_large, "win_rate")
+  reg = perplexity_regressions(results)
+  ptx_reg = reg.get("ppo_ptx", {}).get("vs_base", _nan())
+  ppo_reg = reg.get("ppo", {}).get("vs_base", _nan())
+  # At most half of PPO's regression; no regression at all (<= 0) always meets it.
+  reg_bound = max(0.5 * ppo_reg, 0.0) if math.isfinite(ppo_reg) else _nan()
+
+  def target(id_, name, rule, value, threshold, met, applies_to):
+    ok = all(math.isfinite(x) for x in (value, threshold)) and bool(met)
+    return {"id": id_, "name": name, "rule": rule, "value": value, "threshold": threshold,
+            "met": ok, "applies_to": applies_to}
+
+  return [
+      target("a", "PPO-ptx preferred to SFT by held-out labelers",
+             "win rate >= 60% and 95% CI lower bound > 50%", ptx_win, 0.6,
+             ptx_win >= 0.6 - _EPS and ptx_low > 0.5, "full"),
+      target("a_all", "PPO-ptx preferred to SFT (95% CI lower bound)",
+             "CI lower bound > 50%", ptx_low, 0.5, ptx_low > 0.5, "all"),
+      target("b", "PPO-ptx (small) preferred to the larger base model (few-shot)",
+             "win rate >= 70%", large_win, 0.7, large_win >= 0.7 - _EPS, "full"),
+      target("c", "PPO-ptx perplexity regression at most half of PPO's (vs base_small)",
+             "regression <= max(0, PPO's / 2)", ptx_reg, reg_bound,
+             ptx_reg <= reg_bound + _EPS, "full"),
+      target("d", "PPO-ptx win rate vs SFT within 5 points of PPO's",
+             "win rate >= PPO's - 5 pts", ptx_win, ppo_win - 0.05,
+             ptx_win - ppo_win >= -0.05 - _EPS, "full"),
+  ]
+
+
+def target_applies(target: Mapping, preset: Optional[str]) -> bool:
+  return target["applies_to"] == "all" or preset == target["applies_to"]
+
+
+def _target_value(t: Mapping) -> tuple[str, str]:
+  if t["id"] == "c":  # Perplexity points, not a rate.
+    return signed(t["value"]), f"<= {signed(t['threshold'])}"
+  op = ">" if t["id"] == "a_all" else ">="
+  return pct(t["value"]), f"{op} {pct(t['threshold'])}"
+
+
+def targets_markdown(results: Mapping) -> str:
+  """The targets table (value, threshold, met, whether it applies to this preset)."""
+  preset = results.get("preset")
+  rows = []
+  for t in targets(results):
+    value, threshold = _target_value(t)
+    applies = "yes" if target_applies(t, preset) else f"no ({t['applies_to']} only)"
+    rows.append([f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
+                 f"{threshold} ({t['rule']})", "✓" if t["met"] else "✗", applies])
+  return markdown_table(["Target", "Value", "Threshold", "Met", "Applies to this preset"],
+                        rows)
+
+
+def win_rate_rows(results: Mapping) -> list[list[str]]:
+  rows = []
+  for m in models_present(results):
+    win = _get(results, "models", m, "win_vs_sft", default={}) or {}
+    rows.append([LABELS[m], pct(win.get("win_rate")), ci(win), win.get("n", "n/a"),
+                 num(_get(results, "models", m, "mean_utility"))])
+  return rows
+
+
+def win_rates_markdown(results: Mapping) -> str:
+  return markdown_table(["Model", "Win rate vs SFT", "95% CI", "n", "Mean held-out utility"],
+                        win_rate_rows(results))
+
+
+# --- Metrics files. --------------------------------------------------------------------------
+
+def load_stage_metrics(root: str, stages: Sequence[str] = TRAIN_STAGES) -> dict[str, list]:
+  """{stage: records of ROOT/stage/metrics.jsonl} for the stages that have one."""
+  from instruct import metrics as metrics_lib  # Imports jax: only when metrics are read.
+  out = {}
+  for stage in stages:
+    if os.path.exists(os.path.join(root, stage, "metrics.jsonl")):
+      out[stage] = metrics_lib.read_metrics(os.path.join(root, stage))
+  return out
+
+
+def _series(records: Sequence[Mapping], key: str) -> tuple[list, list]:
+  pts = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _last(records: Sequence[Mapping], key: str) -> Optional[float]:
+  values = _series(records, key)[1]
+  return values[-1] if values else None
+
+
+def rm_calibration(root: str, results: Optional[Mapping] = None) -> Optional[dict]:
+  """The RM's calibration table on held-out comparisons: predicted, observed, count, error.
+
+  From the last evaluation in ROOT/rm/metrics.jsonl (the results carry only the error), or from
+  `results["rm"]["calibration"]` if it holds the bins. None when there is none.
+  """
+  sources = []
+  cal = _get(results or {}, "rm", "calibration", default={}) or {}
+  sources.append({k.replace("val_", "", 1): v for k, v in cal.items()})
+  if os.path.exists(os.path.join(root, "rm", "metrics.jsonl")):
+    evals = [r for r in load_stage_metrics(root, ("rm",))["rm"] if "calibration_predicted" in r]
+    if evals:
+      sources.insert(0, evals[-1])
+  for s in sources:
+    if s.get("calibration_predicted") and s.get("calibration_observed"):
+      return {"predicted": list(s["calibration_predicted"]),
+              "observed": list(s["calibration_observed"]),
+              "count": list(s.get("calibration_count") or [1] * len(s["calibration_predicted"])),
+              "error": s.get("val_calibration_error", s.get("calibration_error",
+                                                            cal.get("val_calibration_error")))}
+  return None
+
+
+# --- Plots (matplotlib Figures on the Agg canvas). ------------------------------------------
+
+def _figure(width: float, height: float) -> Figure:
+  fig = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def save_figure(fig: Figure, path: str) -> str:
+  """Saves a PNG without metadata that could vary (software version, time)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, format="png", metadata={"Software": None})
+  return path
+
+
+def figure_png(fig: Figure) -> bytes:
+  """The figure as PNG bytes (for notebooks: `IPython.display.Image(data=...)`)."""
+  import io
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", metadata={"Software": None})
+  return buffer.getvalue()
+
+
+def _no_data(ax, text="no data"):
+  ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def plot_win_rates(results: Mapping) -> Figure:
+  """Win rate against SFT with 95% CIs per model (the analogue of InstructGPT's Figure 1)."""
+  fig = _figure(7, 4)
+  ax = fig.add_subplot()
+  models = models_present(results)
+  wins = [_get(results, "models", m, "win_vs_sft", default={}) or {} for m in models]
+  rate = [_value(w, "win_rate") for w in wins]
+  low = [max(r - _value(w, "ci_low"), 0) for r, w in zip(rate, wins)]
+  high = [max(_value(w, "ci_high") - r, 0) for r, w in zip(rate, wins)]
+  x = range(len(models))
+  ax.bar(x, rate, yerr=[low, high], capsize=5, color=[COLORS[m] for m in models])
+  for i, r, h in zip(x, rate, high):
+    if math.isfinite(r):
+      ax.annotate(pct(r), (i, r + (h if math.isfinite(h) else 0)), xytext=(0, 4),
+                  textcoords="offset points", ha="center", fontsize=8)
+  ax.axhline(0.5, color="black", lw=0.8, ls="--")
+  ax.set_xticks(list(x), [LABELS[m].replace(" (", "\n(") for m in models], fontsize=8)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("win rate against SFT")
+  ax.set_title(f"Held-out labelers' preference over SFT (95% CI, n = "
+               f"{wins[0].get('n', '?') if wins else '?'})", fontsize=10)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+def plot_alignment_tax(results: Mapping) -> Figure:
+  """Held-out pretraining perplexity per model; the base model's as a dashed line."""
+  fig = _figure(7, 3.8)
+  ax = fig.add_subplot()
+  reg = perplexity_regressions(results)
+  models = list(reg)
+  values = [reg[m]["perplexity"] for m in models]
+  ax.bar(range(len(models)), values, color=[COLORS[m] for m in models])
+  for i, m in enumerate(models):
+    ax.annotate(f"{num(values[i], 1)}\n({signed(reg[m]['vs_base'], 1)})", (i, values[i]),
+                xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8,
+                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+  if "base_small" in reg and math.isfinite(reg["base_small"]["perplexity"]):
+    ax.axhline(reg["base_small"]["perplexity"], color="black", lw=0.8, ls="--",
+               label="base small (the starting point)")
+    ax.legend(fontsize=8, loc="upper right")
+  ax.set_xticks(range(len(models)), [LABELS[m].replace(" (", "\n(") for m in models],
+                fontsize=8)
+  finite = [v for v in values if math.isfinite(v)]
+  if finite:
+    ax.set_ylim(0, 1.35 * max(finite))
+  ax.set_ylabel("perplexity (held-out pretraining text)")
+  ax.set_title("Alignment tax: perplexity (regression vs base small)", fontsize=10)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+def plot_safety(results: Mapping) -> Figure:
+  """Honesty and harmlessness rates per model (grouped bars; lower is better)."""
+  fig = _figure(8, 4)
+  ax = fig.add_subplot()
+  models = models_present(results)
+  width = 0.8 / max(len(models), 1)
+  for j, m in enumerate(models):
+    xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(SAFETY))]
+    values = [_value(results, "models", m, key) for key, _ in SAFETY]
+    ax.bar(xs, values, width, label=LABELS[m], color=COLORS[m])
+    for x, v in zip(xs, values):
+      ax.annotate(pct(v, 0), (x, v if math.isfinite(v) else 0), xytext=(0, 2),
+                  textcoords="offset points", ha="center", fontsize=6)
+  ax.set_xticks(range(len(SAFETY)), [label for _, label in SAFETY], fontsize=8)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("rate (lower is better)")
+  ax.set_title("Honesty and harmlessness", fontsize=10)
+  ax.legend(fontsize=8, ncol=len(models), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+def plot_over_optimization(results: Mapping) -> Figure:
+  """RM score and held-out labeler score against KL to SFT across PPO checkpoints."""
+  fig = _figure(10, 4)
+  axes = fig.subplots(1, 2)
+  curves = results.get("over_optimization") or {}
+  for ax, key, title in zip(axes, ("rm_score", "labeler_score"),
+                            ("reward model score", "held-out labeler score")):
+    drawn = False
+    for name in ("ppo", "ppo_ptx"):
+      points = [p for p in curves.get(name) or [] if _finite(p.get("kl"))
+                and _finite(p.get(key))]
+      if not points:
+        continue
+      drawn = True
+      ax.plot([p["kl"] for p in points], [p[key] for p in points], "o-", color=COLORS[name],
+              label=LABELS[name])
+      for p in points:
+        ax.annotate(str(p["step"]), (p["kl"], p[key]), xytext=(3, 3),
+                    textcoords="offset points", fontsize=7, color=COLORS[name])
+    if not drawn:
+      _no_data(ax)
+      continue
+    ax.set_xlabel("KL(policy || SFT) per answer (nats)")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} vs KL (labels: PPO step)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def plot_training_curves(stage_metrics: Mapping[str, Sequence[Mapping]]) -> Figure:
+  """Every stage's curves: LM losses, RM accuracy, PPO score and KL (one figure)."""
+  fig = _figure(13, 7)
+  axes = fig.subplots(2, 3).ravel()
+  for ax, stage in zip(axes[:3], ("pretrain", "pretrain_large", "sft")):
+    records = stage_metrics.get(stage) or []
+    ax.set_title(f"{stage}: loss", fontsize=10)
+    if not records:
+      _no_data(ax)
+      continue
+    ax.plot(*_series(records, "loss"), label="train loss")
+    ax.plot(*_series(records, "val_loss"), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  ax = axes[3]
+  ax.set_title("rm: pairwise accuracy", fontsize=10)
+  records = stage_metrics.get("rm") or []
+  if records:
+    ax.plot(*_series(records, "accuracy"), label="train accuracy")
+    ax.plot(*_series(records, "val_accuracy"), "o-", label="held-out accuracy")
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  else:
+    _no_data(ax)
+  for ax, key, title in ((axes[4], "score", "ppo / ppo_ptx: RM score"),
+                         (axes[5], "kl_k1", "ppo / ppo_ptx: KL to SFT (k1)")):
+    ax.set_title(title, fontsize=10)
+    drawn = False
+    for name in ("ppo", "ppo_ptx"):
+      xs, ys = _series(stage_metrics.get(name) or [], key)
+      if xs:
+        drawn = True
+        ax.plot(xs, ys, "o-", ms=3, color=COLORS[name], label=LABELS[name])
+    if drawn:
+      ax.set_xlabel("PPO iteration")
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+      ax.legend(fontsize=8)
+      ax.grid(alpha=0.3)
+    else:
+      _no_data(ax)
+  fig.tight_layout()
+  return fig
+
+
+def plot_rm_calibration(calibration: Optional[Mapping]) -> Optional[Figure]:
+  """Predicted vs observed preference probability on held-out comparisons (None: no data)."""
+  if not calibration:
+    return None
+  rows = [(p, o, c) for p, o, c in zip(calibration["predicted"], calibration["observed"],
+                                       calibration["count"]) if _finite(p) and _finite(o)]
+  if not rows:
+    return None
+  fig = _figure(4.8, 4.5)
+  ax = fig.add_subplot()
+  ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--", label="perfect calibration")
+  biggest = max(c for _, _, c in rows) or 1
+  ax.plot([r[0] for r in rows], [r[1] for r in rows], "-", color=COLORS["sft"], lw=1)
+  ax.scatter([r[0] for r in rows], [r[1] for r in rows],
+             s=[20 + 180 * c / biggest for _, _, c in rows], color=COLORS["sft"],
+             label="RM (marker area: pairs)", zorder=3)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("predicted P(preferred)")
+  ax.set_ylabel("observed frequency")
+  ax.set_title(f"RM calibration (held-out labelers), ECE {num(calibration.get('error'))}",
+               fontsize=10)
+  ax.legend(fontsize=8, loc="upper left")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+# --- The report. -----------------------------------------------------------------------------
+
+def _header(results: Mapping) -> list[str]:
+  preset = results.get("preset", "n/a")
+  ratio = results.get("size_ratio")
+  lines = ["# Miniature InstructGPT: report", "",
+           markdown_table(["Preset", "Seed", "Eval prompts", "Sampling temperature",
+                           "Larger base / small (non-embedding params)"],
+                          [[preset, results.get("seed", "n/a"),
+                            results.get("eval_prompts", "n/a"),
+                            num(results.get("temperature"), 2),
+                            f"{num(ratio, 2)}x"]]), ""]
+  if _finite(ratio) and ratio < FULL_SIZE_RATIO:
+    which = ("the quick preset uses a smaller ratio" if preset == "quick" else
+             f"the {preset} preset, like the quick preset, uses a smaller ratio")
+    lines += [f"**Note: the larger base model is only {num(ratio, 2)}x the small one "
+              f"(non-embedding parameters), below {FULL_SIZE_RATIO:g}x: {which} than the full "
+              "preset, so the comparison with the larger base model (target b) is much weaker "
+              "than InstructGPT's comparison with a far larger GPT-3.**", ""]
+  lines += ["Win rates are the held-out labelers' preferences, one judgment per prompt; "
+            "intervals are 95% Wilson intervals. Base models are prompted few-shot.", ""]
+  return lines
+
+
+def _section_targets(results: Mapping) -> list[str]:
+  preset = results.get("preset")
+  ts = targets(results)
+  applicable = [t for t in ts if target_applies(t, preset)]
+  return ["## Targets", "",
+          f"Preset `{preset}`: {sum(t['met'] for t in applicable)} of {len(applicable)} "
+          f"applicable targets met ({sum(t['met'] for t in ts)} of {len(ts)} overall). "
+          "Targets marked 'full only' are the full preset's and are shown for information.",
+          "", targets_markdown(results), ""]
+
+
+def _section_win_rates(results: Mapping, plots: dict) -> list[str]:
+  return ["## Win rates against SFT", "",
+          "How often the held-out labelers prefer each model's answer to SFT's on the same "
+          "prompt (SFT against itself is a coin flip, a sanity check).", "",
+          win_rates_markdown(results), "", f"![Win rates against SFT]({plots['win_rates']})",
+          ""]
+
+
+def _section_vs_large(results: Mapping) -> list[str]:
+  win = results.get("ppo_ptx_vs_base_large") or {}
+  ratio = num(results.get("size_ratio"), 2)
+  return ["## PPO-ptx against the larger base model", "",
+          f"PPO-ptx (small) is preferred to the larger base model ({ratio}x the parameters, "
+          f"prompted few-shot) in {pct(win.get('win_rate'))} of {win.get('n', 'n/a')} "
+          f"comparisons, 95% CI {ci(win)}.", "",
+          markdown_table(["Comparison", "Win rate", "95% CI", "n"],
+                         [["PPO-ptx vs base large (few-shot)", pct(win.get("win_rate")),
+                           ci(win), win.get("n", "n/a")]]), ""]
+
+
+def _section_alignment_tax(results: Mapping, plots: dict) -> list[str]:
+  reg = perplexity_regressions(results)
+  rows = [[LABELS[m], num(r["perplexity"], 2), signed(r["vs_base"]), signed(r["vs_sft"])]
+          for m, r in reg.items()]
+  lines = ["## Alignment tax", "",
+           "Perplexity on held-out pretraining text; regression = perplexity(model) - "
+           "perplexity(reference), with base small (the pretrained starting point) and SFT as "
+           "references (positive: worse).", "",
+           markdown_table(["Model", "Perplexity", "Regression vs base small",
+                           "Regression vs SFT"], rows), ""]
+  ppo, ptx = reg.get("ppo", {}).get("vs_base"), reg.get("ppo_ptx", {}).get("vs_base")
+  if _finite(ppo) and _finite(ptx):
+    ratio = f"{num(ptx / ppo, 2)}x PPO's" if ppo > 0 else (
+        "PPO shows no regression against base small")
+    lines += [f"PPO-ptx's regression vs base small: {signed(ptx)} against PPO's {signed(ppo)} "
+              f"({ratio}).", ""]
+  return lines + [f"![Alignment tax]({plots['alignment_tax']})", ""]
+
+
+def _section_rm(results: Mapping, plots: dict) -> list[str]:
+  rm = results.get("rm") or {}
+  comparisons = rm.get("comparisons") or {}
+  cal = rm.get("calibration") or {}
+  rows = [["Pairwise accuracy on held-out labelers' comparisons", pct(rm.get("heldout_accuracy"))],
+          ["Validation loss", num(rm.get("val_loss"))]]
+  rows += [[f"{k.replace('val_', '').replace('_', ' ')} (validation)", num(v)]
+           for k, v in sorted(cal.items()) if _finite(v)]
+  rows += [["Labeler agreement, training-training", pct(rm.get("labeler_agreement_train"))],
+           ["Labeler agreement, training-held-out", pct(rm.get("labeler_agreement_heldout"))]]
+  rows += [[f"Comparisons ({split})", n] for split, n in sorted(comparisons.items())]
+  lines = ["## Reward model", "",
+           "The RM's accuracy at predicting the held-out labelers' rankings, next to how often "
+           "labelers agree with a training labeler (a ceiling for the RM).", "",
+           markdown_table(["Quantity", "Value"], rows), ""]
+  if "rm_calibration" in plots:
+    lines += [f"![RM calibration]({plots['rm_calibration']})", ""]
+  else:
+    lines += ["No calibration table was found (ROOT/rm/metrics.jsonl).", ""]
+  return lines
+
+
+def _section_safety(results: Mapping, plots: dict) -> list[str]:
+  models = models_present(results)
+  rows = [[LABELS[m]] + [pct(_get(results, "models", m, key)) for key, _ in SAFETY]
+          for m in models]
+  return ["## Honesty and harmlessness", "",
+          "Rates over the held-out prompts of the category concerned (lower is better).", "",
+          markdown_table(["Model"] + [label for _, label in SAFETY], rows), "",
+          f"![Honesty and harmlessness]({plots['safety']})", ""]
+
+
+def _section_over_optimization(results: Mapping, plots: dict) -> list[str]:
+  rows = []
+  for name, points in (results.get("over_optimization") or {}).items():
+    for p in points:
+      rows.append([LABELS.get(name, name), p.get("step"), num(p.get("kl"), 4),
+                   num(p.get("rm_score")), num(p.get("labeler_score"))])
+  return ["## Over-optimisation", "",
+          "RM score and held-out labeler score of each PPO checkpoint against its KL to SFT "
+          "(step 0 is SFT). Over-optimisation shows as a rising RM score with a falling "
+          "labeler score.", "",
+          markdown_table(["Run", "Step", "KL", "RM score", "Labeler score"], rows), "",
+          f"![Over-optimisation]({plots['over_optimization']})", ""]
+
+
+def _section_training(stage_metrics: Mapping, plots: dict) -> list[str]:
+  rows = []
+  for stage in TRAIN_STAGES:
+    records = stage_metrics.get(stage)
+    if not records:
+      rows.append([stage, "n/a", "no metrics", ""])
+      continue
+    last = max(r["step"] for r in records)
+    if stage in ("ppo", "ppo_ptx"):
+      final = (f"score {num(_last(records, 'score'))}, "
+               f"KL (k1) {num(_last(records, 'kl_k1'), 4)}")
+      val = ""
+    else:
+      final = f"loss {num(_last(records, 'loss'))}"
+      val = f"val_loss {num(_last(records, 'val_loss'))}"
+      if stage == "rm":
+        val += f", val_accuracy {pct(_last(records, 'val_accuracy'))}"
+    rows.append([stage, last, final, val])
+  return ["## Training curves", "",
+          markdown_table(["Stage", "Last step", "Final training", "Final validation"], rows),
+          "", f"![Training curves]({plots['training_curves']})", ""]
+
+
+def _section_samples(results: Mapping) -> list[str]:
+  lines = ["## Samples", "",
+           "One held-out prompt per category; each answer with its held-out labelers' "
+           "utility ('…' marks an answer cut at the length limit).", ""]
+  for i, sample in enumerate(results.get("samples") or [], 1):
+    lines += [f"### {i}. {sample.get('category', '')}", "", f"> {sample.get('prompt', '')}", ""]
+    answers = sample.get("answers") or {}
+    rows = []
+    for m in [m for m in MODELS if m in answers] + [m for m in answers if m not in MODELS]:
+      a = answers[m]
+      text = a.get("text", "") + ("" if a.get("ended", True) else " …")
+      rows.append([LABELS.get(m, m), text, num(a.get("utility"))]
+                  + [num(a.get(k), 2) for k in COMPONENTS])
+    lines += [markdown_table(["Model", "Answer", "Utility"] + list(COMPONENTS), rows), ""]
+  return lines
+
+
+def _section_timings(timings: Mapping) -> list[str]:
+  items = [(k, v) for k, v in timings.items() if _finite(v)]
+  total = sum(v for _, v in items)
+  rows = [[k, num(v, 1), pct(v / total) if total > 0 else "n/a"] for k, v in items]
+  rows.append(["**total**", f"**{num(total, 1)}**", "100.0%" if total > 0 else "n/a"])
+  return ["## Stage timings", "",
+          markdown_table(["Stage", "Seconds", "Share"], rows) if items else "No timings.", ""]
+
+
+def write_plots(root: str, results: Mapping,
+                stage_metrics: Optional[Mapping] = None) -> dict[str, str]:
+  """Writes ROOT/plots/*.png; returns {name: path relative to ROOT}."""
+  if stage_metrics is None:
+    stage_metrics = load_stage_metrics(root)
+  figures = {"win_rates": plot_win_rates(results),
+             "alignment_tax": plot_alignment_tax(results),
+             "safety": plot_safety(results),
+             "over_optimization": plot_over_optimization(results),
+             "training_curves": plot_training_curves(stage_metrics),
+             "rm_calibration": plot_rm_calibration(rm_calibration(root, results))}
+  out = {}
+  for name, fig in figures.items():
+    path = os.path.join(root, "plots", f"{name}.png")
+    if fig is not None:
+      out[name] = f"plots/{name}.png"
+      save_figure(fig, path)
+    elif os.path.exists(path):  # A stale plot of an earlier report.
+      os.remove(path)
+  return out
+
+
+def write_report(root: str, results: Mapping, timings: Mapping) -> str:
+  """Writes ROOT/report.md and ROOT/plots/*.png; returns the report's path."""
+  stage_metrics = load_stage_metrics(root)
+  plots = write_plots(root, results, stage_metrics)
+  lines = (_header(results) + _section_targets(results) + _section_win_rates(results, plots)
+           + _section_vs_large(results) + _section_alignment_tax(results, plots)
+           + _section_rm(results, plots) + _section_safety(results, plots)
+           + _section_over_optimization(results, plots)
+           + _section_training(stage_metrics, plots) + _section_samples(results)
+           + _section_timings(timings or {}))
+  path = os.path.join(root, "report.md")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  os.replace(tmp, path)
+  return path
