@@ -21,7 +21,7 @@ Stages (each in `DIR/<stage>`; a rerun skips finished stages and resumes an inte
 Every training stage is the normal `instruct.train` stage with its config saved as
 `DIR/<stage>/config.json`, so it can be rerun or swept alone, e.g.
 
-  python -m instruct.train --config=DIR/sft/config.json --workdir=/tmp/sft_sweep \
+  python -m instruct.train --config=configs/from_run.py:DIR/sft --workdir=/tmp/sft_sweep \
       --config.optimizer.learning_rate=3e-3
 """
 

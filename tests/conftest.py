@@ -31,3 +31,37 @@ def data_dir(tmp_path_factory) -> str:
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+def run_test_pipeline(root: str, tfds: str) -> str:
+  """A finished `--preset=test` run of the main job under `root` (TFDS data in `tfds`)."""
+  from experiments import instructgpt_mini
+  previous = os.environ.get("TFDS_DATA_DIR")
+  os.environ["TFDS_DATA_DIR"] = tfds
+  try:
+    instructgpt_mini.run(root, "test")
+  finally:
+    if previous is None:
+      os.environ.pop("TFDS_DATA_DIR", None)
+    else:
+      os.environ["TFDS_DATA_DIR"] = previous
+  return root
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, worker_id) -> str:
+  """The root of a finished `--preset=test` pipeline run, made once per test session.
+
+  Under pytest-xdist the workers share one run: the first to get the lock makes it, the
+  others wait for it and read it (the run is read-only for tests).
+  """
+  import filelock
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    shared = shared.parent
+  root = str(shared / "pipeline_run")
+  with filelock.FileLock(root + ".lock"):
+    done = os.path.join(root, "report.md")
+    if not os.path.exists(done):
+      run_test_pipeline(root, str(shared / "pipeline_tfds"))
+  return root
