@@ -13,7 +13,9 @@ survive reuse of the prepared dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -307,7 +309,13 @@ def load_split(kind: str, files: Mapping[str, str], split: str,
   config = LocalFilesConfig(files=files, skip_invalid=skip_invalid)
   builder = builder_class(config=config, data_dir=os.fspath(data_dir),
                           file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
+  if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
+    logging.info('Preparing %s from local files %s into %s.', builder.name,
+                 dict(files), builder.data_dir)
+  # TFDS prints "Downloading and preparing ..." on stdout even for local files; nothing is
+  # downloaded, so keep that line out of the output.
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
   return StringSource(builder.as_data_source(split=split),
                       num_skipped=_num_skipped(builder.info, split))
