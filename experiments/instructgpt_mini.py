@@ -226,6 +226,13 @@ def world_stage(preset: Preset, root: str) -> None:
   world_lib.write_world(out, preset.world)
 
 
+def _world(root: str):
+  """The written world's file paths, facts and tokenizer."""
+  world_dir = os.path.join(root, "world")
+  files = world_lib.files(world_dir)
+  return files, world_lib.load_facts(world_dir), tokenization.load_tokenizer(files["tokenizer"])
+
+
 def comparisons_stage(preset: Preset, root: str) -> None:
   """K SFT samples per RM prompt, ranked by a training (train split) or held-out labeler."""
   out = os.path.join(root, "comparisons")
@@ -233,9 +240,7 @@ def comparisons_stage(preset: Preset, root: str) -> None:
     logging.info("[comparisons] already made; skipping.")
     return
   os.makedirs(out, exist_ok=True)
-  world_dir = os.path.join(root, "world")
-  files, facts = world_lib.files(world_dir), world_lib.load_facts(world_dir)
-  tokenizer = tokenization.load_tokenizer(files["tokenizer"])
+  files, facts, tokenizer = _world(root)
   policy = ev.load_policy(os.path.join(root, "sft"))
   train_pool, heldout_pool = labelers_lib.make_pools(preset.labelers)
   rng = np.random.default_rng(preset.seed)
@@ -288,9 +293,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
     logging.info("[evaluate] already done; skipping.")
     return
   os.makedirs(out, exist_ok=True)
-  world_dir = os.path.join(root, "world")
-  files, facts = world_lib.files(world_dir), world_lib.load_facts(world_dir)
-  tokenizer = tokenization.load_tokenizer(files["tokenizer"])
+  files, facts, tokenizer = _world(root)
   records = _read_jsonl(files["eval_prompts"])
   prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
   _, judges = labelers_lib.make_pools(preset.labelers)
