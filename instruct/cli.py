@@ -14,6 +14,8 @@ class _OwnInfoOnly:
   def filter(self, record) -> bool:
     path = record.pathname.replace("\\", "/")
     own = ("/instruct/" in path or "/experiments/" in path) and "site-packages" not in path
+    if not own and str(record.msg).startswith("Using custom data configuration"):
+      return False  # TFDS, for every local-files dataset: expected, not a warning.
     return record.levelno >= std_logging.WARNING or own
 
 

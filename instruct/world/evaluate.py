@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from instruct import checkpoint as ckpt_lib
-from instruct import objectives
 from instruct.data import tokenization
 from instruct.model.config import ModelConfig
 from instruct.model.transformer import Transformer
