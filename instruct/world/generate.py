@@ -183,16 +183,15 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   return paths
 
 
-_OUT = flags.DEFINE_string("out", None, "Directory to write the world to.")
-_SEED = flags.DEFINE_integer("seed", 0, "The world's seed.")
-
-
 def main(argv):
   del argv
-  write_world(_OUT.value, WorldConfig(seed=_SEED.value))
-  print(f"wrote the world (seed {_SEED.value}) to {_OUT.value}")
+  out, seed = flags.FLAGS.out, flags.FLAGS.seed
+  write_world(out, WorldConfig(seed=seed))
+  print(f"wrote the world (seed {seed}) to {out}")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("out")
+  # Flags are defined here, not at import, so importing this module defines no flags.
+  flags.DEFINE_string("out", None, "Directory to write the world to.", required=True)
+  flags.DEFINE_integer("seed", 0, "The world's seed.")
   app.run(main)
