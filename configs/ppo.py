@@ -12,6 +12,30 @@ resumes (policy, critic, both optimiser states, KL controller, rng, data positio
 
 Presets: `tiny` (CPU, embedded prompts and pretraining text), `tiny_ptx` (the same with
 PPO-ptx).
+
+Prompts from public data, read from a local copy in its published files (`config.data.format`,
+see instruct/data/public.py), with the policy and reward model trained on the same data.
+Anthropic HH-RLHF (each pair's dialogue up to its final "\n\nAssistant:"):
+
+  python -m instruct.train --config=configs/ppo.py:tiny --workdir=/tmp/ppo_hh \
+      --config.policy_from=/tmp/sft_hh --config.reward_from=/tmp/rm_hh \
+      --config.data.tokenizer=/path/to/gpt2_tokenizer --config.data.format=hh_rlhf \
+      --config.data.train_file=/data/hh-rlhf/helpful-base \
+      --config.data.validation_file=/data/hh-rlhf/helpful-base \
+      --config.data.prompt_length=512 --config.sampling.max_new_tokens=128
+
+The filtered Reddit TL;DR queries ("SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:";
+Stiennon et al. 2020):
+
+  python -m instruct.train --config=configs/ppo.py:tiny --workdir=/tmp/ppo_tldr \
+      --config.policy_from=/tmp/sft_tldr --config.reward_from=/tmp/rm_tldr \
+      --config.data.tokenizer=/path/to/gpt2_tokenizer --config.data.format=tldr \
+      --config.data.train_file=/data/tldr_3_filtered \
+      --config.data.validation_file=/data/tldr_3_filtered \
+      --config.data.prompt_length=512 --config.sampling.max_new_tokens=48
+
+Prompts longer than `data.prompt_length` tokens keep their end. With PPO-ptx, point
+`config.ptx.train_file` at pretraining text of the same domain.
 """
 
 import ml_collections

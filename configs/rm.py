@@ -14,6 +14,33 @@ Comparison records (JSON lines), any of:
   {"prompt", "chosen", "rejected"}
   {"prompt", "responses": [...], "best": index}
 
+Public comparisons, read from a local copy in their published files (`config.data.format`,
+see instruct/data/public.py). Anthropic HH-RLHF (chosen ranked above rejected; a subset
+directory gives train.jsonl.gz and test.jsonl.gz; normalise the reward on its chosen
+responses):
+
+  python -m instruct.train --config=configs/rm.py:gpt2 --workdir=/tmp/rm_hh \
+      --config.init_from=/tmp/sft_hh --config.data.tokenizer=/path/to/gpt2_tokenizer \
+      --config.data.format=hh_rlhf \
+      --config.data.train_file=/data/hh-rlhf/helpful-base \
+      --config.data.validation_file=/data/hh-rlhf/helpful-base \
+      --config.rm.normalization_format=hh_rlhf \
+      --config.rm.normalization_file=/data/hh-rlhf/helpful-base
+
+TL;DR summary comparisons of Stiennon et al. 2020 (the comparisons/ directory of batch*.json;
+rows with split "train" are the train split, "valid1" and "valid2" the validation split, so
+both paths are the directory; normalise on the TL;DR reference summaries):
+
+  python -m instruct.train --config=configs/rm.py:gpt2 --workdir=/tmp/rm_tldr \
+      --config.init_from=/tmp/sft_tldr --config.data.tokenizer=/path/to/gpt2_tokenizer \
+      --config.data.format=summarize_from_feedback \
+      --config.data.train_file=/data/summarize-from-feedback/comparisons \
+      --config.data.validation_file=/data/summarize-from-feedback/comparisons \
+      --config.rm.normalization_format=tldr \
+      --config.rm.normalization_file=/data/tldr_3_filtered
+
+`--config.rm.skip_invalid=True` skips (and counts) malformed rows, e.g. identical responses.
+
 Presets: `tiny`, `tiny_llama` (CPU, embedded comparisons), `gpt2`, `llama_1b`.
 """
 

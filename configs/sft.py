@@ -12,6 +12,27 @@ Run it again to resume from the last checkpoint. Override any field on the comma
 Presets (the argument after the colon): `tiny` (CPU), `tiny_llama` (the Llama-family layout at
 tiny size), `gpt2` (GPT-2 small, 124M), `llama_1b` (Llama-3.2-1B layout). Initialise from a
 pretrained run with `--config.init_from=PRETRAIN_WORKDIR`.
+
+Public data, read from a local copy in its published files (`config.data.format`, see
+instruct/data/public.py; a directory is read per split). Anthropic HH-RLHF: demonstrations are
+each pair's dialogue up to its final "\n\nAssistant:" and the chosen response; a subset
+directory gives train.jsonl.gz (train) and test.jsonl.gz (validation); the repository root
+reads every subset:
+
+  python -m instruct.train --config=configs/sft.py:gpt2 --workdir=/tmp/sft_hh \
+      --config.data.format=hh_rlhf --config.data.tokenizer=/path/to/gpt2_tokenizer \
+      --config.data.train_file=/data/hh-rlhf/helpful-base \
+      --config.data.validation_file=/data/hh-rlhf/helpful-base
+
+The filtered Reddit TL;DR of Stiennon et al. 2020 (train.jsonl / valid.jsonl): the query
+"SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" and " " + the reference summary:
+
+  python -m instruct.train --config=configs/sft.py:gpt2 --workdir=/tmp/sft_tldr \
+      --config.data.format=tldr --config.data.tokenizer=/path/to/gpt2_tokenizer \
+      --config.data.train_file=/data/tldr_3_filtered \
+      --config.data.validation_file=/data/tldr_3_filtered
+
+Add `--config.data.skip_invalid=True` to skip (and count) malformed rows instead of failing.
 """
 
 from instruct import config_lib

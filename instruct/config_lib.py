@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from instruct.data.builders import BUILDERS, RECORDS_FORMAT, builder_class
 from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
 from instruct.objectives import RANKING_LOSSES
@@ -45,8 +46,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |
                                    # 'comparisons' (reward model; see configs/rm.py).
+  c.data.format = RECORDS_FORMAT    # 'records': the JSON-lines records above. Or a public
+                                   # dataset's published files (instruct/data/public.py):
+                                   # 'hh_rlhf' (comparisons, demonstrations, prompts) |
+                                   # 'summarize_from_feedback' (comparisons) |
+                                   # 'tldr' (demonstrations, prompts). train_file and
+                                   # validation_file may then be directories: an HH-RLHF
+                                   # subset (or the repository root), the comparisons/
+                                   # directory, the TL;DR directory.
   c.data.train_file = embedded_files("demos")["train"]
   c.data.validation_file = embedded_files("demos")["validation"]
+  c.data.skip_invalid = False      # Skip and count invalid records instead of failing (public
+                                   # formats, and comparisons; see also config.rm.skip_invalid).
   c.data.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
   c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
   c.data.tfds_dir = ""             # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
@@ -104,11 +115,33 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, process_coun
   if max(config.data.buckets) > config.model.max_length and config.model.position == "learned":
     raise ValueError(f"config.data.buckets={tuple(config.data.buckets)} exceeds "
                      f"config.model.max_length={config.model.max_length}.")
+  validate_data_format(config, config.data.kind)
   if config.stage == "rm":
     _validate_rm(config)
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")
+
+
+def validate_data_format(config: ml_collections.ConfigDict, kind: str,
+                         reader: str = "config.data.kind names") -> None:
+  """Raises ValueError naming config.data.format unless it provides `kind` records.
+
+  `reader` says what needs `kind` records, for the message. Configs saved before
+  `config.data.format` existed read as 'records'.
+  """
+  data_format = config.data.get("format", RECORDS_FORMAT)
+  if data_format == RECORDS_FORMAT and kind not in BUILDERS:
+    return  # An unknown kind is reported by the stage's data loading, as before.
+  try:
+    builder = builder_class(kind, data_format)
+  except ValueError as e:
+    raise ValueError(f"config.data.format={data_format!r} does not give the {kind!r} records "
+                     f"that {reader}: {e}") from e
+  if config.data.get("skip_invalid", False) and not builder.SUPPORTS_SKIP_INVALID:
+    raise ValueError(f"config.data.skip_invalid=True is not supported for {kind!r} records in "
+                     f"config.data.format={data_format!r}: only public formats and "
+                     "comparisons skip invalid records.")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -154,6 +187,8 @@ def rm_config() -> ml_collections.ConfigDict:
                                        # 'policy_samples': gain+bias so samples are N(0,1);
                                        # 'none'.
   rm.normalization_file = embedded_files("demos")["train"]  # {prompt, completion} JSON lines.
+  rm.normalization_format = RECORDS_FORMAT  # Format of normalization_file (its 'train' split):
+                                            # 'records' | 'hh_rlhf' | 'tldr' (a file or dir).
   return rm
 
 
@@ -169,12 +204,20 @@ def _validate_rm(config) -> None:
   if config.data.kind != "comparisons":
     raise ValueError(f"config.data.kind={config.data.kind!r}: the rm stage reads "
                      "'comparisons'.")
+  if rm.normalization != "none":
+    norm_format = rm.get("normalization_format", RECORDS_FORMAT)
+    try:
+      builder_class("demonstrations", norm_format)
+    except ValueError as e:
+      raise ValueError(f"config.rm.normalization_format={norm_format!r} cannot be read as "
+                       f"demonstrations: {e}") from e
 
 
 def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int,
                  process_count: int) -> None:
   """Raises ValueError naming the key for impossible PPO settings."""
   t, ppo = config.train, config.ppo
+  validate_data_format(config, "prompts", reader="PPO samples from")
   for key, value in (("policy_from", config.policy_from), ("reward_from", config.reward_from)):
     if not value:
       raise ValueError(f"config.{key} is empty: PPO needs the workdir of the "

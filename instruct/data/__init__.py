@@ -8,6 +8,7 @@ from instruct.data.builders import Demonstrations
 from instruct.data.builders import LocalFilesConfig
 from instruct.data.builders import PlainText
 from instruct.data.builders import Prompts
+from instruct.data.builders import RECORDS_FORMAT
 from instruct.data.builders import load_split
 from instruct.data.comparisons import MAX_RESPONSES
 from instruct.data.comparisons import MIN_RESPONSES
@@ -21,6 +22,7 @@ from instruct.data.pipeline import encode_prompt
 from instruct.data.pipeline import make_batches
 from instruct.data.pipeline import make_comparison_batches
 from instruct.data.pipeline import make_prompt_batches
+from instruct.data.public import FORMAT_KINDS
 from instruct.data.records import DEMONSTRATION_SCHEMA
 from instruct.data.records import PROMPT_SCHEMA
 from instruct.data.records import RecordError
@@ -39,12 +41,14 @@ __all__ = [
     'DEFAULT_TOKENIZER',
     'DEMONSTRATION_SCHEMA',
     'Demonstrations',
+    'FORMAT_KINDS',
     'LocalFilesConfig',
     'MAX_RESPONSES',
     'MIN_RESPONSES',
     'PROMPT_SCHEMA',
     'PlainText',
     'Prompts',
+    'RECORDS_FORMAT',
     'RecordError',
     'TEXT_SCHEMA',
     'check_special_tokens',

@@ -9,6 +9,11 @@ of python examples (strings, and lists of strings or ints); it does not import
 TensorFlow. Builders that can skip invalid records (`Comparisons`) store how
 many they skipped per split in their DatasetInfo metadata, so the counts
 survive reuse of the prepared dataset.
+
+Files are this repo's record files (`data_format='records'`, the default) or
+public datasets in their published formats (`data_format` one of
+`public.FORMAT_KINDS`, e.g. 'hh_rlhf'; see `instruct.data.public`), whose
+paths may also be directories.
 """
 
 from __future__ import annotations
@@ -29,15 +34,30 @@ from instruct.data import records
 
 _VERSION = tfds.core.Version('1.0.0')
 _RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+# The data format of this repo's own record files (see `records`,
+# `comparisons`); other formats are public datasets (`instruct.data.public`).
+RECORDS_FORMAT = 'records'
 # DatasetInfo metadata key: split name mapped to its skipped-record count.
 NUM_SKIPPED_KEY = 'num_skipped'
 
 
-def files_fingerprint(files: Mapping[str, str]) -> str:
+def _directory_files(directory: str) -> Iterator[str]:
+  """Yields the files under `directory` in a fixed order, skipping dot names."""
+  for root, dirs, names in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    for name in sorted(names):
+      if not name.startswith('.'):
+        yield os.path.join(root, name)
+
+
+def files_fingerprint(files: Mapping[str, str],
+                      allow_directories: bool = False) -> str:
   """Returns a hex digest of each split's absolute path, size and mtime.
 
   Args:
     files: Split name mapped to a local file path.
+    allow_directories: Whether a path may be a directory; its digest covers
+      every file under it (recursively, dot names skipped).
 
   Raises:
     FileNotFoundError: One of the files does not exist.
@@ -45,17 +65,23 @@ def files_fingerprint(files: Mapping[str, str]) -> str:
   digest = hashlib.sha1()
   for split in sorted(files):
     path = os.path.abspath(files[split])
-    if not os.path.isfile(path):
+    if allow_directories and os.path.isdir(path):
+      paths = list(_directory_files(path))
+    elif os.path.isfile(path):
+      paths = [path]
+    else:
       raise FileNotFoundError(f'Record file for split {split!r} not found: '
                               f'{path}')
-    stat = os.stat(path)
-    digest.update(f'{split}\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0'
-                  .encode('utf-8'))
+    for file_path in paths:
+      stat = os.stat(file_path)
+      digest.update(
+          f'{split}\0{file_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0'
+          .encode('utf-8'))
   return digest.hexdigest()
 
 
 class LocalFilesConfig(tfds.core.BuilderConfig):
-  """Builder config naming one local file per split.
+  """Builder config naming one local file (or directory) per split.
 
   Attributes:
     files: Split name mapped to the absolute path of its file.
@@ -64,13 +90,16 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
   """
 
   def __init__(self, *, files: Mapping[str, str],
-               skip_invalid: bool = False) -> None:
+               skip_invalid: bool = False,
+               allow_directories: bool = False) -> None:
     """Initializes the config; its name fingerprints the files' contents.
 
     Args:
       files: Split name (e.g. 'train') mapped to a local file path.
       skip_invalid: Whether to skip invalid records; when True the name ends
         with '-skip-invalid' (so both datasets can coexist).
+      allow_directories: Whether a path may be a directory (public formats);
+        the name then fingerprints every file under it.
 
     Raises:
       ValueError: `files` is empty.
@@ -80,7 +109,8 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
       raise ValueError('LocalFilesConfig needs at least one split file.')
     absolute = {split: os.path.abspath(path) for split, path in files.items()}
     suffix = '-skip-invalid' if skip_invalid else ''
-    super().__init__(name=f'files-{files_fingerprint(absolute)[:12]}{suffix}',
+    fingerprint = files_fingerprint(absolute, allow_directories)
+    super().__init__(name=f'files-{fingerprint[:12]}{suffix}',
                      version=_VERSION, release_notes=_RELEASE_NOTES,
                      description=f'Local files: {absolute}{suffix}')
     self.files = absolute
@@ -265,21 +295,50 @@ class StringSource:
     return {key: _to_python(value) for key, value in example.items()}
 
 
+def builder_class(
+    kind: str, data_format: str = RECORDS_FORMAT) -> type[_LocalFilesBuilder]:
+  """Returns the builder of `kind` records read from `data_format` files.
+
+  Args:
+    kind: 'comparisons', 'demonstrations', 'prompts' or 'text'.
+    data_format: `RECORDS_FORMAT` (this repo's files, see `BUILDERS`) or a
+      public format of `public.FORMAT_KINDS`.
+
+  Raises:
+    ValueError: `kind` is unknown, `data_format` is unknown, or the format
+      does not provide `kind` records.
+  """
+  if data_format == RECORDS_FORMAT:
+    if kind not in BUILDERS:
+      raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
+                       f'{sorted(BUILDERS)}.')
+    return BUILDERS[kind]
+  # `public` subclasses the builders here, so it is imported on first use.
+  from instruct.data import public  # pylint: disable=g-import-not-at-top
+  return public.builder_class(kind, data_format)
+
+
 def load_split(kind: str, files: Mapping[str, str], split: str,
                data_dir: str | os.PathLike[str],
-               skip_invalid: bool = False) -> StringSource:
+               skip_invalid: bool = False,
+               data_format: str = RECORDS_FORMAT) -> StringSource:
   """Prepares (or reuses) a local dataset and returns one split.
 
   Args:
     kind: 'comparisons', 'demonstrations', 'prompts' or 'text' (see
       `BUILDERS`).
-    files: Split name mapped to a local file path.
+    files: Split name mapped to a local file path (for public formats, a
+      file or a directory; see `instruct.data.public`).
     split: The split to return, e.g. 'train'; a TFDS split expression such as
       'train[:10]' also works.
     data_dir: Where TFDS keeps prepared datasets.
     skip_invalid: Skip (and count) invalid records instead of raising; only
-      for kinds whose builder supports it ('comparisons'). Part of the
-      dataset's config, so it is prepared separately from the strict one.
+      for builders that support it ('comparisons', and every public format).
+      Part of the dataset's config, so it is prepared separately from the
+      strict one.
+    data_format: `RECORDS_FORMAT` (this repo's JSON-lines records) or a
+      public format: 'hh_rlhf', 'summarize_from_feedback' or 'tldr' (see
+      `public.FORMAT_KINDS` for the kinds each provides).
 
   Preparation is not coordinated between processes: several hosts should
   not prepare the same dataset in one shared `data_dir` at the same time (use
@@ -292,23 +351,23 @@ def load_split(kind: str, files: Mapping[str, str], split: str,
     TFDS's deterministic write-time shuffle, not file order.
 
   Raises:
-    ValueError: `kind` is unknown, or `skip_invalid` is given for a kind that
+    ValueError: `kind` or `data_format` is unknown, the format does not
+      provide `kind` records, or `skip_invalid` is given for a builder that
       does not support it.
     RecordError: A record file is invalid (raised during preparation).
   """
-  if kind not in BUILDERS:
-    raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
-                     f'{sorted(BUILDERS)}.')
-  builder_class = BUILDERS[kind]
-  if skip_invalid and not builder_class.SUPPORTS_SKIP_INVALID:
+  builder_cls = builder_class(kind, data_format)
+  if skip_invalid and not builder_cls.SUPPORTS_SKIP_INVALID:
     supported = sorted(k for k, b in BUILDERS.items()
                        if b.SUPPORTS_SKIP_INVALID)
     raise ValueError(f'skip_invalid is not supported for kind {kind!r}; only '
-                     f'for {supported}.')
+                     f'for {supported} and public data formats.')
   tfds.disable_progress_bar()
-  config = LocalFilesConfig(files=files, skip_invalid=skip_invalid)
-  builder = builder_class(config=config, data_dir=os.fspath(data_dir),
-                          file_format='array_record')
+  config = LocalFilesConfig(
+      files=files, skip_invalid=skip_invalid,
+      allow_directories=data_format != RECORDS_FORMAT)
+  builder = builder_cls(config=config, data_dir=os.fspath(data_dir),
+                        file_format='array_record')
   if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
     logging.info('Preparing %s from local files %s into %s.', builder.name,
                  dict(files), builder.data_dir)

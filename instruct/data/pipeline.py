@@ -383,12 +383,15 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
                  buckets: Sequence[int], seed: int, shuffle: bool,
                  repeat: bool, data_dir: str, process_index: int = 0,
                  process_count: int = 1,
-                 cache_encoded: bool = True) -> Batches:
+                 cache_encoded: bool = True,
+                 data_format: str = builders.RECORDS_FORMAT,
+                 skip_invalid: bool = False) -> Batches:
   """Loads a split of local files and returns its batches.
 
   Args:
     kind: 'demonstrations' or 'text'.
-    files: Split name mapped to a local file path (see `load_split`).
+    files: Split name mapped to a local file path (see `load_split`; for a
+      public `data_format` a file or directory).
     split: The split to batch.
     tokenizer: A tokenizer with a pad token distinct from EOS.
     global_batch_size: Rows per global batch, summed over hosts.
@@ -400,12 +403,18 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
     process_index: This host's index.
     process_count: The number of hosts.
     cache_encoded: Whether to keep encoded examples in memory.
+    data_format: 'records' (this repo's files) or a public format providing
+      `kind` records: 'hh_rlhf' or 'tldr' for demonstrations (see
+      `instruct.data.public`).
+    skip_invalid: Skip (and count, see `Batches.num_skipped`) invalid
+      records instead of raising RecordError; public formats only.
 
   Returns:
     The `Batches` iterator.
 
   Raises:
-    ValueError: Unknown `kind`, bad tokenizer or inconsistent sizes.
+    ValueError: Unknown `kind`, a format without `kind` records, bad
+      tokenizer or inconsistent sizes.
   """
   if kind not in _ENCODERS:
     hint = {
@@ -416,7 +425,9 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
                      f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
   max_length = _check_buckets(buckets, process_count)[-1]
-  source = builders.load_split(kind, files, split, data_dir)
+  source = builders.load_split(kind, files, split, data_dir,
+                               skip_invalid=skip_invalid,
+                               data_format=data_format)
   encode = functools.partial(_ENCODERS[kind], tokenizer, max_length)
   return Batches(source, encode, global_batch_size=global_batch_size,
                  buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed,
@@ -430,7 +441,9 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
                             seed: int, shuffle: bool, repeat: bool,
                             data_dir: str, skip_invalid: bool = False,
                             process_index: int = 0, process_count: int = 1,
-                            cache_encoded: bool = True) -> Batches:
+                            cache_encoded: bool = True,
+                            data_format: str = builders.RECORDS_FORMAT
+                            ) -> Batches:
   """Loads a split of comparison files and returns its batches.
 
   Each row is one comparison; each of its responses is encoded as
@@ -440,7 +453,8 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
   `[B, max_responses]` (padding responses: mask 0, rank `max_responses`).
 
   Args:
-    files: Split name mapped to a local JSON-lines file (see `load_split`).
+    files: Split name mapped to a local JSON-lines file (see `load_split`; for
+      a public `data_format` a file or directory).
     split: The split to batch.
     tokenizer: A tokenizer with a pad token distinct from EOS.
     global_batch_size: Comparisons per global batch, summed over hosts.
@@ -457,13 +471,17 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
     process_index: This host's index.
     process_count: The number of hosts.
     cache_encoded: Whether to keep encoded examples in memory.
+    data_format: 'records' (comparison records, see `comparisons`) or a
+      public format: 'hh_rlhf' or 'summarize_from_feedback' (see
+      `instruct.data.public`).
 
   Returns:
     The `Batches` iterator, with `num_skipped` set.
 
   Raises:
     ValueError: Bad tokenizer, `max_responses` below
-      `comparisons.MIN_RESPONSES`, or inconsistent sizes.
+      `comparisons.MIN_RESPONSES`, a format without comparisons, or
+      inconsistent sizes.
     RecordError: A record is invalid and `skip_invalid` is False.
   """
   if max_responses < comparisons.MIN_RESPONSES:
@@ -472,7 +490,8 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
   tokenization.check_special_tokens(tokenizer)
   buckets = _check_buckets(buckets, process_count)
   source = builders.load_split('comparisons', files, split, data_dir,
-                               skip_invalid=skip_invalid)
+                               skip_invalid=skip_invalid,
+                               data_format=data_format)
   encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
   collate = functools.partial(
       comparisons.collate_comparisons, max_responses=max_responses,
@@ -488,7 +507,9 @@ def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
                         *, global_batch_size: int, prompt_length: int,
                         seed: int, shuffle: bool, repeat: bool, data_dir: str,
                         process_index: int = 0, process_count: int = 1,
-                        cache_encoded: bool = True) -> Batches:
+                        cache_encoded: bool = True,
+                        data_format: str = builders.RECORDS_FORMAT,
+                        skip_invalid: bool = False) -> Batches:
   """Loads a split of prompt files and returns its batches (RL rollouts).
 
   Each row is one prompt encoded by `encode_prompt` (keeping its last
@@ -499,7 +520,8 @@ def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
 
   Args:
     files: Split name mapped to a local JSON-lines file whose records have a
-      `prompt` (see `load_split`; demonstration files work too).
+      `prompt` (see `load_split`; demonstration files work too), or for a
+      public `data_format` a file or directory.
     split: The split to batch.
     tokenizer: A tokenizer with a pad token distinct from EOS.
     global_batch_size: Prompts per global batch, summed over hosts.
@@ -512,19 +534,25 @@ def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
     process_index: This host's index.
     process_count: The number of hosts.
     cache_encoded: Whether to keep encoded examples in memory.
+    data_format: 'records' (this repo's files) or a public format providing
+      prompts: 'hh_rlhf' or 'tldr' (see `instruct.data.public`).
+    skip_invalid: Skip (and count, see `Batches.num_skipped`) invalid
+      records instead of raising RecordError; public formats only.
 
   Returns:
     The `Batches` iterator.
 
   Raises:
-    ValueError: Bad tokenizer, non-positive `prompt_length` or inconsistent
-      sizes.
+    ValueError: Bad tokenizer, non-positive `prompt_length`, a format without
+      prompts, or inconsistent sizes.
     RecordError: A record lacks a non-empty string `prompt`.
   """
   if prompt_length < 1:
     raise ValueError(f'prompt_length must be positive, got {prompt_length}.')
   tokenization.check_special_tokens(tokenizer)
-  source = builders.load_split('prompts', files, split, data_dir)
+  source = builders.load_split('prompts', files, split, data_dir,
+                               skip_invalid=skip_invalid,
+                               data_format=data_format)
   encode = functools.partial(_encode_prompt_row, tokenizer, prompt_length)
   collate = functools.partial(collate_prompts, prompt_length=prompt_length,
                               pad_id=tokenizer.pad_token_id)

@@ -59,7 +59,8 @@ def _data(config, tokenizer):
       tokenizer, global_batch_size=config.train.global_batch_size,
       prompt_length=config.data.prompt_length, seed=config.seed, shuffle=True, repeat=True,
       data_dir=common.tfds_dir(config), process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), data_format=config.data.get("format", "records"),
+      skip_invalid=config.data.get("skip_invalid", False))
   ptx = None
   if config.ppo.ptx_coef > 0:
     ptx = data_lib.make_batches(

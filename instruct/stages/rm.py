@@ -164,8 +164,10 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
         files, split, tokenizer, global_batch_size=config.train.global_batch_size,
         max_responses=rm.max_responses, buckets=tuple(config.data.buckets), seed=config.seed,
         shuffle=config.data.shuffle and repeat, repeat=repeat,
-        data_dir=common.tfds_dir(config), skip_invalid=rm.skip_invalid,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        data_dir=common.tfds_dir(config),
+        skip_invalid=rm.skip_invalid or config.data.get("skip_invalid", False),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        data_format=config.data.get("format", "records"))
     if batches.num_skipped:
       logging.warning("Skipped %d invalid comparison records in the %s split.",
                       batches.num_skipped, split)
@@ -181,11 +183,14 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
     if rm.normalization == "none":
       norm = normalization(np.zeros(0), "none")
       return {"reward_normalization": dict(norm, mode="none", num_scored=0)}
+    norm_format = rm.get("normalization_format", "records")
     batches = data_lib.make_batches(
         "demonstrations", {"train": rm.normalization_file}, "train", tokenizer,
         global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
         seed=config.seed, shuffle=False, repeat=False, data_dir=common.tfds_dir(config),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        data_format=norm_format,
+        skip_invalid=norm_format != "records" and config.data.get("skip_invalid", False))
     scores = np.concatenate([score(b) for b in batches] or [np.zeros(0)])
     scores = scores[~np.isnan(scores)]
     norm = normalization(scores, rm.normalization)

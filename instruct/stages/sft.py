@@ -79,7 +79,8 @@ def make_lm_data(config, tokenizer, split: str, repeat: bool):
       global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
       seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
       data_dir=common.tfds_dir(config), process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), data_format=config.data.get("format", "records"),
+      skip_invalid=config.data.get("skip_invalid", False))
 
 
 def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
