@@ -31,8 +31,16 @@ def embedded_files(stem: str) -> dict[str, str]:
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
-  """`config.model` for an architecture preset of `instruct.model.config.PRESETS`."""
-  return ml_collections.ConfigDict(preset(name, **overrides))
+  """`config.model` for an architecture preset of `instruct.model.config.PRESETS`.
+
+  `hf_checkpoint` (default '') names a Hugging Face checkpoint (local directory or cached hub
+  name): when set, the architecture comes from its config.json (only the numerics fields
+  dtype, scan_layers, remat, dropout_rate and init_std are kept from here) and the initial
+  parameters from its weights (see instruct/hf.py).
+  """
+  fields = preset(name, **overrides)
+  fields.setdefault("hf_checkpoint", "")
+  return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = "sft"              # 'pretrain' (loss on all tokens) | 'sft' (loss on completions).
   c.seed = 0                   # Parameter init and the data order derive from it.
   c.init_from = ""             # Workdir of an earlier stage whose final params initialise this.
-  c.model = model_config("tiny")
+  c.model = model_config("tiny")  # c.model.hf_checkpoint: start from a Hugging Face checkpoint.
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |

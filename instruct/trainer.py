@@ -3,7 +3,9 @@
 `train_and_evaluate(config, workdir)`:
   1. builds the mesh and rule table from `config.mesh` and validates the config;
   2. resumes from the latest checkpoint in `workdir` if there is one, else initialises from
-     `config.init_from` (another stage's workdir), else from scratch, always directly sharded;
+     `config.init_from` (another stage's workdir) or `config.model.hf_checkpoint` (a Hugging
+     Face checkpoint, which also sets the architecture), else from scratch, always directly
+     sharded;
   3. jits the step once with explicit in/out shardings and the state donated;
   4. trains, logging to the terminal, `metrics.jsonl` and TensorBoard, evaluating and
      checkpointing periodically. A non-finite loss stops the run before anything is saved.
@@ -27,10 +29,12 @@ from jax.experimental import multihost_utils
 
 from instruct import checkpoint as ckpt_lib
 from instruct import config_lib
+from instruct import hf as hf_lib
 from instruct import optim
 from instruct import sharding as shd
 from instruct.data import load_tokenizer
 from instruct.metrics import MetricWriter
+from instruct.model import ModelConfig
 from instruct.stages import rm, sft
 from instruct.stages.common import Task
 from instruct.state import StateFactory, TrainState, state_factory
@@ -104,20 +108,31 @@ def init_params_fn(model) -> Callable[[jax.Array], Any]:
 
 
 def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
-  """(state, extras) from the workdir's checkpoint, else `config.init_from`, else scratch.
+  """(state, extras) from the workdir's checkpoint, else `config.init_from` or
+  `config.model.hf_checkpoint`, else scratch.
 
-  From `init_from`, every parameter except `task.fresh_param_keys` is restored from that
-  run's latest checkpoint (a reward model takes the SFT backbone and a new scalar head).
+  From `init_from` (that run's latest checkpoint) or the HF checkpoint, every parameter except
+  `task.fresh_param_keys` is loaded directly into the state's shardings (a reward model takes
+  the SFT backbone and a new scalar head).
   """
   step = checkpointer.latest_step()
   if step is not None:
     logging.info("Resuming from %s (step %d).", checkpointer.directory, step)
     return checkpointer.restore(step, factory.abstract)
-  if not config.init_from:
+  hf_checkpoint = config.model.get("hf_checkpoint", "")
+  if config.init_from and hf_checkpoint:
+    raise ValueError(f"config.init_from={config.init_from!r} and config.model.hf_checkpoint="
+                     f"{hf_checkpoint!r} are both set; initialise from one of them.")
+  if not (config.init_from or hf_checkpoint):
     return factory.init(jax.random.key(config.seed)), {}
   abstract = {k: v for k, v in factory.abstract.params.items()
               if k not in task.fresh_param_keys}
-  params = dict(latest_params(config.init_from, abstract))
+  if hf_checkpoint:
+    params = dict(hf_lib.load_hf_params(
+        hf_checkpoint, ModelConfig.from_dict(config.model),
+        shardings=jax.tree.map(lambda x: x.sharding, abstract), head=task.model.head))
+  else:
+    params = dict(latest_params(config.init_from, abstract))
   if task.fresh_param_keys:
     fresh = factory.init(jax.random.key(config.seed)).params
     params.update({k: fresh[k] for k in task.fresh_param_keys})
@@ -178,14 +193,18 @@ class Built:
   eval_step: Callable
   score_step: Optional[Callable]
   batch_sharding: Any
+  config: Any = None  # The config built from (config.model resolved from an HF checkpoint).
 
 
 def build(config, tokenizer, devices: Optional[list[jax.Device]] = None) -> Built:
   """Validates the config and builds the stage's mesh, task, state factory and jitted steps.
 
   No state is created; `built.factory.init(rng)` creates it sharded. Use the steps under
-  `jax.set_mesh(built.mesh)` and `nn.logical_axis_rules(built.rules)`.
+  `jax.set_mesh(built.mesh)` and `nn.logical_axis_rules(built.rules)`. With
+  `config.model.hf_checkpoint` set, the model's architecture is that checkpoint's
+  (`built.config` is the config with `config.model` filled in from it).
   """
+  config = hf_lib.resolve_config(config)
   mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.rules_from_config(config.mesh)
   config_lib.validate(config, shd.data_parallel_size(mesh, rules), jax.process_count())
@@ -201,7 +220,7 @@ def build(config, tokenizer, devices: Optional[list[jax.Device]] = None) -> Buil
   with jax.set_mesh(mesh):
     factory = state_factory(init_params_fn(task.model), optimizer, mesh, rules)
   steps = compile_steps(task, factory.shardings, mesh, rules)
-  return Built(mesh, rules, task, factory, *steps, shd.batch_sharding(mesh, rules))
+  return Built(mesh, rules, task, factory, *steps, shd.batch_sharding(mesh, rules), config)
 
 
 def train_and_evaluate(config, workdir: str,
@@ -209,6 +228,7 @@ def train_and_evaluate(config, workdir: str,
   """Trains the stage described by `config` in `workdir`; returns the final state."""
   tokenizer = load_tokenizer(config.data.tokenizer)
   built = build(config, tokenizer, devices)
+  config = built.config
   os.makedirs(workdir, exist_ok=True)
   train_data = built.task.make_data("train", True)
   eval_data = built.task.make_data("validation", False)

@@ -20,6 +20,9 @@ MLPS = ("gelu", "gelu_tanh", "swiglu")
 POSITIONS = ("learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
+# Keys of `config.model` that say where the initial weights come from, not the architecture:
+# `hf_checkpoint` (a Hugging Face checkpoint directory or cached hub name, see instruct/hf.py).
+SOURCE_KEYS = ("hf_checkpoint",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,11 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-    """Builds from `config.model` (a ConfigDict or dict); unknown keys are an error."""
-    d = dict(d.items())
+    """Builds from `config.model` (a ConfigDict or dict); unknown keys are an error.
+
+    `SOURCE_KEYS` (e.g. `hf_checkpoint`) are not architecture and are ignored here.
+    """
+    d = {k: v for k, v in d.items() if k not in SOURCE_KEYS}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
