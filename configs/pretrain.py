@@ -4,10 +4,21 @@ The same step as SFT with the loss on every real token. Run:
 
   python -m instruct.train --config=configs/pretrain.py:tiny --workdir=/tmp/pretrain_tiny
 
-Presets: `tiny`, `tiny_llama` (CPU), `gpt2`, `llama_1b` (accelerators).
+Presets: `tiny`, `tiny_llama` (CPU); on accelerators (bf16, scanned and rematerialised
+layers, FSDP over all devices; see `config_lib.apply_preset`) the published architectures
+`gpt2`, `gpt2_medium`, `gpt2_large`, `gpt2_xl`, `pythia_1b`, `pythia_2_8b`, `pythia_6_9b`,
+`llama_1b`, `llama_8b`, with published peak learning rates (below) and sequences of 1024
+tokens (2048, their training context, for Pythia).
 """
 
 from instruct import config_lib
+
+# Peak learning rates of published pretraining runs: GPT-3 (Brown et al. 2020, Table 2.1) at
+# the GPT-2 sizes, Pythia (Biderman et al. 2023) for Pythia, and for the Llama presets the
+# Llama 1 and Llama 2 papers' rate at 7B.
+LEARNING_RATES = {"gpt2": 6e-4, "gpt2_medium": 3e-4, "gpt2_large": 2.5e-4, "gpt2_xl": 2e-4,
+                  "pythia_1b": 3e-4, "pythia_2_8b": 1.6e-4, "pythia_6_9b": 1.2e-4,
+                  "llama_1b": 3e-4, "llama_8b": 3e-4}
 
 
 def get_config(arg: str = "tiny"):
@@ -26,10 +37,10 @@ def get_config(arg: str = "tiny"):
     config.train.checkpoint_every = 50
     config.optimizer.learning_rate = 3e-3
   else:
-    config.data.buckets = (1024,)
+    config.data.buckets = (2048,) if preset.startswith("pythia") else (1024,)
     config.train.global_batch_size = 256
     config.train.num_steps = 100_000
-    config.optimizer.learning_rate = 6e-4 if preset == "gpt2" else 3e-4
+    config.optimizer.learning_rate = LEARNING_RATES[preset]
     config.optimizer.warmup_steps = 2000
     config.optimizer.weight_decay = 0.1
   return config

@@ -41,7 +41,12 @@ both paths are the directory; normalise on the TL;DR reference summaries):
 
 `--config.rm.skip_invalid=True` skips (and counts) malformed rows, e.g. identical responses.
 
-Presets: `tiny`, `tiny_llama` (CPU, embedded comparisons), `gpt2`, `llama_1b`.
+Presets: `tiny`, `tiny_llama` (CPU, embedded comparisons); on accelerators (bf16, scanned and
+rematerialised layers, FSDP over all devices; see `config_lib.apply_preset`) `gpt2`,
+`gpt2_medium`, `gpt2_large`, `gpt2_xl`, `pythia_1b`, `pythia_2_8b`, `pythia_6_9b`,
+`llama_1b`, `llama_8b`: use the preset of the SFT run given as `init_from` (its architecture
+must match). Each step runs 64 prompts x 9 responses (576 sequences of up to 1024 tokens); on
+few devices `--config.train.grad_accum_steps` splits them (benchmarks/memory.py).
 """
 
 from instruct import config_lib

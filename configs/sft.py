@@ -10,8 +10,13 @@ Run it again to resume from the last checkpoint. Override any field on the comma
       --config.optimizer.learning_rate=3e-4 --config.train.num_steps=200
 
 Presets (the argument after the colon): `tiny` (CPU), `tiny_llama` (the Llama-family layout at
-tiny size), `gpt2` (GPT-2 small, 124M), `llama_1b` (Llama-3.2-1B layout). Initialise from a
-pretrained run with `--config.init_from=PRETRAIN_WORKDIR`.
+tiny size), and on accelerators (bf16, scanned and rematerialised layers, FSDP over all
+devices; see `config_lib.apply_preset`) the published architectures `gpt2` (124M),
+`gpt2_medium` (355M), `gpt2_large` (774M), `gpt2_xl` (1.5B), `pythia_1b`, `pythia_2_8b`,
+`pythia_6_9b`, `llama_1b` (Llama-3.2-1B layout), `llama_8b` (Llama-3-8B layout). Initialise
+from a pretrained run with `--config.init_from=PRETRAIN_WORKDIR`, or from a Hugging Face
+checkpoint of the same architecture with `--config.model.hf_checkpoint=DIR` (and its
+tokenizer, `--config.data.tokenizer=DIR`).
 
 Public data, read from a local copy in its published files (`config.data.format`, see
 instruct/data/public.py; a directory is read per split). Anthropic HH-RLHF: demonstrations are
@@ -37,6 +42,12 @@ Add `--config.data.skip_invalid=True` to skip (and count) malformed rows instead
 
 from instruct import config_lib
 
+# Peak SFT learning rates: 5e-5 for the GPT-2 sizes up to 355M, 2e-5 at 774M, 1e-5 from 1B
+# (larger models fine-tune at lower rates; a starting point for a sweep, not a tuned value).
+LEARNING_RATES = {"gpt2": 5e-5, "gpt2_medium": 5e-5, "gpt2_large": 2e-5, "gpt2_xl": 1e-5,
+                  "pythia_1b": 1e-5, "pythia_2_8b": 1e-5, "pythia_6_9b": 1e-5,
+                  "llama_1b": 1e-5, "llama_8b": 1e-5}
+
 
 def get_config(arg: str = "tiny"):
   """The SFT config for a preset name."""
@@ -56,7 +67,7 @@ def get_config(arg: str = "tiny"):
     config.data.buckets = (256, 512, 1024)
     config.train.global_batch_size = 64
     config.train.num_steps = 2000
-    config.optimizer.learning_rate = 1e-5 if preset == "llama_1b" else 5e-5
+    config.optimizer.learning_rate = LEARNING_RATES[preset]
     config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.1
   return config

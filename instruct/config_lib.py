@@ -164,11 +164,27 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 CPU_PRESETS = ("tiny", "tiny_llama")
-ACCELERATOR_PRESETS = ("gpt2", "llama_1b")
+# Published architectures (instruct.model.config.PRESETS): GPT-2 124M to 1.5B, Pythia 1B /
+# 2.8B / 6.9B and the Llama-3 family at 1B and 8B. They load the same Hugging Face
+# checkpoints exactly (`--config.model.hf_checkpoint`), so a run started from a checkpoint
+# and a later stage started from that run (`--config.init_from`) agree on the architecture.
+ACCELERATOR_PRESETS = ("gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl",
+                       "pythia_1b", "pythia_2_8b", "pythia_6_9b", "llama_1b", "llama_8b")
 
 
 def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str) -> bool:
   """Sets `config.model` (and, for accelerator presets, bf16 / scan / remat / FSDP mesh).
+
+  Accelerator presets, on TPU slices and GPU hosts alike: bf16 compute with float32
+  parameters, layers under `nn.scan` (one compiled layer) and fully rematerialised (only each
+  layer's input is kept for the backward pass), and the mesh `(1, -1, 1)`: FSDP over every
+  device, so parameters, gradients and AdamW moments are split on d_model over all devices
+  and the batch over all devices. That needs d_model divisible by the device count (every
+  power of two up to 64 for every preset; gpt2_xl's 1600 stops there, the others reach 256
+  or more) and the global batch divisible by it; on more devices, or across TPU slices / GPU
+  hosts with slow links, add data parallelism, e.g. `--config.mesh.shape='(4,-1,1)'` (4
+  replicas of an FSDP group). benchmarks/memory.py gives the memory per device of each preset
+  and stage.
 
   Returns True for the CPU-sized presets; an unknown name is an error naming the file.
   """
@@ -176,7 +192,6 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str)
     config.model = model_config(name)
     return True
   if name in ACCELERATOR_PRESETS:
-    # bf16 compute, scanned and rematerialised layers, FSDP over all devices.
     config.model = model_config(name, dtype="bfloat16", scan_layers=True, remat="full")
     config.mesh.shape = (1, -1, 1)
     return False

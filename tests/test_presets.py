@@ -1,17 +1,20 @@
 """Tests of the architecture presets and the accelerator configs, without real memory.
 
 Every model here is built with `jax.eval_shape`: parameter counts are checked against the
-published Hugging Face figures (re-derived below from the Hugging Face module layouts), the
-`configs/*.py` presets are loaded and traced, and the sharding of every weight on an 8-device
-mesh is checked against the logical-to-mesh rules.
+published Hugging Face figures (re-derived below from the Hugging Face module layouts), each
+preset is checked against its published config.json, the `configs/*.py` presets are loaded
+and traced, and the sharding of every weight on each preset's own mesh (the 8 test devices,
+and 64 devices as an abstract mesh) is checked against the logical-to-mesh rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
 import os
+import sys
 import types
 
 import flax.linen as nn
@@ -19,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax.linen import meta
-from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from instruct import config_lib
+from instruct import hf
 from instruct import sharding
 from instruct.model import PRESETS, ModelConfig, Transformer, count_params, preset
 
@@ -29,12 +33,54 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs")
 
 # Hugging Face parameter counts (model.num_parameters(), tied embeddings counted once).
+# Pythia: the "total params" of the Pythia model table (EleutherAI/pythia README and Biderman
+# et al. 2023), which count the untied input and output embeddings.
 PUBLISHED = {
     "gpt2": 124_439_808,            # openai-community/gpt2
     "gpt2_medium": 354_823_168,     # openai-community/gpt2-medium
+    "gpt2_large": 774_030_080,      # openai-community/gpt2-large
+    "gpt2_xl": 1_557_611_200,       # openai-community/gpt2-xl
+    "pythia_1b": 1_011_781_632,     # EleutherAI/pythia-1b (untied)
+    "pythia_2_8b": 2_775_208_960,   # EleutherAI/pythia-2.8b (untied)
+    "pythia_6_9b": 6_857_302_016,   # EleutherAI/pythia-6.9b (untied)
     "llama_1b": 1_235_814_400,      # meta-llama/Llama-3.2-1B (tied)
     "llama_8b": 8_030_261_248,      # meta-llama/Llama-3.1-8B (untied)
 }
+ACCELERATOR = config_lib.ACCELERATOR_PRESETS
+
+# The architecture fields of each checkpoint's published config.json (hub `config.json`).
+_GPT2 = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5,
+             n_ctx=1024, n_positions=1024, vocab_size=50257)
+_PYTHIA = dict(model_type="gpt_neox", hidden_act="gelu", layer_norm_eps=1e-5,
+               max_position_embeddings=2048, rotary_emb_base=10000, rotary_pct=0.25,
+               tie_word_embeddings=False, use_parallel_residual=True, bos_token_id=0,
+               eos_token_id=0)
+_LLAMA3 = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
+               vocab_size=128256, attention_bias=False, mlp_bias=False,
+               num_key_value_heads=8, bos_token_id=128000, eos_token_id=128001)
+HF_CONFIGS = {
+    "gpt2": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
+    "gpt2_medium": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),
+    "gpt2_large": dict(_GPT2, n_embd=1280, n_layer=36, n_head=20),
+    "gpt2_xl": dict(_GPT2, n_embd=1600, n_layer=48, n_head=25),
+    "pythia_1b": dict(_PYTHIA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                      intermediate_size=8192, vocab_size=50304),
+    "pythia_2_8b": dict(_PYTHIA, hidden_size=2560, num_hidden_layers=32,
+                        num_attention_heads=32, intermediate_size=10240, vocab_size=50304),
+    "pythia_6_9b": dict(_PYTHIA, hidden_size=4096, num_hidden_layers=32,
+                        num_attention_heads=32, intermediate_size=16384, vocab_size=50432),
+    # meta-llama/Meta-Llama-3-8B (Llama-3.1-8B adds rope_scaling 'llama3', 131072 positions).
+    "llama_8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     intermediate_size=14336, max_position_embeddings=8192,
+                     tie_word_embeddings=False),
+}
+# meta-llama/Llama-3.2-1B: RoPE with 'llama3' frequency scaling, which instruct lacks.
+LLAMA_3_2_1B = dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                    intermediate_size=8192, max_position_embeddings=131072, head_dim=64,
+                    tie_word_embeddings=True,
+                    rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                      original_max_position_embeddings=8192,
+                                      rope_type="llama3"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,10 +117,30 @@ def hf_llama_count(hidden: int, layers: int, heads: int, kv_heads: int, inter: i
   return embed + layers * layer + hidden + (0 if tied else embed)
 
 
+def hf_neox_count(hidden: int, layers: int, inter: int, vocab: int):
+  """GPTNeoXForCausalLM's parameters, module by module (biases everywhere, untied embed_out).
+
+  Per layer: input_layernorm and post_attention_layernorm (weight + bias, 2 x 2 hidden),
+  attention.query_key_value (3 hidden x hidden + 3 hidden), attention.dense (hidden^2 +
+  hidden), mlp.dense_h_to_4h (hidden x inter + inter), mlp.dense_4h_to_h (inter x hidden +
+  hidden); then embed_in and embed_out (vocab x hidden each) and final_layer_norm (2 hidden).
+  E.g. pythia-1b: 16 x 50,358,272 + 2 x 50304 x 2048 + 4096 = 1,011,781,632.
+  """
+  norms = 2 * 2 * hidden
+  attn = (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden)
+  mlp = (hidden * inter + inter) + (inter * hidden + hidden)
+  return layers * (norms + attn + mlp) + 2 * vocab * hidden + 2 * hidden
+
+
 def test_published_figures_rederived():
   """The published counts follow from the Hugging Face module layouts."""
   assert hf_gpt2_count(768, 12) == PUBLISHED["gpt2"]
   assert hf_gpt2_count(1024, 24) == PUBLISHED["gpt2_medium"]
+  assert hf_gpt2_count(1280, 36) == PUBLISHED["gpt2_large"]
+  assert hf_gpt2_count(1600, 48) == PUBLISHED["gpt2_xl"]
+  assert hf_neox_count(2048, 16, 8192, 50304) == PUBLISHED["pythia_1b"]
+  assert hf_neox_count(2560, 32, 10240, 50304) == PUBLISHED["pythia_2_8b"]
+  assert hf_neox_count(4096, 32, 16384, 50432) == PUBLISHED["pythia_6_9b"]
   assert hf_llama_count(2048, 16, 32, 8, 8192, 128256, tied=True) == PUBLISHED["llama_1b"]
   assert hf_llama_count(4096, 32, 32, 8, 14336, 128256, tied=False) == PUBLISHED["llama_8b"]
 
@@ -85,6 +151,28 @@ def test_preset_has_published_parameter_count(name):
   cfg = ModelConfig(**preset(name))
   assert num_params(abstract_params(cfg)) == PUBLISHED[name]
   assert count_params(cfg) == PUBLISHED[name]
+
+
+def test_every_accelerator_preset_has_a_published_count():
+  assert set(ACCELERATOR) == set(PUBLISHED)
+  assert set(ACCELERATOR) <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_preset_is_the_published_architecture(name):
+  """Importing the checkpoint's config.json gives exactly the preset (so a run started from
+  the checkpoint and a later stage started from that run with the preset agree)."""
+  assert hf.model_config_from_hf(HF_CONFIGS[name]) == ModelConfig(**preset(name))
+
+
+def test_llama_1b_is_llama_3_2_1b_without_rope_scaling():
+  """Llama-3.2-1B's 'llama3' RoPE scaling is not expressible: its import is refused, and
+  without the scaling (and at 8192 positions) it is the llama_1b preset."""
+  with pytest.raises(ValueError, match="llama3"):
+    hf.model_config_from_hf(LLAMA_3_2_1B)
+  unscaled = {k: v for k, v in LLAMA_3_2_1B.items() if k != "rope_scaling"}
+  unscaled["max_position_embeddings"] = 8192
+  assert hf.model_config_from_hf(unscaled) == ModelConfig(**preset("llama_1b"))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -110,27 +198,39 @@ def load_config(file: str, arg: str):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize("file", ["sft.py", "pretrain.py"])
-@pytest.mark.parametrize("arg", ["gpt2", "llama_1b"])
-def test_accelerator_config_builds(file, arg):
-  """configs/{sft,pretrain}.py:{gpt2,llama_1b} load, validate and trace (scan + remat)."""
+@pytest.mark.parametrize("file", ["sft.py", "pretrain.py", "rm.py"])
+@pytest.mark.parametrize("arg", ACCELERATOR)
+def test_accelerator_config_loads(file, arg):
+  """configs/{sft,pretrain,rm}.py:PRESET load and validate on the 8 test devices, with bf16,
+  scanned and fully rematerialised layers, FSDP over all devices, the published size."""
   config = load_config(file, arg)
   cfg = ModelConfig.from_dict(config.model)
   assert (cfg.scan_layers, cfg.remat, cfg.dtype) == (True, "full", "bfloat16")
   assert ModelConfig(**preset(arg, dtype="bfloat16", scan_layers=True, remat="full")) == cfg
+  assert config.model.hf_checkpoint == ""
+  assert tuple(config.mesh.shape) == (1, -1, 1)
   mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, jax.device_count())
   data_parallel = mesh_shape[0] * mesh_shape[1]  # act_batch -> ('data', 'fsdp').
   config_lib.validate(config, data_parallel=data_parallel, process_count=1)
-
-  boxed = abstract_params(cfg)
-  params = meta.unbox(boxed)
+  # The global batch also splits over 64 devices (the memory table's pod size).
+  config_lib.validate(config, data_parallel=64, process_count=1)
+  head = "scalar" if file == "rm.py" else "lm"
+  params = meta.unbox(abstract_params(cfg, head))
   assert "layers" in params and not any(k.startswith("layers_") for k in params)
   for leaf in jax.tree.leaves(params["layers"]):
     assert leaf.shape[0] == cfg.num_layers
     assert leaf.dtype == jnp.float32
-  assert num_params(params) == count_params(cfg) == PUBLISHED[arg]
+  assert num_params(params) == count_params(cfg, head)
+  if head == "lm":
+    assert num_params(params) == PUBLISHED[arg]
 
-  # Forward and backward trace through the scanned, rematerialised layers.
+
+@pytest.mark.parametrize("arg", ["gpt2", "pythia_1b", "llama_1b"])
+def test_accelerator_config_traces(arg):
+  """Forward and backward trace through the scanned, rematerialised layers (one per family;
+  the layer code is shared by all sizes of a family)."""
+  cfg = ModelConfig.from_dict(load_config("sft.py", arg).model)
+  params = meta.unbox(abstract_params(cfg))
   model = Transformer(cfg)
   tokens = jnp.zeros((2, 16), jnp.int32)
 
@@ -213,17 +313,102 @@ def test_llama_1b_shardings_follow_rules(mesh_222, scan):
   assert by_name["['embed']['embedding']"].shard_shape((128256, 2048)) == (64128, 1024)
 
 
-@pytest.mark.parametrize("arg", ["gpt2", "llama_1b"])
-def test_sft_config_shardings_divide(arg):
-  """On the sft config's own mesh (all devices on 'fsdp') every weight divides evenly."""
-  config = load_config("sft.py", arg)
-  mesh = sharding.make_mesh(config.mesh)
-  assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
-  boxed = abstract_params(ModelConfig.from_dict(config.model))
+@pytest.mark.parametrize("name", ["pythia_1b", "pythia_2_8b", "pythia_6_9b", "llama_8b"])
+def test_tensor_parallel_shardings_follow_rules(mesh_222, name):
+  """On a (2, 2, 2) mesh (data, FSDP and tensor parallel) the Pythia and Llama-8B weights
+  follow DEFAULT_RULES and divide evenly: heads, d_ff and the padded vocabularies split over
+  'tensor'. (GPT-2's 50257-token vocabulary is odd: its presets cannot put 'vocab' on a
+  'tensor' axis, hence their FSDP-only mesh.)"""
+  cfg = ModelConfig(**preset(name, scan_layers=True))
+  boxed = abstract_params(cfg)
+  shardings = sharding.tree_shardings(mesh_222, sharding.DEFAULT_RULES, boxed)
+  specs = _check_divisible(mesh_222, boxed, shardings)
+  _follows_rules(specs, dict(sharding.DEFAULT_RULES))
+  assert specs["['embed']['embedding']"][1] == ("tensor", "fsdp")
+  assert specs["['lm_head']['kernel']"][1] == ("fsdp", "tensor")
+  assert specs["['layers']['attn']['q_proj']['kernel']"][1] == (None, "fsdp", "tensor", None)
+  assert specs["['layers']['attn']['o_proj']['kernel']"][1] == (None, "tensor", None, "fsdp")
+  assert specs["['layers']['mlp']['up_proj']['kernel']"][1] == (None, "fsdp", "tensor")
+  assert specs["['layers']['mlp']['down_proj']['kernel']"][1] == (None, "tensor", "fsdp")
+  if cfg.use_bias:
+    assert specs["['layers']['attn']['q_proj']['bias']"][1] == (None, "tensor", None)
+    assert specs["['layers']['mlp']['up_proj']['bias']"][1] == (None, "tensor")
+    assert specs["['layers']['mlp']['down_proj']['bias']"][1] == (None, "fsdp")
+
+
+def _follows_rules(specs, rules):
+  for where, (names, spec, _) in specs.items():
+    assert spec == tuple(rules[n] if n is not None else None for n in names), where
+
+
+@pytest.mark.parametrize("num_devices", [None, 64])
+@pytest.mark.parametrize("file", ["sft.py", "rm.py"])
+@pytest.mark.parametrize("arg", ACCELERATOR)
+def test_config_shardings_follow_rules_and_divide(arg, file, num_devices):
+  """On the config's own mesh (all devices on 'fsdp'), for the 8 test devices (None) and for
+  64 devices (an abstract mesh), every weight's spec follows the rules and divides evenly."""
+  config = load_config(file, arg)
+  if num_devices is None:
+    mesh = sharding.make_mesh(config.mesh)
+    num_devices = jax.device_count()
+  else:
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+    mesh = AbstractMesh(shape, tuple(config.mesh.axis_names), axis_types=(AxisType.Auto,) * 3)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": num_devices, "tensor": 1}
+  head = "scalar" if file == "rm.py" else "lm"
+  boxed = abstract_params(ModelConfig.from_dict(config.model), head)
   rules = sharding.rules_from_config(config.mesh)
-  specs = _check_divisible(mesh, boxed, sharding.tree_shardings(mesh, rules, boxed))
+  shardings = sharding.tree_shardings(mesh, rules, boxed)
+  specs = _check_divisible(mesh, boxed, shardings)
+  _follows_rules(specs, dict(rules))
   # FSDP shards (almost) all of the parameters: everything but norms and small biases.
   assert "fsdp" in specs["['embed']['embedding']"][1]
   total = sum(math.prod(shape) for _, _, shape in specs.values())
   sharded = sum(math.prod(shape) for _, spec, shape in specs.values() if "fsdp" in spec)
   assert sharded / total > 0.99
+  # Each device holds 1/num_devices of every FSDP-sharded weight.
+  flat = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (where, (_, spec, shape)), s in zip(specs.items(), flat):
+    if "fsdp" in spec:
+      assert math.prod(s.shard_shape(shape)) * num_devices == math.prod(shape), where
+
+
+# ---------------------------------------------------------------- benchmarks/memory.py
+
+
+def _memory_benchmark():
+  bench = os.path.join(os.path.dirname(CONFIGS_DIR), "benchmarks")
+  spec = importlib.util.spec_from_file_location("benchmarks_memory",
+                                                os.path.join(bench, "memory.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, bench)  # memory.py imports benchmarks/machine.py as `machine`.
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(bench)
+  return module
+
+
+@pytest.mark.parametrize("arg,file", [("pythia_1b", "sft"), ("gpt2_xl", "rm")])
+def test_memory_benchmark_state_bytes(arg, file):
+  """benchmarks/memory.py's state per device equals a count from the logical names: weights
+  with an 'embed' axis are split over the 8 FSDP devices, the rest (norms, biases of other
+  axes) is replicated; AdamW keeps two float32 moments (+ two int32 counts: Adam's and the
+  learning-rate schedule's), gradients one float32 copy."""
+  memory = _memory_benchmark()
+  row = memory.measure(arg, file, 8)
+  head = "scalar" if file == "rm" else "lm"
+  cfg = ModelConfig.from_dict(load_config(f"{file}.py", arg).model)
+  leaves = jax.tree.leaves(abstract_params(cfg, head), is_leaf=_is_boxed)
+  split = sum(math.prod(x.value.shape) for x in leaves if "embed" in x.names)
+  whole = sum(math.prod(x.value.shape) for x in leaves if "embed" not in x.names)
+  assert split + whole == count_params(cfg, head)
+  assert row["params"] == row["grads"] == 4 * (split // 8 + whole)
+  assert row["opt_state"] == 2 * row["params"] + 8
+  assert row["state"] == 4 * row["params"] + 8
+  assert row["mesh"] == (1, 8, 1)
+  # Full remat keeps far less than no remat for the same batch.
+  full = memory.activation_bytes(cfg, head, row["rows_per_device"], row["length"])
+  none = memory.activation_bytes(dataclasses.replace(cfg, remat="none"), head,
+                                 row["rows_per_device"], row["length"])
+  assert full == row["activations"] and none > 2 * full

@@ -119,6 +119,16 @@ def _gpt2(d: int, layers: int, heads: int) -> dict[str, Any]:
               use_bias=True)
 
 
+def _pythia(d: int, layers: int, heads: int, vocab: int) -> dict[str, Any]:
+  """EleutherAI's Pythia (GPT-NeoX): partial rotary (a quarter of each head), parallel
+  residual, exact GELU, LayerNorm, biases everywhere, untied input and output embeddings."""
+  return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
+              num_kv_heads=heads, head_dim=d // heads, d_ff=4 * d, max_length=2048,
+              norm="layernorm", norm_eps=1e-5, mlp="gelu", position="rope",
+              rope_theta=10000.0, rotary_fraction=0.25, tie_embeddings=False, use_bias=True,
+              parallel_residual=True)
+
+
 def _llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int,
            tie: bool, theta: float) -> dict[str, Any]:
   return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
@@ -142,6 +152,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2_medium": _gpt2(1024, 24, 16),      # 355M
     "gpt2_large": _gpt2(1280, 36, 20),       # 774M
     "gpt2_xl": _gpt2(1600, 48, 25),          # 1.5B
+    # EleutherAI/pythia-*: the config.json of each (hidden_size, num_hidden_layers,
+    # num_attention_heads, vocab_size; intermediate_size = 4 * hidden_size, rotary_pct 0.25,
+    # rotary_emb_base 10000, max_position_embeddings 2048, use_parallel_residual, hidden_act
+    # 'gelu', tie_word_embeddings false). The vocabulary is padded past the tokenizer's 50277
+    # tokens (50304 = 128 * 393; 50432 = 256 * 197 for 6.9B).
+    "pythia_1b": _pythia(2048, 16, 8, 50304),       # 1,011,781,632
+    "pythia_2_8b": _pythia(2560, 32, 32, 50304),    # 2,775,208,960
+    "pythia_6_9b": _pythia(4096, 32, 32, 50432),    # 6,857,302,016
+    # Llama-3.2-1B and Llama-3-8B layouts with unscaled RoPE: Llama-3.2-1B and Llama-3.1-8B
+    # add 'llama3' RoPE frequency scaling (131072 context), which ModelConfig does not express.
     "llama_1b": _llama(128256, 2048, 16, 32, 8, 8192, tie=True, theta=500000.0),
     "llama_8b": _llama(128256, 4096, 32, 32, 8, 14336, tie=False, theta=500000.0),
 }
