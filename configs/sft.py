@@ -13,7 +13,7 @@ Presets (the argument after the colon): `tiny` (CPU), `tiny_llama` (the Llama-fa
 tiny size), and on accelerators (bf16, scanned and rematerialised layers, FSDP over all
 devices; see `config_lib.apply_preset`) the published architectures `gpt2` (124M),
 `gpt2_medium` (355M), `gpt2_large` (774M), `gpt2_xl` (1.5B), `pythia_1b`, `pythia_2_8b`,
-`pythia_6_9b`, `llama_1b` (Llama-3.2-1B layout), `llama_8b` (Llama-3-8B layout). Initialise
+`pythia_6_9b`, `llama_1b` (Llama-3.2-1B), `llama_8b` (Llama-3.1-8B). Initialise
 from a pretrained run with `--config.init_from=PRETRAIN_WORKDIR`, or from a Hugging Face
 checkpoint of the same architecture with `--config.model.hf_checkpoint=DIR` (and its
 tokenizer, `--config.data.tokenizer=DIR`).

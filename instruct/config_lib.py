@@ -165,7 +165,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 CPU_PRESETS = ("tiny", "tiny_llama")
 # Published architectures (instruct.model.config.PRESETS): GPT-2 124M to 1.5B, Pythia 1B /
-# 2.8B / 6.9B and the Llama-3 family at 1B and 8B. They load the same Hugging Face
+# 2.8B / 6.9B, Llama-3.2-1B and Llama-3.1-8B. They load the same Hugging Face
 # checkpoints exactly (`--config.model.hf_checkpoint`), so a run started from a checkpoint
 # and a later stage started from that run (`--config.init_from`) agree on the architecture.
 ACCELERATOR_PRESETS = ("gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl",

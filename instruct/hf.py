@@ -96,24 +96,59 @@ def _as_hf_config(hf_config):
   if isinstance(hf_config, Mapping):
     import transformers
     fields = {k: v for k, v in hf_config.items() if k != "model_type"}
-    return transformers.AutoConfig.for_model(model_type, **fields)
+    try:
+      return transformers.AutoConfig.for_model(model_type, **fields)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"Invalid {model_type} config.json: {e}") from e
   return hf_config
 
 
-def _rope(hf_config) -> tuple[float, float]:
-  """(theta, rotary fraction); only unscaled rotary embeddings are supported."""
+def _rope(hf_config) -> dict[str, Any]:
+  """The rotary fields of ModelConfig from an HF config: theta, rotary fraction and the
+  frequency scaling ('default', 'linear' or 'llama3'; others are refused).
+
+  transformers v5 keeps them in `rope_parameters`; older config.json files have top-level
+  `rope_theta` / `rotary_emb_base` / `rotary_pct` and a `rope_scaling` dict.
+  """
   params = dict(_get(hf_config, "rope_parameters", None) or {})
-  legacy = _get(hf_config, "rope_scaling", None)
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if legacy and not params:
-    rope_type = legacy.get("rope_type", legacy.get("type", "default"))
-  if rope_type != "default":
+  legacy = dict(_get(hf_config, "rope_scaling", None) or {})
+  scaling = {**legacy, **params}
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type not in ("default", "linear", "llama3"):
     raise ValueError(f"Unsupported rotary embedding scaling rope_type={rope_type!r} "
-                     f"({params or legacy}); instruct's models implement unscaled RoPE only.")
-  theta = params.get("rope_theta", _get(hf_config, "rope_theta",
-                                        _get(hf_config, "rotary_emb_base", 10000.0)))
-  fraction = params.get("partial_rotary_factor", _get(hf_config, "rotary_pct", 1.0))
-  return float(theta), float(fraction)
+                     f"({scaling}); instruct implements 'default', 'linear' and 'llama3'.")
+  theta = scaling.get("rope_theta", _get(hf_config, "rope_theta",
+                                         _get(hf_config, "rotary_emb_base", 10000.0)))
+  fraction = scaling.get("partial_rotary_factor",
+                         _get(hf_config, "partial_rotary_factor",
+                              _get(hf_config, "rotary_pct", 1.0)))
+  fields = dict(rope_theta=float(theta), rotary_fraction=float(fraction))
+  if rope_type == "default":
+    return fields
+  def need(key):
+    if scaling.get(key) is None:
+      raise ValueError(f"rope_type={rope_type!r} needs {key!r} in the checkpoint's rope "
+                       f"parameters; got {scaling}.")
+    return scaling[key]
+  fields.update(rope_scaling=rope_type, rope_factor=float(need("factor")))
+  if rope_type == "llama3":
+    fields.update(rope_low_freq_factor=float(need("low_freq_factor")),
+                  rope_high_freq_factor=float(need("high_freq_factor")),
+                  rope_original_max_length=int(need("original_max_position_embeddings")))
+  return fields
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+  """The transformers `rope_parameters` of `cfg` (the inverse of `_rope`)."""
+  rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+          "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling != "none":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_scaling == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_length)
+  return rope
 
 
 def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
@@ -144,14 +179,12 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
     if not getattr(c, "attention_bias", True):
       unsupported.append("attention_bias=False (the MLP has biases; instruct's use_bias "
                          "covers both)")
-    theta, fraction = _rope(c)
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
                   d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
                   norm="layernorm", norm_eps=c.layer_norm_eps,
                   mlp="gelu" if c.hidden_act == "gelu" else "gelu_tanh", position="rope",
-                  rope_theta=theta, rotary_fraction=fraction,
-                  tie_embeddings=bool(c.tie_word_embeddings), use_bias=True,
+                  **_rope(c), tie_embeddings=bool(c.tie_word_embeddings), use_bias=True,
                   parallel_residual=bool(c.use_parallel_residual))
   else:  # llama
     d, heads = c.hidden_size, c.num_attention_heads
@@ -160,14 +193,13 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
     if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
       unsupported.append(f"attention_bias={c.attention_bias} with mlp_bias="
                          f"{getattr(c, 'mlp_bias', False)} (instruct's use_bias covers both)")
-    theta, fraction = _rope(c)
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
                   head_dim=getattr(c, "head_dim", None) or d // heads,
                   d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
                   norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp="swiglu", position="rope",
-                  rope_theta=theta, rotary_fraction=fraction,
-                  tie_embeddings=bool(c.tie_word_embeddings), use_bias=bool(c.attention_bias),
+                  **_rope(c), tie_embeddings=bool(c.tie_word_embeddings),
+                  use_bias=bool(c.attention_bias),
                   parallel_residual=False)
   if unsupported:
     raise ValueError(f"This {family} checkpoint uses {'; '.join(unsupported)}, which "
@@ -243,7 +275,7 @@ def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, 
         activation_function="gelu" if cfg.mlp == "gelu" else "gelu_new",
         resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0,
         summary_first_dropout=0.0, **common)
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  rope = _rope_parameters(cfg)
   if family == "gpt_neox":
     return transformers.GPTNeoXConfig(
         hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,

@@ -12,6 +12,7 @@ PyTorch is a test requirement (the `torch` extra): it is imported here unconditi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -35,7 +36,7 @@ from instruct import hf
 from instruct import sharding as shd
 from instruct import trainer
 from instruct.data import DEFAULT_TOKENIZER
-from instruct.model import ModelConfig, Transformer, stack_layers
+from instruct.model import ModelConfig, Transformer, layers, stack_layers
 from instruct.rl.sampler import SamplingConfig, make_sampler
 
 torch.set_num_threads(1)
@@ -153,6 +154,50 @@ def test_imported_logits_match_transformers(saved, family):
   np.testing.assert_allclose(ours[real], expected[real], atol=TOLERANCE, rtol=0)
 
 
+# Scaled rotary embeddings. The original context (32) is short and the model's long (128), so
+# the frequency pairs of a 16-wide head fall in every regime of 'llama3' and the test reaches
+# positions far past the original context.
+SCALED_ROPE = {
+    "llama-llama3": ("llama", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 32}),
+    "llama-linear": ("llama", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "gpt_neox-linear": ("gpt_neox", {"rope_type": "linear", "rope_theta": 10000.0,
+                                     "factor": 2.0, "partial_rotary_factor": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALED_ROPE))
+def test_scaled_rope_matches_transformers(name, tmp_path):
+  """Llama 3.1 'llama3' and 'linear' RoPE scaling: the frequencies equal transformers'
+  `ROPE_INIT_FUNCTIONS`, and logits over 100 positions match; export keeps the scaling."""
+  family, rope = SCALED_ROPE[name]
+  model = hf_model(family, seed=7, rope_parameters=rope)
+  model.save_pretrained(tmp_path / "hf")
+  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
+  assert cfg.rope_scaling == rope["rope_type"] and cfg.rope_factor == rope["factor"]
+  theirs, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope["rope_type"]](
+      model.config, "cpu")
+  unscaled = layers.rope_frequencies(dataclasses.replace(cfg, rope_scaling="none"))
+  ours = layers.rope_frequencies(cfg)
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+  assert not np.allclose(ours, unscaled)  # The scaling changes the frequencies.
+  tokens, mask = inputs(seed=3, batch=3, length=100)
+  mask[1, :30] = 0  # And row 2 is right-padded after 9 tokens.
+  expected = torch_logits(model, tokens, mask)
+  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+  real = mask > 0
+  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
+                             atol=TOLERANCE, rtol=0)
+  # Without the scaling the same weights give different logits: the test can tell.
+  wrong = our_logits(dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0), params,
+                     tokens, mask)
+  assert np.abs(wrong[real] - expected[real]).max() > 100 * TOLERANCE
+  exported = hf.hf_config_from_model_config(cfg, family)
+  assert hf.model_config_from_hf(exported) == cfg
+  assert hf.model_config_from_hf(json.loads(exported.to_json_string())) == cfg
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(saved, family):
   """Our jitted sampler at temperature 0 and `generate(do_sample=False)` agree token for token,
@@ -241,11 +286,15 @@ def test_unsupported_checkpoints_are_clear_errors(saved, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
   with pytest.raises(ValueError, match="model_type 'mistral'"):
     hf.load_hf_params(str(tmp_path))
-  scaled = hf_config("llama", rope_parameters={
-      "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-  with pytest.raises(ValueError, match="rope_type='llama3'"):
-    hf.model_config_from_hf(scaled)
+  yarn = hf_config("llama", rope_parameters={
+      "rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+      "original_max_position_embeddings": 64})
+  with pytest.raises(ValueError, match="rope_type='yarn'.*'default', 'linear' and 'llama3'"):
+    hf.model_config_from_hf(yarn)
+  with pytest.raises(ValueError, match="Invalid llama config.json.*'llama3'.*low_freq_factor"):
+    hf.model_config_from_hf({"model_type": "llama", "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}})
   with pytest.raises(ValueError, match="activation_function='relu'"):
     hf.model_config_from_hf(hf_config("gpt2", activation_function="relu"))
   # A config that does not match the checkpoint names the differing fields.

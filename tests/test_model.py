@@ -22,14 +22,18 @@ from flax.linen import meta
 
 from instruct.model import (KVCache, ModelConfig, Transformer, count_params, preset,
                             stack_layers, unstack_layers)
-from instruct.model.layers import apply_rope
+from instruct.model.layers import apply_rope, rope_frequencies
 from instruct.sharding import DEFAULT_RULES
 
 FAMILIES = ("tiny", "tiny_llama")
 # A GPT-NeoX/Pythia-like variant: partial rotary, parallel residual, exact GELU, untied head.
 NEOX = dict(position="rope", rotary_fraction=0.25, parallel_residual=True, mlp="gelu",
             tie_embeddings=False)
-VARIANTS = {"tiny": ("tiny", {}), "tiny_llama": ("tiny_llama", {}), "tiny_neox": ("tiny", NEOX)}
+# Llama 3.1 / 3.2 frequency scaling with a short original context, so that the head's 8
+# frequency pairs fall in all three regimes (kept, interpolated, divided).
+LLAMA3_ROPE = dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_length=64)
+VARIANTS = {"tiny": ("tiny", {}), "tiny_llama": ("tiny_llama", {}), "tiny_neox": ("tiny", NEOX),
+            "tiny_llama3_rope": ("tiny_llama", LLAMA3_ROPE)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,10 +92,11 @@ def jit(fun, **kwargs):
 # ------------------------------------------------------------------ numpy reference
 
 
-def np_rope(x, positions, rotary_dim, theta):
+def np_rope(x, positions, rotary_dim, theta, freq=None):
   """Rotate-half RoPE via complex numbers: feature i pairs with i + rotary_dim/2."""
   half = rotary_dim // 2
-  freq = theta ** (-np.arange(half) * 2.0 / rotary_dim)
+  if freq is None:
+    freq = theta ** (-np.arange(half) * 2.0 / rotary_dim)
   z = x[..., :half] + 1j * x[..., half:rotary_dim]
   z = z * np.exp(1j * positions[:, :, None, None] * freq)
   return np.concatenate([z.real, z.imag, x[..., rotary_dim:]], axis=-1)
@@ -113,8 +118,9 @@ def np_proj(x, p, n_in):
 def np_attention(x, p, cfg, positions, mask):
   q, k, v = (np_proj(x, p[n], 1) for n in ("q_proj", "k_proj", "v_proj"))  # [b, t, h, d]
   if cfg.position == "rope":
-    q = np_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
-    k = np_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
+    freq = rope_frequencies(cfg).astype(np.float64)
+    q = np_rope(q, positions, cfg.rotary_dim, cfg.rope_theta, freq)
+    k = np_rope(k, positions, cfg.rotary_dim, cfg.rope_theta, freq)
   groups = cfg.num_heads // cfg.num_kv_heads
   k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)  # HF repeat_kv.
   scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
@@ -609,7 +615,11 @@ def test_count_params_matches_real_count(name, overrides, head):
 
 # ----------------------------------------------------------------------------- RoPE
 
-rope = jit(apply_rope, static_argnums=(2, 3))
+@functools.partial(jit, static_argnums=(2, 3))
+def rope(x, positions, rotary_dim, theta):
+  """apply_rope with the unscaled frequencies of `rotary_dim` and `theta`."""
+  cfg = make_cfg("tiny", position="rope", head_dim=rotary_dim, rope_theta=theta)
+  return apply_rope(x, positions, rope_frequencies(cfg))
 
 
 def test_apply_rope_matches_numpy():
@@ -639,6 +649,36 @@ def test_apply_rope_partial_rotary():
   assert np.abs(got[..., :4] - x[..., :4]).max() > 1e-2
   np.testing.assert_allclose(got, np_rope(x.astype(np.float64), pos, 4, cfg.rope_theta),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_rope_frequency_scaling_by_hand():
+  """'linear' divides every frequency by the factor; 'llama3' keeps wavelengths shorter than
+  original / high_freq_factor, divides those longer than original / low_freq_factor, and in
+  between interpolates by s = (original / wavelength - low) / (high - low)."""
+  base = dict(position="rope", head_dim=16, rope_theta=10000.0)
+  plain = rope_frequencies(make_cfg("tiny", **base)).astype(np.float64)
+  np.testing.assert_allclose(plain, 10000.0 ** (-np.arange(8) / 8), rtol=1e-6)
+  linear = rope_frequencies(make_cfg("tiny", **base, rope_scaling="linear", rope_factor=4.0))
+  np.testing.assert_allclose(linear, plain / 4.0, rtol=1e-6)
+  # Original context 64, factor 8: wavelengths 2 pi 10000^(i/8) = 6.3, 19.9, 62.8, 199, ...
+  # so pair 0 is high-frequency (< 64 / 4 = 16), pairs 1 and 2 medium, pairs 3.. low (> 64).
+  llama3 = rope_frequencies(make_cfg(
+      "tiny", **base, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_length=64)).astype(np.float64)
+  assert llama3[0] == pytest.approx(plain[0], rel=1e-6)
+  np.testing.assert_allclose(llama3[3:], plain[3:] / 8.0, rtol=1e-6)
+  for i in (1, 2):
+    s = (64 / (2 * np.pi / plain[i]) - 1.0) / (4.0 - 1.0)
+    assert 0 < s < 1
+    assert llama3[i] == pytest.approx((1 - s) * plain[i] / 8.0 + s * plain[i], rel=1e-6)
+    assert plain[i] / 8.0 < llama3[i] < plain[i]
+  with pytest.raises(ValueError, match="rope_scaling='llama3' is invalid: expected 'none' with "
+                                       "position='learned'"):
+    make_cfg("tiny", rope_scaling="llama3")
+  with pytest.raises(ValueError, match="rope_high_freq_factor=1.0 is invalid"):
+    make_cfg("tiny", **base, rope_scaling="llama3", rope_high_freq_factor=1.0)
+  with pytest.raises(ValueError, match="rope_scaling='yarn' is invalid"):
+    make_cfg("tiny", **base, rope_scaling="yarn")
 
 
 def test_apply_rope_relative_position():

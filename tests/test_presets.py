@@ -69,18 +69,24 @@ HF_CONFIGS = {
                         num_attention_heads=32, intermediate_size=10240, vocab_size=50304),
     "pythia_6_9b": dict(_PYTHIA, hidden_size=4096, num_hidden_layers=32,
                         num_attention_heads=32, intermediate_size=16384, vocab_size=50432),
-    # meta-llama/Meta-Llama-3-8B (Llama-3.1-8B adds rope_scaling 'llama3', 131072 positions).
+    # meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B: 'llama3' RoPE frequency scaling.
+    "llama_1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     intermediate_size=8192, max_position_embeddings=131072, head_dim=64,
+                     tie_word_embeddings=True,
+                     rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                       original_max_position_embeddings=8192,
+                                       rope_type="llama3")),
     "llama_8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                     intermediate_size=14336, max_position_embeddings=8192,
-                     tie_word_embeddings=False),
+                     intermediate_size=14336, max_position_embeddings=131072,
+                     tie_word_embeddings=False,
+                     rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192,
+                                       rope_type="llama3")),
 }
-# meta-llama/Llama-3.2-1B: RoPE with 'llama3' frequency scaling, which instruct lacks.
-LLAMA_3_2_1B = dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                    intermediate_size=8192, max_position_embeddings=131072, head_dim=64,
-                    tie_word_embeddings=True,
-                    rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                                      original_max_position_embeddings=8192,
-                                      rope_type="llama3"))
+# meta-llama/Meta-Llama-3-8B: Llama-3.1-8B's weights layout with unscaled RoPE.
+META_LLAMA_3_8B = dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       intermediate_size=14336, max_position_embeddings=8192,
+                       tie_word_embeddings=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,14 +171,10 @@ def test_preset_is_the_published_architecture(name):
   assert hf.model_config_from_hf(HF_CONFIGS[name]) == ModelConfig(**preset(name))
 
 
-def test_llama_1b_is_llama_3_2_1b_without_rope_scaling():
-  """Llama-3.2-1B's 'llama3' RoPE scaling is not expressible: its import is refused, and
-  without the scaling (and at 8192 positions) it is the llama_1b preset."""
-  with pytest.raises(ValueError, match="llama3"):
-    hf.model_config_from_hf(LLAMA_3_2_1B)
-  unscaled = {k: v for k, v in LLAMA_3_2_1B.items() if k != "rope_scaling"}
-  unscaled["max_position_embeddings"] = 8192
-  assert hf.model_config_from_hf(unscaled) == ModelConfig(**preset("llama_1b"))
+def test_meta_llama_3_8b_is_llama_8b_without_rope_scaling():
+  """Meta-Llama-3-8B is llama_8b with unscaled RoPE and 8192 positions."""
+  assert hf.model_config_from_hf(META_LLAMA_3_8B) == ModelConfig(
+      **preset("llama_8b", rope_scaling="none", rope_factor=1.0, max_length=8192))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

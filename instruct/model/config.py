@@ -18,6 +18,10 @@ from typing import Any, Mapping
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
 POSITIONS = ("learned", "rope")
+# Rotary frequency scaling for long context, as Hugging Face's `rope_type`: 'linear' divides
+# every frequency by `rope_factor` (position interpolation); 'llama3' (Llama 3.1 / 3.2) divides
+# only the low frequencies, keeps the high ones and interpolates smoothly in between.
+ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 # Keys of `config.model` that say where the initial weights come from, not the architecture:
@@ -43,6 +47,11 @@ class ModelConfig:
   position: str = "learned"        # 'learned' | 'rope'.
   rope_theta: float = 10000.0
   rotary_fraction: float = 1.0     # Fraction of head_dim that is rotated (Pythia: 0.25).
+  rope_scaling: str = "none"       # 'none' | 'linear' | 'llama3' (see ROPE_SCALINGS).
+  rope_factor: float = 1.0         # 'linear' and 'llama3': the context extension factor.
+  rope_low_freq_factor: float = 1.0    # 'llama3' only: wavelengths above
+  rope_high_freq_factor: float = 4.0   # original/low are divided, below original/high kept.
+  rope_original_max_length: int = 8192  # 'llama3' only: the pretraining context length.
   tie_embeddings: bool = True      # LM head reuses the token embedding.
   use_bias: bool = True            # Biases in attention and MLP projections.
   parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX).
@@ -70,6 +79,16 @@ class ModelConfig:
         (int(self.head_dim * self.rotary_fraction) % 2 == 0, "rotary_fraction",
          "such that head_dim * rotary_fraction is even"),
         (0.0 <= self.dropout_rate < 1.0, "dropout_rate", "in [0, 1)"),
+        (self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"one of {ROPE_SCALINGS}"),
+        (self.rope_scaling == "none" or self.position == "rope", "rope_scaling",
+         "'none' with position='learned'"),
+        (self.rope_factor > 0, "rope_factor", "positive"),
+        (self.rope_scaling != "llama3"
+         or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+         "rope_high_freq_factor",
+         f"greater than rope_low_freq_factor={self.rope_low_freq_factor} (both positive)"),
+        (isinstance(self.rope_original_max_length, int) and self.rope_original_max_length > 0,
+         "rope_original_max_length", "a positive integer"),
     ]
     for ok, key, expected in checks:
       if not ok:
@@ -130,11 +149,15 @@ def _pythia(d: int, layers: int, heads: int, vocab: int) -> dict[str, Any]:
 
 
 def _llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int,
-           tie: bool, theta: float) -> dict[str, Any]:
+           tie: bool, rope_factor: float) -> dict[str, Any]:
+  """Llama 3.1 / 3.2: RoPE theta 500000 with 'llama3' frequency scaling from 8192 to 131072
+  positions, RMSNorm, SwiGLU, grouped-query attention, no biases."""
   return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
-              num_kv_heads=kv_heads, head_dim=d // heads, d_ff=d_ff, max_length=8192,
+              num_kv_heads=kv_heads, head_dim=d // heads, d_ff=d_ff, max_length=131072,
               norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", position="rope",
-              rope_theta=theta, tie_embeddings=tie, use_bias=False)
+              rope_theta=500000.0, rope_scaling="llama3", rope_factor=rope_factor,
+              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+              rope_original_max_length=8192, tie_embeddings=tie, use_bias=False)
 
 
 # Architecture presets: name -> fields of ModelConfig. The vocabulary of the `tiny*` presets
@@ -160,10 +183,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia_1b": _pythia(2048, 16, 8, 50304),       # 1,011,781,632
     "pythia_2_8b": _pythia(2560, 32, 32, 50304),    # 2,775,208,960
     "pythia_6_9b": _pythia(4096, 32, 32, 50432),    # 6,857,302,016
-    # Llama-3.2-1B and Llama-3-8B layouts with unscaled RoPE: Llama-3.2-1B and Llama-3.1-8B
-    # add 'llama3' RoPE frequency scaling (131072 context), which ModelConfig does not express.
-    "llama_1b": _llama(128256, 2048, 16, 32, 8, 8192, tie=True, theta=500000.0),
-    "llama_8b": _llama(128256, 4096, 32, 32, 8, 14336, tie=False, theta=500000.0),
+    # meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B (their config.json). Meta-Llama-3-8B
+    # is llama_8b without RoPE scaling: `rope_scaling='none'`, `max_length=8192`.
+    "llama_1b": _llama(128256, 2048, 16, 32, 8, 8192, tie=True, rope_factor=32.0),
+    "llama_8b": _llama(128256, 4096, 32, 32, 8, 14336, tie=False, rope_factor=8.0),
 }
 
 

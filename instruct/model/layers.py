@@ -15,6 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instruct.model.config import ModelConfig
 
@@ -75,15 +76,39 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
                       bias_init=_zeros(("norm",)), name=name)
 
 
-def apply_rope(x_bthd: Array, positions_bt: Array, rotary_dim: int, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """The rotary inverse frequencies [rotary_dim // 2] of `cfg`, float32, with its scaling.
+
+  The same arithmetic as Hugging Face's `ROPE_INIT_FUNCTIONS` ('default', 'linear',
+  'llama3'), so imported checkpoints see the positions they were trained with.
+  """
+  dim = cfg.rotary_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if cfg.rope_scaling == "linear":
+    inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_context = cfg.rope_original_max_length
+    wavelength = 2 * np.pi / inv_freq
+    # Short wavelengths (< old_context / high) are kept, long ones (> old_context / low)
+    # divided by `factor`, and those in between interpolated by how many periods fit.
+    smooth = (old_context / wavelength - low) / (high - low)
+    medium = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelength > old_context / low, inv_freq / factor,
+                        np.where(wavelength < old_context / high, inv_freq, medium))
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_bthd: Array, positions_bt: Array, inv_freq: np.ndarray) -> Array:
   """Rotary position embedding (Su et al. 2021), in the 'rotate half' layout of HF Llama/NeoX.
 
-  Only the first `rotary_dim` features of each head are rotated (GPT-NeoX partial rotary).
-  x_bthd: [batch, length, heads, head_dim]; positions_bt: [batch, length] int.
+  Only the first `2 * len(inv_freq)` features of each head are rotated (GPT-NeoX partial
+  rotary). x_bthd: [batch, length, heads, head_dim]; positions_bt: [batch, length] int;
+  inv_freq: the frequencies of each rotated pair (`rope_frequencies`).
   """
-  half = rotary_dim // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / rotary_dim))
-  angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  half = len(inv_freq)
+  rotary_dim = 2 * half
+  angles_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   cos = jnp.cos(angles_btf)[:, :, None, :]
   sin = jnp.sin(angles_btf)[:, :, None, :]
   rot, rest = x_bthd[..., :rotary_dim], x_bthd[..., rotary_dim:]
@@ -117,8 +142,9 @@ class Attention(nn.Module):
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_kv"))
     if cfg.position == "rope":
-      q = apply_rope(q, positions_bt, cfg.rotary_dim, cfg.rope_theta)
-      k = apply_rope(k, positions_bt, cfg.rotary_dim, cfg.rope_theta)
+      inv_freq = rope_frequencies(cfg)
+      q = apply_rope(q, positions_bt, inv_freq)
+      k = apply_rope(k, positions_bt, inv_freq)
 
     new_cache = None
     if layer_cache is not None:
