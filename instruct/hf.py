@@ -40,7 +40,7 @@ import json
 import math
 import os
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 
 from instruct.model.config import ModelConfig
-from instruct.model.transformer import Transformer, unstack_layers
+from instruct.model.transformer import Transformer
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 CAUSAL_LM = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
@@ -795,93 +795,232 @@ def _callback(tensors: _Tensors, plan: list[tuple[Source, str]], shape, stacked:
 # --------------------------------------------------------------------------- export
 
 
-def hf_state_dict(params, cfg: ModelConfig, family: Optional[str] = None,
-                  head: str = "lm") -> dict[str, np.ndarray]:
-  """Our parameters as HF tensors (float32 numpy, named as in the task model's checkpoint).
+def _param_keys(params, cfg: ModelConfig) -> list[tuple[str, ...]]:
+  """Unscanned parameter paths of `params` (scanned layers listed as layers_0, layers_1...)."""
+  keys = []
+  for key in _flatten(params):
+    if cfg.scan_layers and key[0] == "layers":
+      keys += [(f"layers_{i}",) + key[1:] for i in range(cfg.num_layers)]
+    else:
+      keys.append(key)
+  return keys
+
+
+def _param(params, cfg: ModelConfig, key: tuple[str, ...]) -> np.ndarray:
+  """One unscanned parameter as float32 on the host. A layer of scanned parameters is sliced
+  on the devices first, so only that layer is gathered."""
+  node, layer = params, None
+  if cfg.scan_layers and key[0].startswith("layers_"):
+    node, layer, key = params["layers"], int(key[0][len("layers_"):]), key[1:]
+  for k in key:
+    node = node[k]
+  if layer is not None:
+    node = node[layer]
+  return np.asarray(jax.device_get(node), np.float32)
+
+
+def iter_hf_tensors(params, cfg: ModelConfig, family: Optional[str] = None,
+                    head: str = "lm") -> Iterator[tuple[str, np.ndarray]]:
+  """Our parameters as HF tensors (float32 numpy, named as in the task model's checkpoint),
+  one tensor at a time: each is assembled on the host from the parameters it holds (GPT-2's
+  fused `c_attn` from q, k and v), so host memory holds one tensor, not the model.
 
   A scalar head's bias is not written (HF's `score` has none; `export` records it)."""
   family = family or infer_family(cfg)
-  if cfg.scan_layers:
-    params = unstack_layers(params, cfg.num_layers)
   sources = param_sources(cfg, family, head)
-  out: dict[str, np.ndarray] = {}
-  for key, value in _flatten(params).items():
+  by_name: dict[str, list[tuple[str, ...]]] = {}
+  for key in _param_keys(params, cfg):
     if key == ("scalar_head", "bias"):
       continue
     if key not in sources:
       raise ValueError(f"Parameter {'.'.join(key)} has no counterpart in a {family} "
                        f"{'sequence-classification' if head == 'scalar' else 'causal-LM'} "
                        "model.")
-    sources[key].write(out, np.asarray(jax.device_get(value), np.float32))
-  return out
+    by_name.setdefault(sources[key].names[0], []).append(key)
+  for name, keys in by_name.items():
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+      sources[key].write(out, _param(params, cfg, key))
+    yield name, out[name]
 
 
-def _load_run(workdir: str, step: Optional[int]):
-  """(stage, ModelConfig, params, step, reward normalisation or None) of a run directory."""
+def hf_state_dict(params, cfg: ModelConfig, family: Optional[str] = None,
+                  head: str = "lm") -> dict[str, np.ndarray]:
+  """All of `iter_hf_tensors` in one dict (small models and tests)."""
+  return dict(iter_hf_tensors(params, cfg, family, head))
+
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+               "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: "int | str") -> int:
+  """Bytes of '5GB', '500MB', '2GiB', '100KB' or an int (decimal units, as transformers)."""
+  if isinstance(size, int):
+    value = size
+  else:
+    text = str(size).strip().upper()
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    if unit not in _SIZE_UNITS or not number.replace(".", "", 1).isdigit():
+      raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB', "
+                       "'500MB', '2GiB'.")
+    value = int(float(number) * _SIZE_UNITS[unit])
+  if value <= 0:
+    raise ValueError(f"max_shard_size={size!r} must be positive.")
+  return value
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
+                      max_shard_size: "int | str" = "5GB") -> list[str]:
+  """Writes (name, array) pairs as Hugging Face safetensors: `model.safetensors` when they
+  fit in one file of at most `max_shard_size` bytes, else `model-0000k-of-0000n.safetensors`
+  files with `model.safetensors.index.json`. Arrays are consumed as they come, so host memory
+  holds at most one file's worth. Returns the files written."""
+  import safetensors.numpy
+
+  limit = parse_size(max_shard_size)
+  shards: list[list[str]] = []
+  current: dict[str, np.ndarray] = {}
+  total = 0
+
+  def flush():
+    if current:
+      safetensors.numpy.save_file(current, os.path.join(out_dir, f".shard-{len(shards)}"),
+                                  metadata={"format": "pt"})
+      shards.append(list(current))
+      current.clear()
+
+  for name, array in tensors:
+    size = array.nbytes
+    if current and sum(a.nbytes for a in current.values()) + size > limit:
+      flush()
+    current[name] = array
+    total += size
+  flush()
+  if len(shards) == 1:
+    names = [SAFE_WEIGHTS]
+  else:
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for i, name in enumerate(names):
+    os.replace(os.path.join(out_dir, f".shard-{i}"), os.path.join(out_dir, name))
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": total},
+             "weight_map": {t: names[i] for i, shard in enumerate(shards) for t in shard}}
+    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+    names.append(SAFE_INDEX)
+  return names
+
+
+def _load_run(workdir: str, step: Optional[int], mesh_shape: Optional[Sequence[int]] = None):
+  """(config, ModelConfig, params, step, reward normalisation or None) of a run directory.
+
+  Parameters are restored sharded over the run's mesh (`config.mesh`, its -1 entry taking the
+  devices present; `mesh_shape` overrides the shape), so no device or host holds a full copy.
+  """
+  import ml_collections
   from instruct import checkpoint as ckpt_lib
-  from instruct.world import evaluate
+  from instruct import sharding as shd
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(f"{workdir} is not a run directory (no config.json).")
   config = ckpt_lib.read_config(workdir)
   stage = config.get("stage")
-  if stage in ("pretrain", "sft", "ppo"):
-    policy = evaluate.load_policy(workdir, step)
-    return config, policy.model.cfg, policy.params, policy.step, None
-  if stage != "rm":
+  if stage not in ("pretrain", "sft", "ppo", "rm"):
     raise ValueError(f"{workdir} is a {stage!r} run; export handles pretrain, sft, ppo and rm.")
-  cfg = ModelConfig.from_dict(config["model"])
-  abstract = _abstract_params(cfg, "scalar")
+  if stage == "ppo":  # The policy's architecture is the SFT run's.
+    model_dict = ckpt_lib.read_config(config["policy_from"])["model"]
+  else:
+    model_dict = config["model"]
+  cfg = ModelConfig.from_dict(model_dict)
+  head = "scalar" if stage == "rm" else "lm"
+  mesh_config = ml_collections.ConfigDict(config["mesh"])
+  if mesh_shape is not None:
+    mesh_config.shape = tuple(mesh_shape)
+  mesh = shd.make_mesh(mesh_config)
+  model = Transformer(cfg, head=head)
+  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                         jax.random.key(0))
+  shardings = shd.tree_shardings(mesh, shd.rules_from_config(mesh_config), boxed)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}.")
-    params = checkpointer.restore_params(step, abstract)
-    norm = checkpointer.restore_extras(step).get("reward_normalization")
+    if stage == "ppo":
+      params = checkpointer.restore_partial(step, {"policy": {"params": abstract}})
+      params = params["policy"]["params"]
+    else:
+      params = checkpointer.restore_params(step, abstract)
+    norm = checkpointer.restore_extras(step).get("reward_normalization") if head == "scalar" \
+        else None
   finally:
     checkpointer.close()
   return config, cfg, params, step, norm
 
 
 def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
-           family: Optional[str] = None, overwrite: bool = False) -> str:
+           family: Optional[str] = None, overwrite: bool = False, dtype: str = "float32",
+           max_shard_size: "int | str" = "5GB",
+           mesh_shape: Optional[Sequence[int]] = None) -> str:
   """Writes a run's model as a Hugging Face directory; returns `out_dir`.
 
   pretrain / sft / ppo runs give the policy as `...ForCausalLM`; an rm run gives
   `...ForSequenceClassification` (num_labels=1; see the module docstring for the bias).
   The family (gpt2, gpt_neox, llama) is inferred from the model config unless given.
+  Weights are `dtype` ('float32' or 'bfloat16'), in safetensors files of at most
+  `max_shard_size` with an index when there is more than one. The parameters stay sharded on
+  the devices and are gathered one tensor at a time. Everything is written to a temporary
+  directory beside `out_dir` and moved in at the end, so a failed export leaves `out_dir` as
+  it was.
   """
   from instruct.data import load_tokenizer
-  import safetensors.numpy
+  import shutil
+  import tempfile
   import transformers
 
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}.")
+  parse_size(max_shard_size)
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
                           "(--overwrite) to replace its files.")
-  config, cfg, params, step, norm = _load_run(workdir, step)
+  config, cfg, params, step, norm = _load_run(workdir, step, mesh_shape)
   head = "scalar" if config["stage"] == "rm" else "lm"
   family = family or infer_family(cfg)
   tokenizer = load_tokenizer(config["data"]["tokenizer"])
   hf_config = hf_config_from_model_config(
       cfg, family, head=head, bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  tensors = hf_state_dict(params, cfg, family, head)
+  hf_config.dtype = dtype
   if head == "scalar":
     bias = float(np.asarray(jax.device_get(params["scalar_head"]["bias"])).reshape(-1)[0])
     setattr(hf_config, SCORE_BIAS_KEY, bias)
     if norm is not None:
       setattr(hf_config, NORMALIZATION_KEY, dict(norm))
-  os.makedirs(out_dir, exist_ok=True)
-  for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
-    os.remove(stale)
-  safetensors.numpy.save_file(tensors, os.path.join(out_dir, SAFE_WEIGHTS),
-                              metadata={"format": "pt"})
-  hf_config.save_pretrained(out_dir)
-  if head == "lm":
-    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
-  tokenizer.save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "README.md"), "w") as f:
-    f.write(_readme(workdir, config["stage"], step, family, hf_config, norm))
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}-", dir=parent)
+  try:
+    cast = EXPORT_DTYPES[dtype]
+    tensors = ((n, a.astype(cast)) for n, a in iter_hf_tensors(params, cfg, family, head))
+    write_safetensors(tensors, staging, max_shard_size)
+    hf_config.save_pretrained(staging)
+    if head == "lm":
+      transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with open(os.path.join(staging, "README.md"), "w") as f:
+      f.write(_readme(workdir, config["stage"], step, family, hf_config, norm))
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
+      os.remove(stale)
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   logging.info("Exported %s (step %d) as %s to %s.", workdir, step,
                hf_config.architectures[0], out_dir)
   return out_dir
@@ -890,7 +1029,8 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
 def _readme(workdir, stage, step, family, hf_config, norm) -> str:
   lines = [f"# {hf_config.architectures[0]} exported by instruct", "",
            f"- source run: `{os.path.abspath(workdir)}` (stage `{stage}`, step {step})",
-           f"- family: `{family}`; float32 weights in model.safetensors; the run's tokenizer.", ""]
+           f"- family: `{family}`; {hf_config.dtype} safetensors weights; the run's tokenizer.",
+           ""]
   if stage == "rm":
     bias = getattr(hf_config, SCORE_BIAS_KEY)
     gain, offset = (norm["gain"], norm["bias"]) if norm else (1.0, 0.0)

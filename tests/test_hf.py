@@ -24,6 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -37,6 +38,7 @@ from instruct import sharding as shd
 from instruct import trainer
 from instruct.data import DEFAULT_TOKENIZER
 from instruct.model import ModelConfig, Transformer, layers, stack_layers
+from instruct.model.config import count_params
 from instruct.rl.sampler import SamplingConfig, make_sampler
 
 torch.set_num_threads(1)
@@ -369,6 +371,84 @@ def test_exported_policy_loads_in_transformers_and_imports_back(saved, tmp_path,
   assert len(tokenizer) == VOCAB and tokenizer.pad_token_id == 1
   with pytest.raises(FileExistsError, match="not empty"):
     hf.export(run, out)
+
+
+def test_sharded_bfloat16_export_of_an_fsdp_run(saved, tmp_path, monkeypatch):
+  """A scanned-layer run restored over an 8-device FSDP x tensor mesh exports as several
+  safetensors files with an index, gathering one layer's tensor at a time; transformers loads
+  it, and import gives the parameters back (float32 exactly, bfloat16 rounded)."""
+  model, single, _ = saved["llama"]
+  cfg = hf.model_config_from_hf(model.config, scan_layers=True)
+  params = stack_layers(hf.load_hf_params(single, hf.model_config_from_hf(model.config)),
+                        cfg.num_layers)
+  run = write_run(tmp_path / "run", "sft", cfg, params)
+  restored, gathered = [], []
+  load_run, param = hf._load_run, hf._param
+  monkeypatch.setattr(hf, "_load_run", lambda *a: restored.append(load_run(*a)) or restored[-1])
+  monkeypatch.setattr(hf, "_param", lambda *a: gathered.append(param(*a)) or gathered[-1])
+  out = hf.export(run, str(tmp_path / "hf"), max_shard_size="60KB", mesh_shape=(1, 4, 2))
+  q = restored[0][2]["layers"]["attn"]["q_proj"]["kernel"]
+  assert q.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert not q.is_fully_replicated
+  # One layer's parameter at a time, each once: as many arrays as the unscanned model has,
+  # adding up to its parameter count.
+  unscanned_leaves = jax.tree.leaves(hf.load_hf_params(single, hf.model_config_from_hf(
+      model.config)))
+  assert len(gathered) == len(unscanned_leaves)
+  assert sum(g.size for g in gathered) == count_params(cfg)
+  files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+  index = json.load(open(os.path.join(out, hf.SAFE_INDEX)))
+  assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+  assert set(index["weight_map"].values()) == set(files)
+  # A file holds at most 60 KB of tensors, unless it is one tensor larger than that.
+  for f in files:
+    held = [t for t, file in index["weight_map"].items() if file == f]
+    assert len(held) == 1 or os.path.getsize(os.path.join(out, f)) < 60_000 + 4_096, (f, held)
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # No staging left.
+  unscanned = hf.model_config_from_hf(model.config)
+  assert_trees_equal(hf.load_hf_params(out, unscanned), hf.load_hf_params(single, unscanned))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokens, mask = inputs(seed=5)
+  real = mask > 0
+  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real],
+                             torch_logits(model, tokens, mask)[real], atol=1e-6, rtol=0)
+  # bfloat16: half the bytes, and every weight is the float32 one rounded to bfloat16.
+  bf16 = hf.export(run, str(tmp_path / "bf16"), dtype="bfloat16", max_shard_size="60KB")
+  assert hf.read_hf_config(bf16)["dtype"] == "bfloat16"
+  size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)  # noqa: E731
+                       if f.endswith(".safetensors"))
+  assert size(bf16) < 0.55 * size(out)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      a, np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32)),
+      jax.device_get(hf.load_hf_params(bf16, unscanned)), hf.load_hf_params(single, unscanned))
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+  assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_failed_export_leaves_the_previous_export(saved, tmp_path, monkeypatch):
+  """With --overwrite, an export that fails part-way changes nothing already in --out."""
+  model, single, _ = saved["gpt2"]
+  cfg = hf.model_config_from_hf(model.config)
+  run = write_run(tmp_path / "run", "sft", cfg, hf.load_hf_params(single, cfg))
+  out = hf.export(run, str(tmp_path / "hf"))
+  before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+  tensors = hf.iter_hf_tensors
+  def failing(*args):
+    for i, item in enumerate(tensors(*args)):
+      if i == 3:
+        raise OSError("disk full")
+      yield item
+  monkeypatch.setattr(hf, "iter_hf_tensors", failing)
+  with pytest.raises(OSError, match="disk full"):
+    hf.export(run, out, overwrite=True, max_shard_size="10KB")
+  assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+  with pytest.raises(ValueError, match="max_shard_size='5 parsecs'"):
+    hf.export(run, out, overwrite=True, max_shard_size="5 parsecs")
+  with pytest.raises(ValueError, match="dtype='float16'"):
+    hf.export(run, out, overwrite=True, dtype="float16")
+  assert [hf.parse_size(x) for x in ("5GB", "500MB", "2GiB", "100KB", 7)] == [
+      5 * 10**9, 5 * 10**8, 2 * 2**30, 10**5, 7]
 
 
 def test_ppo_run_exports_its_policy(saved, tmp_path):
