@@ -11,7 +11,22 @@ minibatch step also takes a pretraining LM gradient (PPO-ptx). Running the comma
 resumes (policy, critic, both optimiser states, KL controller, rng, data positions).
 
 Presets: `tiny` (CPU, embedded prompts and pretraining text), `tiny_ptx` (the same with
-PPO-ptx).
+PPO-ptx), and for accelerator runs of the published architectures (policy and reward model
+from `configs/sft.py:PRESET` / `configs/rm.py:PRESET` runs, whatever their size) `fsdp` and
+`fsdp_ptx`:
+  - mesh `(1, -1, 1)`: the four models (policy, reference, reward model, critic) are FSDP
+    sharded over every device, and the rollout batch is split over all of them;
+  - 512 prompts per iteration (InstructGPT's batch size) in 8 minibatches of 64, 4 PPO epochs,
+    500 iterations (256k episodes); prompts of up to 512 tokens, 128 new tokens;
+  - a fixed KL coefficient of 0.02 (InstructGPT's beta), learning rates 3e-6 (policy) and
+    5e-6 (critic) after 10 iterations of warm-up (the schedules count minibatch updates:
+    10 x 4 epochs x 8 minibatches), decayed linearly to 0;
+  - `fsdp_ptx`: PPO-ptx with 64 pretraining rows of 1024 tokens per iteration (8 per
+    minibatch) and `ptx_coef` 1.0; set `config.ptx.train_file` to pretraining text of the
+    policy's domain ({"text"} JSON lines or .txt), which has no default here.
+The policy's and critic's numerics (bf16, scan, remat) come from their runs. The learning
+rates are starting points, not tuned values. benchmarks/memory.py gives the memory per
+device.
 
 Prompts from public data, read from a local copy in its published files (`config.data.format`,
 see instruct/data/public.py), with the policy and reward model trained on the same data.
@@ -43,11 +58,14 @@ import ml_collections
 from instruct import config_lib
 
 
+PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
+
+
 def get_config(arg: str = "tiny"):
   """The PPO config for a preset name."""
   preset = arg or "tiny"
-  if preset not in ("tiny", "tiny_ptx"):
-    raise ValueError(f"Unknown preset {preset!r} for configs/ppo.py; use 'tiny' or 'tiny_ptx'.")
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r} for configs/ppo.py; use one of {PRESETS}.")
   config = config_lib.base_config()
   config.stage = "ppo"
   del config.model  # The policy's and the critic's architectures come from their source runs.
@@ -84,7 +102,7 @@ def get_config(arg: str = "tiny"):
   config.ppo.whiten_rewards = False
   config.ppo.penalize_no_eos = True       # Responses without EOS get no_eos_score; False:
   config.ppo.no_eos_score = -1.0          # score them as they are (truncated).
-  config.ppo.ptx_coef = 1.0 if preset == "tiny_ptx" else 0.0
+  config.ppo.ptx_coef = 1.0 if preset.endswith("_ptx") else 0.0
   config.ppo.entropy_coef = 0.0
   config.ppo.shared_value_head = False    # True: the critic is a zero-initialised value head on
   config.ppo.vf_coef = 0.1                # the policy trunk (loss += vf_coef * value loss).
@@ -108,4 +126,26 @@ def get_config(arg: str = "tiny"):
   config.train.log_every = 1
   config.train.eval_every = 0
   config.train.checkpoint_every = 10
+  if preset.startswith("fsdp"):
+    _accelerator(config)
   return config
+
+
+def _accelerator(config) -> None:
+  """The `fsdp` / `fsdp_ptx` settings (see the module docstring)."""
+  config.mesh.shape = (1, -1, 1)
+  config.data.prompt_length = 512
+  config.data.buckets = (1024,)
+  config.sampling.max_new_tokens = 128
+  config.train.global_batch_size = 512
+  config.train.num_steps = 500
+  config.train.checkpoint_every = 25
+  config.ppo.num_minibatches = 8
+  config.kl.controller = "fixed"
+  config.kl.initial_beta = 0.02
+  for opt, lr in ((config.optimizer, 3e-6), (config.value_optimizer, 5e-6)):
+    opt.learning_rate = lr
+    opt.warmup_steps = 10 * config.ppo.epochs * config.ppo.num_minibatches
+  config.ptx.train_file = ""
+  config.ptx.batch_size = 64
+  config.ptx.length = 1024

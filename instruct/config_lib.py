@@ -252,6 +252,9 @@ def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int,
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
                      f"by the data-parallel size {data_parallel} (or the {process_count} "
                      "processes).")
+  if ppo.ptx_coef > 0 and not config.ptx.train_file:
+    raise ValueError(f"config.ppo.ptx_coef={ppo.ptx_coef} but config.ptx.train_file is empty: "
+                     "PPO-ptx needs pretraining text ({\"text\"} JSON lines or .txt).")
   if ppo.ptx_coef > 0 and config.ptx.batch_size % ppo.num_minibatches:
     raise ValueError(f"config.ptx.batch_size={config.ptx.batch_size} is not divisible by "
                      f"config.ppo.num_minibatches={ppo.num_minibatches}.")

@@ -125,3 +125,26 @@ def test_shared_value_head_trains_and_resumes(sources, tfds_dir, tmp_path):
   resumed = driver.train_ppo(config(), str(tmp_path / "b"))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                jax.device_get(full["policy"]), jax.device_get(resumed["policy"]))
+
+
+def test_fsdp_ptx_preset_runs_with_every_model_sharded(sources, tfds_dir, tmp_path):
+  """configs/ppo.py:fsdp_ptx, shrunk to CPU sizes: the four models FSDP-sharded over the 8
+  devices, fixed beta 0.02, PPO-ptx; its empty pretraining file is a clear error."""
+  config = ppo_config(sources, tfds_dir, "fsdp_ptx", num_steps=2)
+  assert tuple(config.mesh.shape) == (1, -1, 1) and config.train.global_batch_size == 512
+  config.ptx.length = 64
+  with pytest.raises(ValueError, match="config.ptx.train_file is empty"):
+    driver.train_ppo(config, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+  config.ptx.train_file = load_config("ppo", "tiny_ptx").ptx.train_file
+  config.data.prompt_length = 32
+  config.train.global_batch_size = 16
+  config.ptx.batch_size = 8
+  state = driver.train_ppo(config, str(tmp_path / "run"))
+  for model in ("policy", "value"):
+    for leaf in jax.tree.leaves(state[model].params):
+      if leaf.ndim >= 2 and leaf.size >= 64 * 64:  # Every matrix is split over 'fsdp'.
+        assert not leaf.is_fully_replicated and "fsdp" in str(leaf.sharding.spec), model
+  records = metrics_lib.read_metrics(str(tmp_path / "run"))
+  np.testing.assert_allclose([r["beta"] for r in records], [0.02, 0.02], rtol=1e-6)
+  assert all(np.isfinite(r["ptx_loss"]) and np.isfinite(r["policy_loss"]) for r in records)
