@@ -22,7 +22,6 @@ counted by `read_comparisons(..., skip_invalid=True)`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -232,28 +231,7 @@ def read_comparisons(path: str | os.PathLike[str],
     RecordError: A record is invalid and `skip_invalid` is False.
     ValueError: The file holds no valid records.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'Record file not found: {os.fspath(path)}')
-  parsed, num_skipped = [], 0
-  with open(path, encoding='utf-8') as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        try:
-          value = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise records.RecordError(path, line_number,
-                                    f'invalid JSON: {e.msg}') from e
-        parsed.append(parse_comparison(value, path, line_number))
-      except records.RecordError:
-        if not skip_invalid:
-          raise
-        num_skipped += 1
-  if not parsed:
-    skipped = f' ({num_skipped} invalid ones skipped)' if num_skipped else ''
-    raise ValueError(f'{os.fspath(path)}: no valid records in file{skipped}')
-  return parsed, num_skipped
+  return records.read_json_lines([path], parse_comparison, skip_invalid)
 
 
 def encode_comparison(tokenizer: Any, example: dict,

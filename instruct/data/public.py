@@ -42,11 +42,9 @@ Formats (`FORMAT_KINDS` lists the kinds each one provides):
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -489,58 +487,6 @@ def tldr_files(path: str | os.PathLike[str], split: str) -> list[str]:
   return [found]
 
 
-def _open_text(path: str) -> TextIO:
-  """Opens a UTF-8 text file, gunzipping it when its name ends in `.gz`."""
-  if path.endswith('.gz'):
-    return gzip.open(path, 'rt', encoding='utf-8')
-  return open(path, encoding='utf-8')
-
-
-def read_json_lines(paths: Sequence[str], parse: Parse,
-                    skip_invalid: bool = False) -> tuple[list[dict], int]:
-  """Reads JSON-lines files (gzip when named `*.gz`) through a row parser.
-
-  Args:
-    paths: The files, read in order as one dataset; blank lines skipped.
-    parse: Maps `(decoded_row, path, line_number)` to a record, or None to
-      leave the row out; raises RecordError for an invalid row.
-    skip_invalid: If True, invalid rows (JSON syntax errors included) are
-      skipped and counted instead of raising.
-
-  Returns:
-    `(records, num_skipped)`: the records in file order and how many invalid
-    rows were skipped.
-
-  Raises:
-    RecordError: A row is invalid and `skip_invalid` is False.
-    ValueError: The files give no records.
-  """
-  parsed, num_skipped = [], 0
-  for path in paths:
-    with _open_text(path) as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          try:
-            value = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise records.RecordError(path, line_number,
-                                      f'invalid JSON: {e.msg}') from e
-          example = parse(value, path, line_number)
-        except records.RecordError:
-          if not skip_invalid:
-            raise
-          num_skipped += 1
-          continue
-        if example is not None:
-          parsed.append(example)
-  if not parsed:
-    skipped = f' ({num_skipped} invalid ones skipped)' if num_skipped else ''
-    raise ValueError(f'{", ".join(paths)}: no valid records{skipped}')
-  return parsed, num_skipped
-
-
 _PARSERS: Mapping[tuple[str, str], Parse] = {
     (HH_RLHF, 'comparisons'): hh_rlhf_comparison,
     (HH_RLHF, 'demonstrations'): hh_rlhf_demonstration,
@@ -564,7 +510,7 @@ def read_split(data_format: str, kind: str, path: str | os.PathLike[str],
     skip_invalid: Skip and count invalid rows instead of raising.
 
   Returns:
-    `(records, num_skipped)`, see `read_json_lines`.
+    `(records, num_skipped)`, see `records.read_json_lines`.
 
   Raises:
     ValueError: An unsupported format or kind, an unknown split, or no
@@ -579,7 +525,7 @@ def read_split(data_format: str, kind: str, path: str | os.PathLike[str],
     paths, parse = tldr_files(path, split), _PARSERS[(TLDR, kind)]
   else:
     paths, parse = summarize_files(path), summarize_split_parser(split)
-  return read_json_lines(paths, parse, skip_invalid=skip_invalid)
+  return records.read_json_lines(paths, parse, skip_invalid=skip_invalid)
 
 
 def check_format(kind: str, data_format: str) -> None:

@@ -11,10 +11,11 @@ the offending record can be found directly.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
 
 DEMONSTRATION_SCHEMA: Mapping[str, type] = {'prompt': str, 'completion': str}
 PROMPT_SCHEMA: Mapping[str, type] = {'prompt': str}
@@ -94,6 +95,61 @@ def validate_record(record: Any, schema: Mapping[str, type],
   return out
 
 
+def _open_text(path: str | os.PathLike[str]) -> TextIO:
+  """Opens a UTF-8 text file, gunzipping it when its name ends in `.gz`."""
+  if os.fspath(path).endswith('.gz'):
+    return gzip.open(path, 'rt', encoding='utf-8')
+  return open(path, encoding='utf-8')
+
+
+def read_json_lines(paths: Sequence[str | os.PathLike[str]],
+                    parse: Callable[[Any, str, int], Any],
+                    skip_invalid: bool = False) -> tuple[list[Any], int]:
+  """Reads JSON-lines files (gzip when named `*.gz`) through a row parser.
+
+  Args:
+    paths: The files, read in order as one dataset; blank lines skipped.
+    parse: Maps `(decoded_row, path, line_number)` to a record, or None to
+      leave the row out; raises RecordError for an invalid row.
+    skip_invalid: If True, invalid rows (JSON syntax errors included) are
+      skipped and counted instead of raising.
+
+  Returns:
+    `(records, num_skipped)`: the records in file order and how many invalid
+    rows were skipped.
+
+  Raises:
+    FileNotFoundError: A file does not exist.
+    RecordError: A row is invalid and `skip_invalid` is False.
+    ValueError: The files give no records.
+  """
+  parsed, num_skipped = [], 0
+  for path in paths:
+    _check_exists(path)
+    with _open_text(path) as f:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          try:
+            value = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise RecordError(path, line_number, f'invalid JSON: {e.msg}') from e
+          example = parse(value, path, line_number)
+        except RecordError:
+          if not skip_invalid:
+            raise
+          num_skipped += 1
+          continue
+        if example is not None:
+          parsed.append(example)
+  if not parsed:
+    skipped = f' ({num_skipped} invalid ones skipped)' if num_skipped else ''
+    names = ', '.join(os.fspath(p) for p in paths)
+    raise ValueError(f'{names}: no valid records{skipped}')
+  return parsed, num_skipped
+
+
 def read_jsonl(path: str | os.PathLike[str],
                schema: Mapping[str, type]) -> list[dict]:
   """Reads and validates a JSON-lines file.
@@ -107,23 +163,11 @@ def read_jsonl(path: str | os.PathLike[str],
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    RecordError: A line is not valid JSON or fails `validate_record`, or the
-      file holds no records.
+    RecordError: A line is not valid JSON or fails `validate_record`.
+    ValueError: The file holds no records.
   """
-  _check_exists(path)
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        value = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordError(path, line_number, f'invalid JSON: {e.msg}') from e
-      records.append(validate_record(value, schema, path, line_number))
-  if not records:
-    raise ValueError(f'{os.fspath(path)}: no records in file')
-  return records
+  parse = lambda value, p, n: validate_record(value, schema, p, n)  # noqa: E731
+  return read_json_lines([path], parse)[0]
 
 
 def _read_paragraphs(path: str | os.PathLike[str]) -> list[dict]:
