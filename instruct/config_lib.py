@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.skip_invalid = False      # Skip and count invalid records instead of failing (public
                                    # formats, and comparisons; see also config.rm.skip_invalid).
   c.data.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
+  c.data.pad_token = ""            # A vocabulary token to pad with when the tokenizer declares
+                                   # none (Pythia: "<|padding|>"); "" = the tokenizer's own.
   c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
   c.data.tfds_dir = ""             # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
                                    # ~/tensorflow_datasets.

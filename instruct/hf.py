@@ -991,7 +991,8 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
   config, cfg, params, step, norm = _load_run(workdir, step, mesh_shape)
   head = "scalar" if config["stage"] == "rm" else "lm"
   family = family or infer_family(cfg)
-  tokenizer = load_tokenizer(config["data"]["tokenizer"])
+  tokenizer = load_tokenizer(config["data"]["tokenizer"],
+                             pad_token=config["data"].get("pad_token", ""))
   hf_config = hf_config_from_model_config(
       cfg, family, head=head, bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -226,7 +226,8 @@ def build(config, tokenizer, devices: Optional[list[jax.Device]] = None) -> Buil
 def train_and_evaluate(config, workdir: str,
                        devices: Optional[list[jax.Device]] = None) -> TrainState:
   """Trains the stage described by `config` in `workdir`; returns the final state."""
-  tokenizer = load_tokenizer(config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer,
+                             pad_token=config.data.get("pad_token", ""))
   built = build(config, tokenizer, devices)
   config = built.config
   os.makedirs(workdir, exist_ok=True)

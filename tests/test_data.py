@@ -161,6 +161,23 @@ def test_tokenizer_special_tokens(tokenizer):
     data.load_tokenizer('no-such-org/no-such-tokenizer')
 
 
+def test_pad_token_from_the_config(tokenizer, tmp_path):
+  """A tokenizer that declares no pad token (Pythia's, GPT-2's) is refused with the
+  fix in the message; `pad_token` declares an existing vocabulary token."""
+  pad = tokenizer.pad_token
+  no_pad = data.load_tokenizer()
+  no_pad.pad_token = None
+  no_pad.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match='--config.data.pad_token=TOKEN'):
+    data.load_tokenizer(str(tmp_path))
+  loaded = data.load_tokenizer(str(tmp_path), pad_token=pad)
+  assert loaded.pad_token_id == tokenizer.pad_token_id and len(loaded) == len(tokenizer)
+  with pytest.raises(ValueError, match="pad_token='<new>' is not a token"):
+    data.load_tokenizer(str(tmp_path), pad_token='<new>')
+  with pytest.raises(ValueError, match='distinct from EOS'):
+    data.load_tokenizer(str(tmp_path), pad_token=tokenizer.eos_token)
+
+
 def test_encode_demonstration_masks_completion_and_eos(tokenizer,
                                                        demos_train):
   eos = tokenizer.eos_token

@@ -537,6 +537,12 @@ def test_training_starts_from_config_model_hf_checkpoint(saved, tmp_path, tfds_d
   config.data.tfds_dir = tfds_dir
   config.model.hf_checkpoint = single
   config.model.d_model = 32  # Overridden by the checkpoint's architecture.
+  # A checkpoint tokenizer that declares no pad token, and the pad token given in the config.
+  no_pad = transformers.AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER)
+  pad = no_pad.pad_token
+  no_pad.pad_token = None
+  no_pad.save_pretrained(tmp_path / "tokenizer")
+  config.data.tokenizer, config.data.pad_token = str(tmp_path / "tokenizer"), pad
   config.train.update(dict(num_steps=1, log_every=1, eval_every=0, checkpoint_every=1))
   config.optimizer.learning_rate = 0.0  # No update: the params stay the imported ones.
   state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
@@ -547,6 +553,7 @@ def test_training_starts_from_config_model_hf_checkpoint(saved, tmp_path, tfds_d
   # HF -> training -> HF: the exported run is the model it started from.
   out = hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))
   exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert transformers.AutoTokenizer.from_pretrained(out).pad_token == pad
   tokens, mask = inputs(seed=4)
   np.testing.assert_allclose(torch_logits(exported, tokens, mask),
                              torch_logits(model, tokens, mask), atol=1e-6, rtol=0)

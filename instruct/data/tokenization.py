@@ -40,15 +40,23 @@ def check_special_tokens(tokenizer: Any) -> None:
         f'pad_token_id={tokenizer.pad_token_id}, '
         f'eos_token_id={tokenizer.eos_token_id}). Padding is masked out of '
         'the loss; if pad were EOS, EOS would be masked too and policies '
-        'would not learn to stop. Add a pad token to the tokenizer.')
+        'would not learn to stop. Declare a token of the vocabulary that '
+        'does not occur in your data as the pad token with '
+        '--config.data.pad_token=TOKEN (e.g. Pythia: "<|padding|>"; '
+        'Llama 3.1 / 3.2: "<|finetune_right_pad_id|>").')
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
+                   pad_token: str = '',
                    local_files_only: bool = True) -> Any:
   """Loads a Hugging Face tokenizer and checks its special tokens.
 
   Args:
     name_or_path: A local tokenizer directory or a Hugging Face hub name.
+    pad_token: If set, this token of the vocabulary becomes the pad token
+      (`config.data.pad_token`; for checkpoints whose tokenizer declares none,
+      e.g. Pythia's `<|padding|>`). Adding a new token is refused: the
+      embedding has no row for it.
     local_files_only: If True (the default), never download: hub names load
       only when already in the Hugging Face cache.
 
@@ -57,7 +65,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
 
   Raises:
     OSError: A hub name could not be loaded (not cached while offline).
-    ValueError: The tokenizer lacks a dedicated pad token distinct from EOS.
+    ValueError: The tokenizer lacks a dedicated pad token distinct from EOS,
+      or `pad_token` is not in its vocabulary.
   """
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -70,6 +79,13 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
         'directory, and models/tokenizers are not downloaded at run time '
         'unless the Hugging Face cache already has them (offline by '
         f'default; local_files_only={local_files_only}).') from e
+  if pad_token:
+    if pad_token not in tokenizer.get_vocab():
+      raise ValueError(
+          f'config.data.pad_token={pad_token!r} is not a token of the '
+          f'tokenizer {name_or_path!r}; use one of its existing tokens that '
+          'does not occur in the data (a new token would have no embedding).')
+    tokenizer.pad_token = pad_token
   check_special_tokens(tokenizer)
   return tokenizer
 

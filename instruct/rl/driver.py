@@ -158,7 +158,8 @@ def train_ppo(config, workdir: str, devices=None) -> dict:
   mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.rules_from_config(config.mesh)
   config_lib.validate_ppo(config, shd.data_parallel_size(mesh, rules), jax.process_count())
-  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer,
+                                      pad_token=config.data.get("pad_token", ""))
   run = PPORun(config, tokenizer, mesh, rules)
   os.makedirs(workdir, exist_ok=True)
   prompts, ptx = _data(config, tokenizer)
