@@ -200,6 +200,30 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
   assert hf.model_config_from_hf(json.loads(exported.to_json_string())) == cfg
 
 
+@pytest.mark.parametrize("family,tied", [("gpt2", False), ("gpt_neox", True), ("llama", True)])
+def test_other_embedding_tying_imports_and_exports(family, tied, tmp_path):
+  """The tying each family's fixture does not use (GPT-2 untied; Pythia-like and Llama tied, as
+  Llama-3.2-1B is): logits match, and the export loads in transformers with the same logits
+  and imports back unchanged."""
+  model = hf_model(family, seed=11, tie_word_embeddings=tied)
+  model.save_pretrained(tmp_path / "hf")
+  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
+  assert cfg.tie_embeddings == tied
+  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+  assert ("lm_head" in params) != tied
+  tokens, mask = inputs(seed=6)
+  real = mask > 0
+  expected = torch_logits(model, tokens, mask)
+  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
+                             atol=TOLERANCE, rtol=0)
+  out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert exported.config.tie_word_embeddings == tied
+  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
+                             atol=1e-6, rtol=0)
+  assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(saved, family):
   """Our jitted sampler at temperature 0 and `generate(do_sample=False)` agree token for token,
@@ -278,6 +302,21 @@ def test_pickle_only_checkpoint_is_refused_without_opt_in(saved, tmp_path):
   with pytest.raises(ValueError, match="pickled PyTorch weights.*allow_pickle=True"):
     hf.load_hf_params(str(tmp_path), cfg)
   assert_trees_equal(hf.load_hf_params(str(tmp_path), cfg, allow_pickle=True),
+                     hf.load_hf_params(single, cfg))
+  # Sharded pickles: pytorch_model-0000k-of-00002.bin with pytorch_model.bin.index.json.
+  sharded = tmp_path / "sharded"
+  model.config.save_pretrained(sharded)
+  state = model.state_dict()
+  names = sorted(state)
+  weight_map = {}
+  for k, part in enumerate((names[::2], names[1::2])):
+    file = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+    torch.save({n: state[n] for n in part}, sharded / file)
+    weight_map.update({n: file for n in part})
+  (sharded / hf.PICKLE_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(ValueError, match="pickled PyTorch weights"):
+    hf.load_hf_params(str(sharded), cfg)
+  assert_trees_equal(hf.load_hf_params(str(sharded), cfg, allow_pickle=True),
                      hf.load_hf_params(single, cfg))
 
 
