@@ -54,13 +54,49 @@ each device count:
   temporary bytes (gradients, activations, gathered weights, XLA's temporaries), and their
   sum is the peak XLA planned for. This is the CPU backend's plan: the GPU and TPU backends
   fuse and schedule differently, so it is an indication, not the accelerator's figure.
-- **PPO (state only)**: the PPO stage holds a policy (trained: parameters, AdamW, gradients),
-  a critic initialised from the reward model (trained, scalar head), the frozen reference
-  policy and the frozen reward model (parameters only): the sum of those, from the same
-  traces, with the FSDP mesh `(1, -1, 1)` (pass `--config.mesh.shape='(1,-1,1)'` to
-  configs/ppo.py, whose default mesh is data parallel). Its activations depend on the rollout
-  settings and are not estimated; the KV cache of a rollout is
-  2 * L * rows * (prompt + new tokens) * KV * head_dim * c.
+- **PPO** (`configs/ppo.py:fsdp_ptx`, the heavier of its two accelerator presets: `fsdp` is
+  the same without the pretraining rows; `--ppo_preset` picks one): the policy's model is
+  `configs/sft.py:PRESET`'s and the critic's and reward model's is `configs/rm.py:PRESET`'s
+  (with their numerics: bf16, scanned layers, full remat), on the PPO config's mesh
+  (`(1, -1, 1)`). `--set` overrides apply to the PPO config and to the two source configs.
+  B = train.global_batch_size prompts per iteration, D = data-parallel size, m =
+  ppo.num_minibatches, P = data.prompt_length, N = sampling.max_new_tokens, T = P + N, V the
+  vocabulary. Rows per device: rollout R = B / D; minibatch (and scoring chunk)
+  r = ceil(B / m / D); PPO-ptx r_x = ceil(ptx.batch_size / m / D), 0 when ptx_coef = 0. The
+  model constrains the batch axis of its activations to `act_batch` = ('data', 'fsdp'), so
+  every minibatch is split over all devices (padded when it has fewer rows than devices).
+  - *State (exact)*: as above, for the policy (trained with `config.optimizer`) and the
+    separate critic (`config.value_optimizer`; `ppo.shared_value_head` is not supported):
+    parameters, AdamW state, one float32 gradient copy each; plus the parameters of the frozen
+    reference (the policy's shapes) and reward model (the critic's).
+  - *KV cache (exact)*: what the sampler allocates, `KVCache.init(cfg, B, T)`: k and v of
+    [L, B, T, KV, head_dim] in the compute dtype, sharded by `CACHE_KV_AXES`, so
+    2 * L * R * T * KV * head_dim * c per device (its [B, T] int32 mask is not counted).
+  - *Sampling peak*: 2 x the KV cache (each decode step's scan over the layers reads the
+    carried cache and writes a new one; XLA's CPU plan of the sampler, float32, on a small
+    model, grows by 2.0 cache sizes per cache size) + the prefill's forward peak F(R, P)
+    over T keys. F, the peak of a pass without gradients over rows x t tokens, is a layer's
+    input and output (2 rows*t*d*c) plus the largest of: the attention scores and
+    probabilities rows*H*t*keys*(4 + c), the MLP hidden states (as above), and for the LM
+    head the logits rows*t'*V*(c + 4) (bf16 and their float32 copy) of the t' positions the
+    head runs on (`Transformer(logits_from=...)`): the prefill's last position only (t' = 1),
+    scoring's and the update's N + 1 positions that predict the response.
+  - *Scoring peak* (`make_experience_fn`, one program): the policy's and the reference's
+    log-probs run in m chunks of r rows (`lax.map`), the critic's values and the reward
+    model's scores on all R rows at once. The policy's tempered response logits, R*N*V*4,
+    are kept for the entropy metric, plus the larger of a chunk's F(r, T) with two float32
+    [r, N, V] temporaries (tempered logits, log-softmax) and the scalar model's F(R, T).
+  - *Update activations*: a minibatch step (`make_update_fn`) takes the policy's gradient,
+    with the PPO-ptx LM loss in the same gradient, and the critic's gradient in the same
+    jitted step, so their activations add (an upper bound: XLA may run the critic's pass
+    after the policy's): A_lm(r, T) + A_lm(r_x, ptx.length) + A_scalar(r, T), A being the
+    training estimate above (`activation_bytes`), the policy's logits on N + 1 positions.
+  - *Total* = state + max(sampling, scoring, update): the sampler, the experience function and
+    the update are separate programs run one after the other, and between them only the
+    state and the rollout's small [B, T] arrays persist.
+  Not counted: as above (including the FSDP all-gathers of the four models' weights), the
+  sampler's decode-step transients (one token per row), the input batches and the
+  experience arrays.
 """
 
 from __future__ import annotations
@@ -103,9 +139,12 @@ from instruct import state as state_lib  # noqa: E402
 from instruct import trainer  # noqa: E402
 from instruct.model import ModelConfig, Transformer  # noqa: E402
 from instruct.model.config import count_params  # noqa: E402
+from instruct.model.transformer import CACHE_KV_AXES, KVCache  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("sft", "rm", "pretrain")
+PPO_PRESETS = ("fsdp", "fsdp_ptx")  # configs/ppo.py's accelerator presets.
+PPO_PRESET = "fsdp_ptx"  # The heavier: fsdp plus the PPO-ptx pretraining rows in each update.
 GIB = 2 ** 30
 
 
@@ -117,9 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--devices", default="8,64", help="Comma-separated device counts.")
   p.add_argument("--grad_accum", type=int, default=0,
                  help="Override config.train.grad_accum_steps (0: the config's).")
+  p.add_argument("--ppo_preset", default=PPO_PRESET, choices=PPO_PRESETS,
+                 help="The configs/ppo.py preset of the PPO estimate (fsdp_ptx: the heavier).")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="Override a config field (a Python literal) in every stage whose config "
-                      "has it, as --config.KEY=VALUE would; e.g. rm.max_responses=2. Repeatable.")
+                      "has it, PPO's included, as --config.KEY=VALUE would; e.g. "
+                      "rm.max_responses=2. Repeatable.")
   p.add_argument("--compile_devices", type=int, default=0,
                  help="Also compile each train step for this many fake CPU devices and report "
                       "XLA's buffer assignment (0: off).")
@@ -189,9 +231,16 @@ def layer_bytes(cfg: ModelConfig, rows: int, length: int, c: int) -> int:
   return rows * length * per_token * c + attention
 
 
-def activation_bytes(cfg: ModelConfig, head: str, rows: int, length: int) -> int:
-  """The activation estimate described in the module docstring."""
-  c = 2 if cfg.dtype == "bfloat16" else 4
+def compute_bytes(cfg: ModelConfig) -> int:
+  """Bytes per element of activations (and of the KV cache): the model's compute dtype."""
+  return jnp.dtype(cfg.dtype).itemsize
+
+
+def activation_bytes(cfg: ModelConfig, head: str, rows: int, length: int,
+                     logit_positions: int = 0) -> int:
+  """The activation estimate described in the module docstring; the LM head's logits over
+  `logit_positions` positions per row (default: all `length`)."""
+  c = compute_bytes(cfg)
   tokens = rows * length
   layer = layer_bytes(cfg, rows, length, c)
   d, q, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -204,8 +253,31 @@ def activation_bytes(cfg: ModelConfig, head: str, rows: int, length: int) -> int
     kept = cfg.num_layers * (layer + tokens * d * c) + layer
   outside = 2 * tokens * d * c
   if head == "lm":
-    outside += tokens * cfg.vocab_size * (c + 3 * 4)
+    outside += rows * (logit_positions or length) * cfg.vocab_size * (c + 3 * 4)
   return kept + outside
+
+
+def forward_bytes(cfg: ModelConfig, head: str, rows: int, length: int, keys: int = 0,
+                  logit_positions: int = 0) -> int:
+  """Peak of a forward pass without gradients (sampling, scoring): a layer's input and output
+  plus the largest of its attention scores and probabilities (over `keys` positions, default
+  `length`), its MLP hidden states and, for the LM head, the bf16 and float32 logits of
+  `logit_positions` positions per row (default: all `length`; `Transformer(logits_from=)`)."""
+  c = compute_bytes(cfg)
+  tokens = rows * length
+  attention = rows * cfg.num_heads * length * (keys or length) * (4 + c)
+  mlp = tokens * (4 if cfg.mlp == "swiglu" else 2) * cfg.d_ff * c
+  logits = rows * (logit_positions or length) * cfg.vocab_size * (c + 4) if head == "lm" else 0
+  return 2 * tokens * cfg.d_model * c + max(attention, mlp, logits)
+
+
+def kv_cache_bytes(cfg: ModelConfig, mesh: AbstractMesh, rules, batch: int, length: int) -> int:
+  """Bytes per device of the sampler's cache keys and values (`KVCache.init`, traced) for a
+  global batch of `batch` rows, sharded as the sampler constrains them (`CACHE_KV_AXES`)."""
+  cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, length))
+  sharding = shd.logical_sharding(mesh, rules, CACHE_KV_AXES)
+  return sum(math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in (cache.k, cache.v))
 
 
 def measure(preset: str, stage: str, num_devices: int, grad_accum: int = 0,
@@ -252,19 +324,72 @@ def compiled_bytes(preset: str, stage: str, devices, grad_accum: int = 0,
               total=stats.argument_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def ppo_state(preset: str, num_devices: int) -> dict:
-  """Policy + critic (trained) and reference + reward model (frozen), FSDP mesh (1, -1, 1)."""
-  out = {}
-  for stage, head in (("sft", "lm"), ("rm", "scalar")):
-    config = load_config(stage, preset)
-    config.mesh.shape = (1, -1, 1)
-    ppo = config_lib.load_config_file(os.path.join(ROOT, "configs", "ppo.py"), "tiny")
-    config.optimizer = ppo.optimizer if head == "lm" else ppo.value_optimizer
-    out[head] = state_bytes(config, head, num_devices)
-  trained = sum(out[h]["params"] + out[h]["opt_state"] + out[h]["grads"] for h in out)
-  frozen = out["lm"]["params"] + out["scalar"]["params"]
-  return dict(preset=preset, devices=num_devices, trained=trained, frozen=frozen,
-              total=trained + frozen)
+def _validate_ppo(config, data_parallel: int) -> None:
+  """`config_lib.validate_ppo` (batch divisibility and the rest) with placeholders for the
+  run directories and the pretraining file, which the estimate does not read."""
+  config = config.copy_and_resolve_references()
+  config.policy_from = config.reward_from = "(source run)"
+  if not config.ptx.train_file:
+    config.ptx.train_file = "(pretraining text)"
+  config_lib.validate_ppo(config, data_parallel, process_count=1)
+
+
+def ceil_div(a: int, b: int) -> int:
+  """Rows per device of `a` rows split `b` ways (a partial last share is padded)."""
+  return -(-a // b)
+
+
+def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET,
+               overrides=()) -> dict:
+  """The PPO estimate of the module docstring: the four models' state on configs/ppo.py's mesh
+  and optimisers, and the peaks of the sampler, the scoring and the update."""
+  config = load_config("ppo", ppo_preset, overrides=overrides)
+  ppo = config.ppo
+  if ppo.shared_value_head:
+    raise ValueError("ppo.shared_value_head=True: the estimate assumes a separate critic.")
+  updates = config.train.num_steps * ppo.epochs * ppo.num_minibatches
+  sizes, cfgs = {}, {}
+  for stage, head, optimizer in (("sft", "lm", config.optimizer),
+                                 ("rm", "scalar", config.value_optimizer)):
+    source = load_config(stage, preset, overrides=overrides)
+    source.mesh, source.optimizer = config.mesh, optimizer
+    source.train.num_steps = updates
+    sizes[head] = state_bytes(source, head, num_devices)
+    cfgs[head] = ModelConfig.from_dict(source.model)
+  trained = sum(sizes[h]["params"] + sizes[h]["opt_state"] + sizes[h]["grads"] for h in sizes)
+  frozen = sizes["lm"]["params"] + sizes["scalar"]["params"]
+  data_parallel = sizes["lm"]["data_parallel"]
+  _validate_ppo(config, data_parallel)
+
+  policy, critic = cfgs["lm"], cfgs["scalar"]
+  batch, m = config.train.global_batch_size, ppo.num_minibatches
+  prompt, new = config.data.prompt_length, config.sampling.max_new_tokens
+  length, vocab = prompt + new, policy.vocab_size
+  rows = batch // data_parallel
+  minibatch_rows = ceil_div(batch, m * data_parallel)
+  ptx_rows = ceil_div(config.ptx.batch_size, m * data_parallel) if ppo.ptx_coef > 0 else 0
+  mesh = abstract_mesh(config.mesh, num_devices)
+  kv_cache = kv_cache_bytes(policy, mesh, shd.rules_from_config(config.mesh), batch, length)
+  # The prefill runs the LM head on the last prompt position only, scoring and the update on
+  # the N + 1 positions that predict the response (`logits_from`).
+  sampling = 2 * kv_cache + forward_bytes(policy, "lm", rows, prompt, keys=length,
+                                          logit_positions=1)
+  scoring = rows * new * vocab * 4 + max(
+      forward_bytes(policy, "lm", minibatch_rows, length, logit_positions=new + 1)
+      + 2 * minibatch_rows * new * vocab * 4,
+      forward_bytes(critic, "scalar", rows, length))
+  update = (activation_bytes(policy, "lm", minibatch_rows, length, logit_positions=new + 1)
+            + (activation_bytes(policy, "lm", ptx_rows, config.ptx.length) if ptx_rows else 0)
+            + activation_bytes(critic, "scalar", minibatch_rows, length))
+  state = trained + frozen
+  return dict(preset=preset, ppo_preset=ppo_preset, devices=num_devices, mesh=sizes["lm"]["mesh"],
+              global_batch=batch, num_minibatches=m, prompt_length=prompt, new_tokens=new,
+              ptx_rows_per_iteration=config.ptx.batch_size if ptx_rows else 0,
+              ptx_length=config.ptx.length, rows_per_device=rows,
+              minibatch_rows_per_device=minibatch_rows, ptx_rows_per_device=ptx_rows,
+              trained=trained, frozen=frozen, state=state, kv_cache=kv_cache,
+              sampling=sampling, scoring=scoring, rollout=max(sampling, scoring),
+              update=update, total=state + max(sampling, scoring, update))
 
 
 def gib(n: int) -> str:
@@ -291,7 +416,7 @@ def main(argv=None) -> None:
           row["xla_cpu"] = compiled_bytes(preset, stage, cpu_devices, args.grad_accum,
                                           args.set)
         rows.append(row)
-      ppo.append(ppo_state(preset, num_devices))
+      ppo.append(ppo_memory(preset, num_devices, args.ppo_preset, args.set))
 
   print(f"Memory per device in GiB (2^30 bytes); analytic, {datetime.date.today()}, "
         f"jax {jax.__version__}. State is exact; activations are an estimate (see the "
@@ -307,12 +432,13 @@ def main(argv=None) -> None:
           f"| {r['mesh']} | {r['rows_per_device']} x {r['length']} ({r['grad_accum_steps']}) "
           f"| {gib(r['params'])} | {gib(r['opt_state'])} | {gib(r['grads'])} "
           f"| {gib(r['state'])} | {gib(r['activations'])} | **{gib(r['total'])}** | {xla} |")
-  print("\nSummary, total per device (state + estimated activations), GiB"
+  print("\nSummary, total per device (state + estimated activations; PPO: "
+        f"configs/ppo.py:{args.ppo_preset}, state + its largest phase), GiB"
         + (f"; in brackets the XLA CPU plan at {args.compile_devices} devices"
            if args.compile_devices else "") + ":\n")
   stage_devices = [(s, n) for n in devices for s in stages]
   print("| preset | " + " | ".join(f"{s} @{n}" for s, n in stage_devices) + " | "
-        + " | ".join(f"PPO state @{n}" for n in devices) + " |")
+        + " | ".join(f"PPO @{n}" for n in devices) + " |")
   print("|---|" + "---|" * (len(stage_devices) + len(devices)))
   for preset in presets:
     cells = [gib(r["total"]) + (f" ({gib(r['xla_cpu']['total'])})" if "xla_cpu" in r else "")
@@ -321,13 +447,18 @@ def main(argv=None) -> None:
     cells += [gib(r["total"]) for n in devices for r in ppo
               if (r["preset"], r["devices"]) == (preset, n)]
     print(f"| {preset} | " + " | ".join(cells) + " |")
-  print("\nPPO state (policy and critic trained, reference and reward model frozen; FSDP "
-        "mesh (1, -1, 1); activations and KV cache not included):\n")
-  print("| preset | devices | trained (policy + critic) | frozen (reference + RM) | total |")
-  print("|---|---|---|---|---|")
+  print(f"\nPPO, configs/ppo.py:{args.ppo_preset} (policy and critic trained, reference and "
+        "reward model frozen; rows per device: rollout / minibatch / PPO-ptx; state exact, "
+        "the rest estimated; total = state + max(sampling, scoring, update)):\n")
+  print("| preset | devices | mesh | rows | trained (policy + critic) | frozen (reference + RM) "
+        "| state | KV cache | sampling (est.) | scoring (est.) | update (est.) | total |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in ppo:
-    print(f"| {r['preset']} | {r['devices']} | {gib(r['trained'])} | {gib(r['frozen'])} "
-          f"| **{gib(r['total'])}** |")
+    print(f"| {r['preset']} | {r['devices']} | {r['mesh']} | {r['rows_per_device']} / "
+          f"{r['minibatch_rows_per_device']} / {r['ptx_rows_per_device']} "
+          f"| {gib(r['trained'])} | {gib(r['frozen'])} | {gib(r['state'])} "
+          f"| {gib(r['kv_cache'])} | {gib(r['sampling'])} | {gib(r['scoring'])} "
+          f"| {gib(r['update'])} | **{gib(r['total'])}** |")
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(dict(rows=rows, ppo=ppo, overrides=args.set, jax=jax.__version__,

@@ -414,3 +414,55 @@ def test_memory_benchmark_state_bytes(arg, file):
   none = memory.activation_bytes(dataclasses.replace(cfg, remat="none"), head,
                                  row["rows_per_device"], row["length"])
   assert full == row["activations"] and none > 2 * full
+
+
+@pytest.mark.parametrize("arg", ["fsdp", "fsdp_ptx"])
+def test_ppo_accelerator_config_validates(arg):
+  """configs/ppo.py:fsdp and fsdp_ptx: FSDP mesh, and the batch sizes split over 8 and 64
+  data-parallel devices once the source runs (and, for PPO-ptx, the pretraining text) are
+  named; fsdp_ptx without a pretraining file is refused."""
+  config = load_config("ppo.py", arg)
+  assert tuple(config.mesh.shape) == (1, -1, 1)
+  assert (config.ppo.ptx_coef > 0) == (arg == "fsdp_ptx")
+  config.policy_from, config.reward_from = "/runs/sft", "/runs/rm"
+  if arg == "fsdp_ptx":
+    with pytest.raises(ValueError, match="ptx.train_file"):
+      config_lib.validate_ppo(config, 8, process_count=1)
+    config.ptx.train_file = "/data/pretrain.jsonl"
+  for data_parallel in (8, 64):
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, data_parallel)
+    assert shape[0] * shape[1] == data_parallel  # act_batch -> ('data', 'fsdp').
+    config_lib.validate_ppo(config, data_parallel, process_count=1)
+
+
+def test_memory_benchmark_ppo():
+  """benchmarks/memory.py's PPO estimate for pythia_1b on 8 devices: the state is the SFT and
+  RM stages' (the same FSDP mesh and AdamW) for the trained policy and critic plus the frozen
+  models' parameters; the KV cache is 2 x layers x rows x (prompt + new tokens) x KV heads x
+  head_dim in bf16; the total is the state plus the largest phase."""
+  memory = _memory_benchmark()
+  row = memory.ppo_memory("pythia_1b", 8, "fsdp_ptx")
+  config = load_config("ppo.py", "fsdp_ptx")
+  cfg = ModelConfig.from_dict(load_config("sft.py", "pythia_1b").model)
+  sft, rm = memory.measure("pythia_1b", "sft", 8), memory.measure("pythia_1b", "rm", 8)
+  assert row["trained"] == sft["state"] + rm["state"]
+  assert row["frozen"] == sft["params"] + rm["params"]
+  assert row["state"] == row["trained"] + row["frozen"]
+  assert row["mesh"] == (1, 8, 1)
+  rows = config.train.global_batch_size // 8
+  cache_length = config.data.prompt_length + config.sampling.max_new_tokens
+  assert cfg.dtype == "bfloat16"  # The cache's dtype: 2 bytes.
+  assert (row["rows_per_device"], row["minibatch_rows_per_device"],
+          row["ptx_rows_per_device"]) == (64, 8, 1)
+  assert row["kv_cache"] == (2 * cfg.num_layers * rows * cache_length * cfg.num_kv_heads
+                             * cfg.head_dim * 2)
+  assert row["sampling"] > 2 * row["kv_cache"]
+  # The prefill's LM head runs on the last prompt position only (`logits_from=-1`).
+  assert row["sampling"] == 2 * row["kv_cache"] + memory.forward_bytes(
+      cfg, "lm", rows, config.data.prompt_length, keys=cache_length, logit_positions=1)
+  assert row["total"] == row["state"] + max(row["sampling"], row["scoring"], row["update"])
+  # Without PPO-ptx the update has no pretraining rows; the rollout is the same.
+  plain = memory.ppo_memory("pythia_1b", 8, "fsdp")
+  assert plain["ptx_rows_per_device"] == 0 and plain["update"] < row["update"]
+  assert (plain["state"], plain["kv_cache"], plain["sampling"]) == (
+      row["state"], row["kv_cache"], row["sampling"])

@@ -99,8 +99,16 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt: Array, attention_mask_bt: Optional[Array] = None,
-               cache: Optional[KVCache] = None, deterministic: bool = True) -> ModelOutput:
-    """tokens_bt: [batch, length] int; attention_mask_bt: [batch, length], 1 on real tokens."""
+               cache: Optional[KVCache] = None, deterministic: bool = True,
+               logits_from: int = 0) -> ModelOutput:
+    """tokens_bt: [batch, length] int; attention_mask_bt: [batch, length], 1 on real tokens.
+
+    `logits_from` (a Python int, possibly negative): the LM head runs on positions
+    `logits_from:` only, so `logits` is [batch, length - logits_from, vocab]. A prefill needs
+    only the last position (-1) and response scoring only the positions that predict the
+    response; at a 50k-128k vocabulary the full [batch, length, vocab] logits are often the
+    largest buffer of the step.
+    """
     cfg = self.cfg
     if attention_mask_bt is None:
       attention_mask_bt = jnp.ones_like(tokens_bt, jnp.int32)
@@ -133,6 +141,8 @@ class Transformer(nn.Module):
     if self.head == "scalar":
       return ModelOutput(values=self._scalar(x, "scalar_head"), cache=new_cache)
     values = self._scalar(x, "value_head") if self.head == "policy_value" else None
+    if logits_from:
+      x = x[:, logits_from:]
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -97,7 +97,8 @@ def make_sampler(model: Transformer, cfg: SamplingConfig):
     cache = cache.replace(k=nn.with_logical_constraint(cache.k, CACHE_KV_AXES),
                           v=nn.with_logical_constraint(cache.v, CACHE_KV_AXES),
                           mask=nn.with_logical_constraint(cache.mask, CACHE_MASK_AXES))
-    out = model.apply({"params": params}, prompt_tokens_bp, prompt_mask_bp, cache=cache)
+    out = model.apply({"params": params}, prompt_tokens_bp, prompt_mask_bp, cache=cache,
+                      logits_from=-1)
     init = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=out.logits[:, -1],
                 done=jnp.zeros((b,), bool), tokens=jnp.full((b, r), cfg.pad_id, jnp.int32),
                 logprobs=jnp.zeros((b, r), jnp.float32), mask=jnp.zeros((b, r), jnp.int32))
@@ -138,7 +139,7 @@ def sequence_logprobs(model: Transformer, params: Any, prompt_tokens_bp: Array,
   tokens = jnp.concatenate([prompt_tokens_bp, response_tokens_br], axis=1)
   mask = jnp.concatenate([prompt_mask_bp, response_mask_br], axis=1)
   p = prompt_tokens_bp.shape[1]
-  logits = model.apply({"params": params}, tokens, mask).logits[:, p - 1:-1]
+  logits = model.apply({"params": params}, tokens, mask, logits_from=p - 1).logits[:, :-1]
   logits = logits / (temperature if temperature > 0 else 1.0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   chosen = jnp.take_along_axis(log_probs, response_tokens_br[..., None], axis=-1)[..., 0]
