@@ -938,7 +938,12 @@ def _load_run(workdir: str, step: Optional[int], mesh_shape: Optional[Sequence[i
   mesh_config = ml_collections.ConfigDict(config["mesh"])
   if mesh_shape is not None:
     mesh_config.shape = tuple(mesh_shape)
-  mesh = shd.make_mesh(mesh_config)
+  try:
+    mesh = shd.make_mesh(mesh_config)
+  except ValueError as e:
+    source = "mesh_shape (--mesh_shape)" if mesh_shape is not None else (
+        f"the run's config.mesh ({workdir}/config.json; pass mesh_shape to override it)")
+    raise ValueError(f"Cannot restore {workdir} over {source}: {e}") from e
   model = Transformer(cfg, head=head)
   boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
                          jax.random.key(0))

@@ -557,10 +557,18 @@ def test_export_command_line(saved, tmp_path):
   cfg = hf.model_config_from_hf(model.config)
   run = write_run(tmp_path / "run", "pretrain", cfg, hf.load_hf_params(single, cfg))
   command = [sys.executable, "-m", "instruct.export", f"--workdir={run}",
-             f"--out={tmp_path / 'hf'}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OMP_NUM_THREADS="1")
+             f"--out={tmp_path / 'hf'}", "--max_shard_size=100KB", "--mesh_shape=1,-1,1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
+  assert os.path.exists(tmp_path / "hf" / hf.SAFE_INDEX)
+  assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg),
+                     hf.load_hf_params(single, cfg))
+  bad = subprocess.run(command[:-2] + ["--overwrite", "--mesh_shape=3,-1,1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "over mesh_shape (--mesh_shape)" in bad.stderr
+  assert "(3, -1, 1) does not divide the 4 available devices" in bad.stderr
   assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg),
                      hf.load_hf_params(single, cfg))
 
