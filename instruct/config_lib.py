@@ -40,6 +40,10 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """
   fields = preset(name, **overrides)
   fields.setdefault("hf_checkpoint", "")
+  if fields.get("attention_bias") is None:
+    # None means "as use_bias"; a typed placeholder keeps it settable from the command line
+    # (--config.model.attention_bias=False), which a plain None field is not.
+    fields["attention_bias"] = ml_collections.config_dict.placeholder(bool)
   return ml_collections.ConfigDict(fields)
 
 

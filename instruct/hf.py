@@ -176,30 +176,28 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
     d, heads = c.hidden_size, c.num_attention_heads
     if c.hidden_act not in ("gelu",) + _TANH_GELUS:
       unsupported.append(f"hidden_act={c.hidden_act!r}")
-    if not getattr(c, "attention_bias", True):
-      unsupported.append("attention_bias=False (the MLP has biases; instruct's use_bias "
-                         "covers both)")
+    attention_bias = bool(getattr(c, "attention_bias", True))
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
                   d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
                   norm="layernorm", norm_eps=c.layer_norm_eps,
                   mlp="gelu" if c.hidden_act == "gelu" else "gelu_tanh", position="rope",
                   **_rope(c), tie_embeddings=bool(c.tie_word_embeddings), use_bias=True,
+                  attention_bias=None if attention_bias else False,
                   parallel_residual=bool(c.use_parallel_residual))
   else:  # llama
     d, heads = c.hidden_size, c.num_attention_heads
     if c.hidden_act != "silu":
       unsupported.append(f"hidden_act={c.hidden_act!r}")
-    if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
-      unsupported.append(f"attention_bias={c.attention_bias} with mlp_bias="
-                         f"{getattr(c, 'mlp_bias', False)} (instruct's use_bias covers both)")
+    attention_bias, mlp_bias = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
                   head_dim=getattr(c, "head_dim", None) or d // heads,
                   d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
                   norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp="swiglu", position="rope",
                   **_rope(c), tie_embeddings=bool(c.tie_word_embeddings),
-                  use_bias=bool(c.attention_bias),
+                  use_bias=mlp_bias,
+                  attention_bias=None if attention_bias == mlp_bias else attention_bias,
                   parallel_residual=False)
   if unsupported:
     raise ValueError(f"This {family} checkpoint uses {'; '.join(unsupported)}, which "
@@ -223,6 +221,7 @@ def family_problems(cfg: ModelConfig, family: str) -> list[str]:
     need(cfg.num_kv_heads == cfg.num_heads, "num_kv_heads == num_heads")
     need(cfg.num_heads * cfg.head_dim == cfg.d_model, "num_heads * head_dim == d_model")
   if family == "gpt2":
+    need(cfg.attn_bias, "attention biases (attention_bias None or True)")
     need(cfg.position == "learned", "position='learned'")
     need(not cfg.parallel_residual, "parallel_residual=False")
   if family == "gpt_neox":
@@ -283,7 +282,7 @@ def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, 
         max_position_embeddings=cfg.max_length, layer_norm_eps=cfg.norm_eps,
         hidden_act="gelu" if cfg.mlp == "gelu" else "gelu_new",
         rope_parameters=dict(rope, partial_rotary_factor=cfg.rotary_fraction),
-        use_parallel_residual=cfg.parallel_residual, attention_bias=True,
+        use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.attn_bias,
         hidden_dropout=cfg.dropout_rate, attention_dropout=0.0, classifier_dropout=0.0,
         **common)
   return transformers.LlamaConfig(
@@ -291,7 +290,7 @@ def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, 
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       head_dim=cfg.head_dim, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_length,
       rms_norm_eps=cfg.norm_eps, hidden_act="silu", rope_parameters=rope,
-      attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias, **common)
+      attention_bias=cfg.attn_bias, mlp_bias=cfg.use_bias, **common)
 
 
 def resolve_model_config(model_config: Mapping[str, Any], local_files_only: bool = True,
@@ -591,9 +590,11 @@ def _layer_sources(cfg: ModelConfig, family: str) -> dict[tuple[str, ...], tuple
       out[("mlp", p, "bias")] = (f"mlp.{p}.bias", vec(f))
     out[("mlp", "down_proj", "kernel")] = ("mlp.down_proj.weight", _src((d, f), (d, f), (1, 0)))
     out[("mlp", "down_proj", "bias")] = ("mlp.down_proj.bias", vec(d))
-  if not cfg.use_bias:
-    out = {k: v for k, v in out.items() if k[-1] != "bias" or k[0].endswith("norm")}
-  return out
+  def keep(key):
+    if key[-1] != "bias" or key[0].endswith("norm"):
+      return True
+    return cfg.attn_bias if key[0] == "attn" else cfg.use_bias
+  return {k: v for k, v in out.items() if keep(k)}
 
 
 def param_sources(cfg: ModelConfig, family: str, head: str = "lm",

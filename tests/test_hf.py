@@ -200,6 +200,37 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
   assert hf.model_config_from_hf(json.loads(exported.to_json_string())) == cfg
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("gpt_neox", dict(attention_bias=False)),
+    ("llama", dict(attention_bias=True, mlp_bias=False)),
+    ("llama", dict(attention_bias=False, mlp_bias=True)),
+], ids=["neox-no-attention-bias", "llama-attention-bias", "llama-mlp-bias"])
+def test_attention_and_mlp_biases_apart(family, overrides, tmp_path):
+  """GPT-NeoX without attention biases and Llama with only attention or only MLP biases
+  (`attention_bias` apart from `use_bias`): logits match, the biases that exist are loaded,
+  and export writes the same layout back."""
+  model = hf_model(family, seed=13, **overrides)
+  model.save_pretrained(tmp_path / "hf")
+  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
+  assert cfg.attn_bias == overrides["attention_bias"]
+  assert cfg.use_bias == overrides.get("mlp_bias", True)
+  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+  assert ("bias" in params["layers_0"]["attn"]["q_proj"]) == cfg.attn_bias
+  assert ("bias" in params["layers_0"]["mlp"]["down_proj"]) == cfg.use_bias
+  tokens, mask = inputs(seed=8)
+  real = mask > 0
+  expected = torch_logits(model, tokens, mask)
+  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
+                             atol=TOLERANCE, rtol=0)
+  out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  for key, value in overrides.items():
+    assert getattr(exported.config, key) == value, key
+  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
+                             atol=1e-6, rtol=0)
+  assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
+
+
 @pytest.mark.parametrize("family,tied", [("gpt2", False), ("gpt_neox", True), ("llama", True)])
 def test_other_embedding_tying_imports_and_exports(family, tied, tmp_path):
   """The tying each family's fixture does not use (GPT-2 untied; Pythia-like and Llama tied, as

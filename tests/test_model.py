@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
+from instruct import config_lib
 from instruct.model import (KVCache, ModelConfig, Transformer, count_params, preset,
                             stack_layers, unstack_layers)
 from instruct.model.layers import apply_rope, rope_frequencies
@@ -623,7 +625,10 @@ def test_unknown_preset_lists_known_ones():
     ("tiny", {}), ("tiny_llama", {}), ("tiny", dict(tie_embeddings=False)),
     ("tiny_llama", dict(use_bias=True, tie_embeddings=True)),
     ("tiny", dict(position="rope", mlp="gelu", parallel_residual=True)),
-], ids=["tiny", "tiny_llama", "tiny-untied", "tiny_llama-bias-tied", "tiny-rope-gelu-parallel"])
+    ("tiny", dict(position="rope", parallel_residual=True, attention_bias=False)),
+    ("tiny_llama", dict(attention_bias=True)),
+], ids=["tiny", "tiny_llama", "tiny-untied", "tiny_llama-bias-tied", "tiny-rope-gelu-parallel",
+        "tiny-no-attention-bias", "tiny_llama-attention-bias-only"])
 @pytest.mark.parametrize("head", ["lm", "scalar"])
 def test_count_params_matches_real_count(name, overrides, head):
   """count_params equals the number of parameters the model actually creates."""
@@ -716,3 +721,21 @@ def test_apply_rope_relative_position():
     for n in (0, 7, 101):
       assert abs(dot(n + diff, n) - base) < 1e-3 * (1 + abs(base)), (diff, n)
   assert abs(dot(3, 0) - dot(0, 0)) > 1e-3  # And it does depend on the offset.
+
+
+def test_attention_bias_is_a_typed_config_field():
+  """`config.model.attention_bias` defaults to None (as use_bias) but is a typed bool field,
+  so --config.model.attention_bias=False can set it; the model then has no attention biases."""
+  config = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sft.py"), "tiny")
+  assert config.model.attention_bias is None
+  assert ModelConfig.from_dict(config.model).attn_bias
+  with pytest.raises(TypeError):
+    config.model.attention_bias = "no"
+  config.model.attention_bias = False
+  cfg = ModelConfig.from_dict(config.model)
+  params = meta.unbox(abstract_variables(Transformer(cfg)))["params"]
+  assert "bias" not in params["layers_0"]["attn"]["q_proj"]
+  assert "bias" in params["layers_0"]["mlp"]["down_proj"]
+  with pytest.raises(ValueError, match="attention_bias='no' is invalid"):
+    ModelConfig(attention_bias="no")

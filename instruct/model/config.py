@@ -13,7 +13,7 @@ hold the same fields in an ml_collections `ConfigDict` (`config.model`), convert
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
@@ -54,6 +54,8 @@ class ModelConfig:
   rope_original_max_length: int = 8192  # 'llama3' only: the pretraining context length.
   tie_embeddings: bool = True      # LM head reuses the token embedding.
   use_bias: bool = True            # Biases in attention and MLP projections.
+  attention_bias: Optional[bool] = None  # Attention projections only; None: as use_bias
+                                         # (GPT-NeoX / Llama `attention_bias`).
   parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX).
   dropout_rate: float = 0.0        # Residual and embedding dropout; off by default.
   dtype: str = "float32"           # Compute dtype; parameters are always float32.
@@ -79,6 +81,8 @@ class ModelConfig:
         (int(self.head_dim * self.rotary_fraction) % 2 == 0, "rotary_fraction",
          "such that head_dim * rotary_fraction is even"),
         (0.0 <= self.dropout_rate < 1.0, "dropout_rate", "in [0, 1)"),
+        (self.attention_bias is None or isinstance(self.attention_bias, bool),
+         "attention_bias", "None (as use_bias), True or False"),
         (self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"one of {ROPE_SCALINGS}"),
         (self.rope_scaling == "none" or self.position == "rope", "rope_scaling",
          "'none' with position='learned'"),
@@ -109,6 +113,11 @@ class ModelConfig:
     return cls(**d)
 
   @property
+  def attn_bias(self) -> bool:
+    """Whether q, k, v and o projections have biases."""
+    return self.use_bias if self.attention_bias is None else bool(self.attention_bias)
+
+  @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.rotary_fraction)
 
@@ -118,7 +127,7 @@ def count_params(cfg: ModelConfig, head: str = "lm") -> int:
   d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
   q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
   norm = 2 * d if cfg.norm == "layernorm" else d
-  attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if cfg.use_bias else 0)
+  attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if cfg.attn_bias else 0)
   mlp_in = 2 * d * f if cfg.mlp == "swiglu" else d * f
   mlp = mlp_in + f * d + ((2 * f if cfg.mlp == "swiglu" else f) + d if cfg.use_bias else 0)
   total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + cfg.vocab_size * d

@@ -134,7 +134,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     def dense(heads, axes, name):
       return Projection((cfg.d_model,), (heads, cfg.head_dim), ("embed",) + axes,
-                        cfg.use_bias, _dtype(cfg), cfg.init_std, name=name)(x_btd)
+                        cfg.attn_bias, _dtype(cfg), cfg.init_std, name=name)(x_btd)
     q = dense(cfg.num_heads, ("heads", "kv"), "q_proj")
     k = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "k_proj")
     v = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "v_proj")
@@ -163,7 +163,7 @@ class Attention(nn.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "kv", "embed"),
-                     cfg.use_bias, _dtype(cfg), _residual_std(cfg), name="o_proj")(out)
+                     cfg.attn_bias, _dtype(cfg), _residual_std(cfg), name="o_proj")(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
 
