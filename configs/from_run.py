@@ -29,4 +29,9 @@ def get_config(arg: str = ""):
     raise FileNotFoundError(f"configs/from_run.py:{arg}: no saved config at {path}; give the "
                             "directory of a run (it holds config.json).")
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  model = saved.get("model")
+  if isinstance(model, dict) and "attention_bias" in model and model["attention_bias"] is None:
+    # As in config_lib.model_config: a typed placeholder stays settable from the command line.
+    model["attention_bias"] = ml_collections.config_dict.placeholder(bool)
+  return ml_collections.ConfigDict(saved)

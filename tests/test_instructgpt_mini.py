@@ -9,6 +9,8 @@ import pytest
 
 from experiments import instructgpt_mini as mini
 from instruct import checkpoint as ckpt_lib
+from instruct import config_lib
+from instruct.model import ModelConfig
 from instruct.world import labelers as labelers_lib
 from tests.conftest import run_test_pipeline
 
@@ -35,6 +37,31 @@ def test_every_stage_finishes_in_its_own_run_directory(pipeline_run):
   assert results["size_ratio"] == pytest.approx(
       mini._non_embedding_params(PRESET.large) / mini._non_embedding_params(PRESET.small))
   assert results["size_ratio"] > 1
+
+
+def test_from_run_config_is_the_saved_config_and_overridable(pipeline_run, tmp_path):
+  """configs/from_run.py:RUN_DIR gives the stage's saved config (tuples restored), and its
+  model fields stay settable as the command line would set them, `attention_bias` saved as
+  null included."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = os.path.join(pipeline_run, "sft")
+  config = config_lib.load_config_file(os.path.join(root, "configs", "from_run.py"), workdir)
+  assert json.loads(config.to_json()) == ckpt_lib.read_config(workdir)
+  assert isinstance(config.data.buckets, tuple)
+  assert ModelConfig.from_dict(config.model).attn_bias == config.model.use_bias
+  # A run whose config saved `attention_bias: null` (config_lib.model_config's default).
+  saved = ckpt_lib.read_config(workdir)
+  saved["model"]["attention_bias"] = None
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config = config_lib.load_config_file(os.path.join(root, "configs", "from_run.py"),
+                                       str(tmp_path))
+  assert config.model.attention_bias is None
+  config.model.attention_bias = False
+  with pytest.raises(TypeError):
+    config.model.attention_bias = "no"
+  with pytest.raises(FileNotFoundError, match="no saved config"):
+    config_lib.load_config_file(os.path.join(root, "configs", "from_run.py"), pipeline_run)
 
 
 def test_comparisons_are_ranked_by_the_right_labeler_pools(pipeline_run):
