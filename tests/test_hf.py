@@ -200,6 +200,27 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
   assert hf.model_config_from_hf(json.loads(exported.to_json_string())) == cfg
 
 
+def round_trip(family: str, tmp_path, seed: int, **overrides):
+  """A random transformers model with `overrides` is saved, imported (logits must match) and
+  exported from a run (transformers must load it with the same logits, and import it back
+  unchanged). Returns (our config, our parameters, the exported model's config)."""
+  model = hf_model(family, seed=seed, **overrides)
+  model.save_pretrained(tmp_path / "hf")
+  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
+  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+  tokens, mask = inputs(seed=seed)
+  real = mask > 0
+  expected = torch_logits(model, tokens, mask)
+  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
+                             atol=TOLERANCE, rtol=0)
+  out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
+                             atol=1e-6, rtol=0)
+  assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
+  return cfg, params, exported.config
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("gpt_neox", dict(attention_bias=False)),
     ("llama", dict(attention_bias=True, mlp_bias=False)),
@@ -207,28 +228,15 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
 ], ids=["neox-no-attention-bias", "llama-attention-bias", "llama-mlp-bias"])
 def test_attention_and_mlp_biases_apart(family, overrides, tmp_path):
   """GPT-NeoX without attention biases and Llama with only attention or only MLP biases
-  (`attention_bias` apart from `use_bias`): logits match, the biases that exist are loaded,
+  (`attention_bias` apart from `use_bias`): the biases that exist are loaded, logits match,
   and export writes the same layout back."""
-  model = hf_model(family, seed=13, **overrides)
-  model.save_pretrained(tmp_path / "hf")
-  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
+  cfg, params, exported = round_trip(family, tmp_path, 13, **overrides)
   assert cfg.attn_bias == overrides["attention_bias"]
   assert cfg.use_bias == overrides.get("mlp_bias", True)
-  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
   assert ("bias" in params["layers_0"]["attn"]["q_proj"]) == cfg.attn_bias
   assert ("bias" in params["layers_0"]["mlp"]["down_proj"]) == cfg.use_bias
-  tokens, mask = inputs(seed=8)
-  real = mask > 0
-  expected = torch_logits(model, tokens, mask)
-  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
-                             atol=TOLERANCE, rtol=0)
-  out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
-  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   for key, value in overrides.items():
-    assert getattr(exported.config, key) == value, key
-  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
-                             atol=1e-6, rtol=0)
-  assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
+    assert getattr(exported, key) == value, key
 
 
 @pytest.mark.parametrize("family,tied", [("gpt2", False), ("gpt_neox", True), ("llama", True)])
@@ -236,23 +244,9 @@ def test_other_embedding_tying_imports_and_exports(family, tied, tmp_path):
   """The tying each family's fixture does not use (GPT-2 untied; Pythia-like and Llama tied, as
   Llama-3.2-1B is): logits match, and the export loads in transformers with the same logits
   and imports back unchanged."""
-  model = hf_model(family, seed=11, tie_word_embeddings=tied)
-  model.save_pretrained(tmp_path / "hf")
-  cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
-  assert cfg.tie_embeddings == tied
-  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
+  cfg, params, exported = round_trip(family, tmp_path, 11, tie_word_embeddings=tied)
+  assert cfg.tie_embeddings == tied and exported.tie_word_embeddings == tied
   assert ("lm_head" in params) != tied
-  tokens, mask = inputs(seed=6)
-  real = mask > 0
-  expected = torch_logits(model, tokens, mask)
-  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
-                             atol=TOLERANCE, rtol=0)
-  out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
-  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  assert exported.config.tie_word_embeddings == tied
-  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
-                             atol=1e-6, rtol=0)
-  assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
