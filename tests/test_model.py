@@ -472,6 +472,112 @@ def test_bfloat16_compute(name):
   assert np.abs(got - want).max() > 0  # bf16 compute actually happened.
 
 
+def bf16_representable(x) -> float:
+  """The fraction of the float32 entries of x that bfloat16 represents exactly."""
+  x = np.asarray(x, np.float32)
+  return float(np.mean(x == x.astype(jnp.bfloat16).astype(np.float32)))
+
+
+def bf16(x):
+  """x rounded to bfloat16, as float64 (the exact value a bf16 matmul input holds)."""
+  return np.asarray(np.asarray(x).astype(jnp.bfloat16), np.float64)
+
+
+def bf16_forward(name: str, tokens, mask=None, **kwargs):
+  """The bfloat16 model of FAMILIES `name` on the family's float32 parameters: its output and
+  its intermediates (the final hidden states, each layer's q_proj / k_proj outputs and the
+  sown attention scores), as numpy."""
+  fam = get_family(name)
+  model = Transformer(make_cfg(name, dtype="bfloat16"))
+  keep = ("final_norm", "q_proj", "k_proj")
+
+  @jit
+  def apply(params):
+    return model.apply(params, tokens, mask, capture_intermediates=lambda m, _: m.name in keep,
+                       mutable=["intermediates"], **kwargs)
+  out, state = apply(fam.params)
+  return out, jax.tree.map(np.asarray, state["intermediates"])
+
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# bf16 compute used to return the LM head's matmul in bf16 and only then cast it: every
+# "float32" logit was bf16-representable. Mean |per-token log-prob, bf16 model - float32
+# model| (same parameters, 8x64 random tokens, head scaled to logit std 3 / 6, tiny and
+# tiny_llama): 0.020 / 0.053 and 0.019 / 0.046 nats before, 0.019 / 0.043 and 0.018 / 0.042
+# after; the part the head's rounding caused (log-probs vs the exact head of the model's own
+# bf16 hidden states) went from 0.007 / 0.028 and 0.007 / 0.021 nats to < 1e-6. The rest is
+# the bf16 trunk (bf16 hidden states), which this does not change.
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bfloat16_logits_are_float32_sums_of_the_head(name):
+  """dtype bfloat16: the logits are the float32-accumulated product of the model's own bf16
+  final hidden states and the bf16 head (tied embedding or lm_head), not a bf16 rounding of
+  it; the same through `logits_from` and the KV cache."""
+  fam = get_family(name)
+  tokens = random_tokens(fam.cfg, (BATCH, LENGTH), seed=12)
+  out, inter = bf16_forward(name, tokens)
+  got = np.asarray(out.logits)
+  assert got.dtype == np.float32
+  hidden = inter["final_norm"]["__call__"][0]  # [b, t, d], bf16 (the head's input).
+  assert hidden.dtype == jnp.bfloat16
+  p = fam.params["params"]
+  kernel = p["embed"]["embedding"].T if fam.cfg.tie_embeddings else p["lm_head"]["kernel"]
+  want = np.asarray(hidden, np.float64) @ bf16(kernel)
+  scale = np.abs(want).max()
+  assert scale > 1.0
+  # Measured max error (float32 accumulation over d_model = 64): 7.6e-6 at max |logit| 53
+  # (tiny), 4.7e-7 at 4.5 (tiny_llama); rounding these logits to bf16 errs by 9.4e-3 and
+  # 1.2e-3 on average, which is what the old bf16 output did.
+  rounding = np.abs(bf16(want) - want).mean()
+  assert np.abs(got - want).max() < 1e-5 * scale < rounding / 10
+  assert bf16_representable(got) < 0.01  # Was 1.0: each logit a bf16 value cast to float32.
+  # In log-probabilities (what the KL penalty and the PPO ratio compare): measured 2e-6 and
+  # 4e-8 nats mean.
+  assert np.abs(np_log_softmax(got) - np_log_softmax(want)).mean() < 1e-5
+
+  # logits_from and the cache path run the same head: float32 sums, close to the full pass.
+  part = np.asarray(bf16_forward(name, tokens, logits_from=-1)[0].logits)
+  np.testing.assert_allclose(part[:, 0], got[:, -1], rtol=0, atol=1e-5 * scale)
+  cache = KVCache.init(make_cfg(name, dtype="bfloat16"), BATCH, LENGTH)
+  cached = np.asarray(bf16_forward(name, tokens, cache=cache, logits_from=-1)[0].logits)
+  assert bf16_representable(cached) < 0.01
+  np.testing.assert_allclose(cached[:, 0], got[:, -1], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bfloat16_attention_scores_are_float32_sums(name):
+  """dtype bfloat16: each layer's attention scores (read from the sown 'scores') equal a
+  float64 q.k / sqrt(head_dim) of the layer's own bf16 q and k, far below bf16 rounding."""
+  fam = get_family(name)
+  cfg = fam.cfg
+  tokens = random_tokens(cfg, (BATCH, LENGTH), seed=13)
+  _, inter = bf16_forward(name, tokens)
+  positions = np.broadcast_to(np.arange(LENGTH), (BATCH, LENGTH))
+  groups = cfg.num_heads // cfg.num_kv_heads
+  for i in range(cfg.num_layers):
+    attn = inter[f"layers_{i}"]["attn"]
+    q, k = attn["q_proj"]["__call__"][0], attn["k_proj"]["__call__"][0]
+    assert q.dtype == jnp.bfloat16
+    if cfg.position == "rope":  # The model rotates in float32 and rounds back to bf16.
+      q = apply_rope(jnp.asarray(q), positions, rope_frequencies(cfg))
+      k = apply_rope(jnp.asarray(k), positions, rope_frequencies(cfg))
+    q = np.asarray(q, np.float64).reshape(BATCH, LENGTH, cfg.num_kv_heads, groups, cfg.head_dim)
+    want = np.einsum("btkgd,bskd->bkgts", q, np.asarray(k, np.float64)) / math.sqrt(cfg.head_dim)
+    got = attn["scores"][0]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    scale = np.abs(want).max()
+    assert scale > 1.0
+    # Measured: max error <= 2.1e-7 at max |score| 3.5-4.6; rounding these scores to bf16
+    # (what the old bf16 einsum output did) errs by 1.2e-3 on average.
+    rounding = np.abs(bf16(want) - want).mean()
+    assert np.abs(got - want).max() < 1e-5 * scale < rounding / 10
+    assert bf16_representable(got) < 0.01  # Was 1.0.
+
+
 # ----------------------------------------------------------------------- scalar head
 
 

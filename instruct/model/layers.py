@@ -44,6 +44,10 @@ class Projection(nn.Module):
   """`x @ W (+ b)` contracting the trailing `len(in_shape)` axes of x, with W created in its
   true shape `in_shape + out_shape` (so every kernel axis carries its logical name).
   flax's DenseGeneral initialises a flattened kernel, which would drop the names' alignment.
+
+  x and W are cast to `dtype` (the compute dtype); the product is accumulated and returned in
+  `out_dtype` (default `dtype`). `out_dtype=float32` with bfloat16 inputs keeps the bf16
+  matrix units but returns unrounded sums: what the LM head needs (see `Transformer`).
   """
 
   in_shape: tuple[int, ...]
@@ -52,6 +56,7 @@ class Projection(nn.Module):
   use_bias: bool
   dtype: jnp.dtype
   init_std: float
+  out_dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -60,10 +65,11 @@ class Projection(nn.Module):
         self.in_shape + self.out_shape, jnp.float32)
     n_in = len(self.in_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=self.out_dtype)
     if self.use_bias:
       bias = self.param("bias", _zeros(self.kernel_axes[n_in:]), self.out_shape, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -157,9 +163,18 @@ class Attention(nn.Module):
     b, t, _, hd = q.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd)
+    # Scores accumulate and come out in float32 even when q and k are bfloat16 (the matmul
+    # still runs on the bf16 units): a bf16 *output* would round every score to 8 bits
+    # (steps of 1/8 at |s| in [16, 32)) before the softmax, whatever it is cast to afterwards.
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+    # [b, kv_heads, groups, t, s] before masking, kept only under mutable=['intermediates']
+    # (tests, attention diagnostics); a no-op otherwise.
+    self.sow("intermediates", "scores", scores)
     scores = jnp.where(allowed_bqk[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    # probs @ v stays in the compute dtype: probabilities in [0, 1] lose only relative
+    # precision in bf16, and the result feeds the bf16 o_proj, which would round it anyway.
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "kv", "embed"),

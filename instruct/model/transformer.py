@@ -10,6 +10,10 @@ Padding: the attention mask ([batch, length], 1 on real tokens) may have padding
 side. Positions are the cumulative sum of the mask, so a left-padded prompt gets the same
 positions as the unpadded one, and padded keys are never attended to.
 
+Precision: with `dtype='bfloat16'` the trunk computes in bf16 (parameters stay float32), but
+the LM head and the attention scores accumulate *and return* float32 (`preferred_element_type`),
+so logits and scores are not rounded to bf16's 8 significant bits before the softmax.
+
 Incremental decoding uses an explicit `KVCache` pytree passed in and returned: a call writes
 its tokens at `cache.index` and attends over everything written so far. Prefill is a call with
 the whole (left-padded) prompt; each decode step is a call with one token.
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from instruct.model.config import ModelConfig
-from instruct.model.layers import Block, constrain, make_norm
+from instruct.model.layers import Block, Projection, constrain, make_norm
 
 Array = jax.Array
 HEADS = ("lm", "scalar", "policy_value")
@@ -143,19 +147,34 @@ class Transformer(nn.Module):
     values = self._scalar(x, "value_head") if self.head == "policy_value" else None
     if logits_from:
       x = x[:, logits_from:]
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype), name="lm_head",
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal(cfg.init_std), ("embed", "vocab")))(x)
-    logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    logits = self._lm_head(x, embed)
+    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     return ModelOutput(logits=logits, values=values, cache=new_cache)
+
+  def _lm_head(self, x, embed: nn.Embed):
+    """[b, t, vocab] float32 logits of the final hidden states x, through the tied embedding
+    or `lm_head`.
+
+    The inputs are in the compute dtype but the matmul accumulates and returns float32: a
+    bfloat16 output would round every logit to 8 significant bits (steps of 1/16 to 1/8 at
+    |logit| 8-32), a noise of several hundredths of a nat per token in the log-probabilities
+    that the KL penalty and the PPO ratio compare.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+      return jax.lax.dot_general(
+          x.astype(dtype), embed.embedding.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32)
+    return Projection((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), False, dtype,
+                      cfg.init_std, out_dtype=jnp.float32, name="lm_head")(x)
 
   def _scalar(self, x, name: str):
     """[b, t] scalar head: `scalar_head` N(0, 1/sqrt(d+1)) (reward model, Ouyang et al.), or a
-    zero-initialised `value_head` on a policy trunk."""
+    zero-initialised `value_head` on a policy trunk.
+
+    `dtype=float32` promotes the (bf16) hidden states, so the product is a float32 matmul and
+    the values are not rounded to bf16; it is one column, so the cost does not matter."""
     std = 0.0 if name == "value_head" else (self.cfg.d_model + 1) ** -0.5
     init = nn.initializers.normal(std) if std else nn.initializers.zeros_init()
     values = nn.Dense(
@@ -174,7 +193,8 @@ class Transformer(nn.Module):
       block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          block_cls, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
       return scanned(cfg, deterministic, name="layers")(
