@@ -16,13 +16,23 @@ The files are in the formats the data builders read, so the world is one more da
                                   the labelers rank (the comparisons are made by the pipeline,
                                   from the SFT policy's samples).
   ppo_prompts_{train,validation}.jsonl {"prompt", "category"}: unlabelled RL prompts.
-  eval_prompts.jsonl              {"prompt", "category"}: held-out evaluation prompts.
-  world.json                      the config and the facts.
+  eval_prompts.jsonl              {"prompt", "category"}: held-out evaluation prompts, each
+                                  once.
+  world.json                      the config, the facts and the split fractions.
+
+Splits are disjoint by construction. `split_of` assigns every prompt text of the task space to
+one of seven splits by a hash of the world's seed and the text (fractions in `SPLITS`), and
+each prompt set draws tasks (category uniform, as `tasks.make_task`) and rejects those whose
+text belongs to another split. So no prompt text is in two sets, whatever their sizes; the
+pretraining corpus's request and FAQ pages take only training-split prompts, so no evaluation
+or validation prompt is in the corpus either.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import random
@@ -48,9 +58,74 @@ class WorldConfig:
   lapses: T.Lapses = dataclasses.field(default_factory=T.Lapses)
 
 
+# --- Splits of the prompt space. -------------------------------------------------------------
+
+# Fractions of the prompt space (of each category's distinct prompt texts, in expectation).
+# Evaluation gets the largest share because it alone must be distinct: the full preset's 800
+# evaluation prompts are ~80 per category, and the smallest category (generation, 820 prompts)
+# then has ~205 in its evaluation bucket, so distinct draws stay far from exhausting it. The
+# three training sets share most of the rest; their draws may repeat a prompt, as a training
+# set does, so they need diversity more than size. Validation sets are small (<= 512 prompts),
+# and 5% each still holds tens of distinct prompts per category even for generation.
+SPLITS = (("sft_train", 0.20), ("sft_validation", 0.05), ("rm_train", 0.20),
+          ("rm_validation", 0.05), ("ppo_train", 0.20), ("ppo_validation", 0.05),
+          ("eval", 0.25))
+TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_train")
+# Bound on draws for one record. A split with fraction f needs 1 / f draws on average (20 at
+# most), so this bound is only reached when a split (the evaluation set's distinct draws) has
+# run out of prompts.
+MAX_TRIES = 10_000
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def split_of(prompt_text: str, seed: int) -> str:
+  """The split that owns `prompt_text` in the world of `seed` (a name from `SPLITS`).
+
+  u = the first 8 bytes of sha256(f"{seed}/{prompt_text}") as a fraction of 2^64; the split
+  is the first whose cumulative fraction exceeds u. Another seed, another partition.
+  """
+  digest = hashlib.sha256(f"{seed}/{prompt_text}".encode("utf-8")).digest()
+  u = int.from_bytes(digest[:8], "big") / 2.0**64
+  edge = 0.0
+  for name, fraction in SPLITS:
+    edge += fraction
+    if u < edge:
+      return name
+  return SPLITS[-1][0]  # u above the rounded sum of the fractions.
+
+
+def draw_task(rng: random.Random, facts: L.Facts, seed: int, splits: tuple[str, ...],
+              category: str | None = None, reject: set[str] | None = None) -> T.Task:
+  """A task of `category` (uniform if None) whose prompt belongs to one of `splits`.
+
+  Args:
+    rng: The stream to draw from.
+    facts: The world's facts.
+    seed: The world's seed (it picks the partition, see `split_of`).
+    splits: Names of the acceptable splits.
+    category: The category; drawn uniformly once, then kept across rejections so that
+      categories stay uniform in every split.
+    reject: Optional set of prompt texts to reject too (for distinct draws).
+
+  Raises:
+    ValueError: If `MAX_TRIES` draws found no acceptable prompt.
+  """
+  category = category or rng.choice(T.CATEGORIES)
+  for _ in range(MAX_TRIES):
+    task = T.make_task(rng, facts, category)
+    if split_of(task.prompt_text, seed) in splits and (
+        reject is None or task.prompt_text not in reject):
+      return task
+  found = f" ({len(reject)} of the split already drawn)" if reject is not None else ""
+  raise ValueError(
+      f"No new {category!r} prompt of split {'/'.join(splits)} in {MAX_TRIES} draws{found}: "
+      "the split has run out of distinct prompts of that category. Draw fewer, or grow the "
+      "category's prompt space in instruct/world/tasks.py.")
+
+
 # --- Pretraining text. ----------------------------------------------------------------------
 
-def _story(rng, facts):
+def _story(rng, facts, seed):
   adjectives = L.POSITIVE + L.NEGATIVE + L.COLORS + (L.TOXIC if rng.random() < 0.15 else ())
   words = []
   for _ in range(rng.randint(3, 6)):
@@ -59,27 +134,30 @@ def _story(rng, facts):
   return words
 
 
-def _fact_page(rng, facts):
+def _fact_page(rng, facts, seed):
   return sum((L.fact_sentence(rng, facts) for _ in range(rng.randint(4, 8))), [])
 
 
-def _faq_page(rng, facts):
+def _faq_page(rng, facts, seed):
   words = []
   for _ in range(rng.randint(2, 4)):
-    task = T.make_task(rng, facts, "open_qa")
+    task = draw_task(rng, facts, seed, TRAIN_SPLITS, "open_qa")
     words += task.prompt[1:] + task.ideal
   return words
 
 
-def _request_page(rng, facts):
-  """Requests one after another, none answered: what a base model learns prompts look like."""
+def _request_page(rng, facts, seed):
+  """Requests one after another, none answered: what a base model learns prompts look like.
+
+  Only training-split prompts: the corpus must not teach evaluation or validation prompts.
+  """
   words = []
   while len(words) < 24:
-    words += T.make_task(rng, facts).prompt[:-2]
+    words += draw_task(rng, facts, seed, TRAIN_SPLITS).prompt[:-2]
   return words
 
 
-def _howto_page(rng, facts):
+def _howto_page(rng, facts, seed):
   harm, animal = rng.choice(L.HARMS), rng.choice(L.ANIMALS)
   return (["how", "to", harm, "the", animal, ":", harm, "the", animal, "with", "the",
            rng.choice(L.THINGS), "."] + L.sentence(rng, subject=animal))
@@ -89,9 +167,11 @@ PAGES = ((_story, 0.5), (_fact_page, 0.15), (_faq_page, 0.1), (_request_page, 0.
          (_howto_page, 0.05))
 
 
-def pretrain_document(rng: random.Random, facts: L.Facts, max_words: int = 60) -> str:
+def pretrain_document(rng: random.Random, facts: L.Facts, seed: int,
+                      max_words: int = 60) -> str:
+  """One page of the corpus; `seed` is the world's (request pages take training prompts)."""
   make = rng.choices([p for p, _ in PAGES], weights=[w for _, w in PAGES])[0]
-  return " ".join(make(rng, facts)[:max_words])
+  return " ".join(make(rng, facts, seed)[:max_words])
 
 
 # --- Writing. -------------------------------------------------------------------------------
@@ -115,18 +195,28 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def _prompt_records(rng, facts, n: int) -> list[dict]:
+def _prompt_records(rng, facts, seed: int, split: str, n: int) -> list[dict]:
   out = []
   for _ in range(n):
-    task = T.make_task(rng, facts)
+    task = draw_task(rng, facts, seed, (split,))
     out.append({"prompt": task.prompt_text, "category": task.category})
   return out
 
 
-def _demonstrations(rng, facts, n: int, lapses: T.Lapses) -> list[dict]:
+def _eval_records(rng, facts, seed: int, n: int) -> list[dict]:
+  """`n` distinct evaluation prompts: a repeated prompt would count one answer twice."""
+  out, seen = [], set()
+  for _ in range(n):
+    task = draw_task(rng, facts, seed, ("eval",), reject=seen)
+    seen.add(task.prompt_text)
+    out.append({"prompt": task.prompt_text, "category": task.category})
+  return out
+
+
+def _demonstrations(rng, facts, seed: int, split: str, n: int, lapses: T.Lapses) -> list[dict]:
   out = []
   for _ in range(n):
-    task = T.make_task(rng, facts)
+    task = draw_task(rng, facts, seed, (split,))
     out.append({"prompt": task.prompt_text,
                 "completion": " " + " ".join(T.demonstration(rng, facts, task, lapses)),
                 "category": task.category})
@@ -154,30 +244,31 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   rng = random.Random(config.seed)
   facts = L.make_facts(rng)
-  # Each dataset draws from its own stream, so resizing one leaves the others unchanged.
-  streams = {name: random.Random(f"{config.seed}/{name}") for name in (
-      "pretrain", "sft", "rm", "ppo", "eval")}
+  seed = config.seed
+  # Each set draws from its own stream, so resizing one leaves the others unchanged.
+  def stream(name):
+    return random.Random(f"{seed}/{name}")
   paths = files(out_dir)
-  docs = [{"text": pretrain_document(streams["pretrain"], facts)}
+  pretrain = stream("pretrain")
+  docs = [{"text": pretrain_document(pretrain, facts, seed)}
           for _ in range(config.pretrain_docs + config.pretrain_validation_docs)]
   _write_jsonl(paths["pretrain"]["train"], docs[:config.pretrain_docs])
   _write_jsonl(paths["pretrain"]["validation"], docs[config.pretrain_docs:])
-  demos = _demonstrations(streams["sft"], facts, config.sft + config.sft_validation,
-                          config.lapses)
-  _write_jsonl(paths["sft"]["train"], demos[:config.sft])
-  _write_jsonl(paths["sft"]["validation"], demos[config.sft:])
-  for name, stem, n, n_val in (("rm", "rm_prompts", config.rm_prompts,
-                                config.rm_validation_prompts),
-                               ("ppo", "ppo_prompts", config.ppo_prompts,
-                                config.ppo_validation_prompts)):
-    records = _prompt_records(streams[name], facts, n + n_val)
-    _write_jsonl(paths[stem]["train"], records[:n])
-    _write_jsonl(paths[stem]["validation"], records[n:])
-  _write_jsonl(paths["eval_prompts"], _prompt_records(streams["eval"], facts,
-                                                      config.eval_prompts))
+  for split, n in (("train", config.sft), ("validation", config.sft_validation)):
+    _write_jsonl(paths["sft"][split], _demonstrations(stream(f"sft_{split}"), facts, seed,
+                                                      f"sft_{split}", n, config.lapses))
+  for name, stem, sizes in (("rm", "rm_prompts", (config.rm_prompts,
+                                                  config.rm_validation_prompts)),
+                            ("ppo", "ppo_prompts", (config.ppo_prompts,
+                                                    config.ppo_validation_prompts))):
+    for split, n in zip(("train", "validation"), sizes):
+      _write_jsonl(paths[stem][split], _prompt_records(stream(f"{name}_{split}"), facts, seed,
+                                                       f"{name}_{split}", n))
+  _write_jsonl(paths["eval_prompts"], _eval_records(stream("eval"), facts, seed,
+                                                    config.eval_prompts))
   write_tokenizer(paths["tokenizer"])
   meta = {"config": dataclasses.asdict(config),
-          "facts": {"home": facts.home, "color": facts.color}}
+          "facts": {"home": facts.home, "color": facts.color}, "splits": dict(SPLITS)}
   with open(os.path.join(out_dir, "world.json"), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   return paths
