@@ -90,6 +90,9 @@ def get_config(arg: str = "tiny"):
   config.sampling.temperature = 1.0
   config.sampling.top_k = 0
   config.sampling.top_p = 1.0
+  # top-k / top-p sample from a filtered distribution while the PPO ratio and KL are of the
+  # unfiltered one, which makes PPO off-policy; refused unless this is set.
+  config.sampling.allow_off_policy_filtering = False
 
   config.ppo = ml_collections.ConfigDict()
   config.ppo.epochs = 4
@@ -117,7 +120,14 @@ def get_config(arg: str = "tiny"):
   config.optimizer.schedule = "linear"
   config.optimizer.end_lr_fraction = 0.0
   config.optimizer.warmup_steps = 0
-  config.optimizer.eps = 1e-5             # TF-style Adam epsilon of the original code.
+  # The original code's Adam (Ziegler et al. 2019; Stiennon et al. 2020): TensorFlow's
+  # epsilon placement (instruct.optim.tf_adam_eps) with eps 1e-5, b2 0.999, no gradient
+  # clipping. The supervised stages' defaults (b2 0.95, clipping at 1.0, PyTorch epsilon) are
+  # deliberately not inherited.
+  config.optimizer.eps = 1e-5
+  config.optimizer.eps_style = "tf"
+  config.optimizer.b2 = 0.999
+  config.optimizer.grad_clip_norm = 0.0
   config.value_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
   config.value_optimizer.learning_rate = 3e-4
 

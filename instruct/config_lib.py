@@ -9,6 +9,7 @@ that name the config key.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 
 import ml_collections
@@ -86,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
+  c.optimizer.eps_style = "pytorch"  # Where Adam's eps enters: 'pytorch' (optax.adamw) | 'tf'
+                                    # (TensorFlow's Adam; instruct.optim.tf_adam_eps).
   c.optimizer.weight_decay = 0.0    # Decoupled (AdamW); applied to matrices only.
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; <= 0 disables.
 
@@ -242,15 +245,64 @@ def _validate_rm(config) -> None:
                        f"demonstrations: {e}") from e
 
 
-def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int,
-                 process_count: int) -> None:
-  """Raises ValueError naming the key for impossible PPO settings."""
+def validate_sampling(sampling, prefix: str = "config.sampling") -> None:
+  """Raises ValueError naming `{prefix}.KEY` for sampling settings that would fail silently.
+
+  `sampling`: `config.sampling` or a `sampler.SamplingConfig` (anything with the attributes
+  max_new_tokens, temperature, top_k, top_p). Without these checks a negative temperature
+  decodes greedily, top_p <= 0 masks every token (a uniform draw over the vocabulary), top_p > 1
+  or top_k < 0 turn the filter off, and max_new_tokens < 1 samples empty responses.
+  """
+  new_tokens = sampling.max_new_tokens
+  if not (_is_int(new_tokens) and new_tokens >= 1):
+    raise ValueError(f"{prefix}.max_new_tokens={new_tokens!r} must be an integer >= 1.")
+  if not sampling.temperature >= 0:  # `not >=` also refuses NaN.
+    raise ValueError(f"{prefix}.temperature={sampling.temperature!r} must be >= 0 "
+                     "(0: greedy).")
+  if not (_is_int(sampling.top_k) and sampling.top_k >= 0):
+    raise ValueError(f"{prefix}.top_k={sampling.top_k!r} must be an integer >= 0 (0: off).")
+  if not 0 < sampling.top_p <= 1:
+    raise ValueError(f"{prefix}.top_p={sampling.top_p!r} must be in (0, 1] (1: off).")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_fits(length: int, what: str, model, model_name: str) -> None:
+  """Refuses `length` tokens on a model with a smaller learned position table, where the
+  embedding lookup would silently clamp every later position onto the table's last row."""
+  if model is not None and model.position == "learned" and length > model.max_length:
+    raise ValueError(f"{what} = {length} tokens exceeds the {model_name}'s learned position "
+                     f"table (max_length={model.max_length}); positions past it would be "
+                     "silently clamped onto its last row.")
+
+
+def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int, process_count: int,
+                 policy_model: ModelConfig | None = None,
+                 reward_model: ModelConfig | None = None) -> None:
+  """Raises ValueError naming the key for impossible or silently wrong PPO settings.
+
+  `policy_model` / `reward_model`: the `ModelConfig`s of the SFT and RM runs (a PPO config
+  does not hold them). When given, a rollout (data.prompt_length + sampling.max_new_tokens
+  tokens, scored by policy, reference, critic and reward model) and a PPO-ptx row
+  (ptx.length, policy only) must fit their learned position tables; None skips that check.
+  """
   t, ppo = config.train, config.ppo
   validate_data_format(config, "prompts", reader="PPO samples from")
   for key, value in (("policy_from", config.policy_from), ("reward_from", config.reward_from)):
     if not value:
       raise ValueError(f"config.{key} is empty: PPO needs the workdir of the "
                        f"{'SFT' if key == 'policy_from' else 'reward-model'} run.")
+  _validate_ppo_sampling(config)
+  prompt_length = config.data.prompt_length
+  if not (_is_int(prompt_length) and prompt_length >= 1):
+    raise ValueError(f"config.data.prompt_length={prompt_length!r} must be an integer >= 1.")
+  rollout = ("config.data.prompt_length + config.sampling.max_new_tokens = "
+             f"{prompt_length} + {config.sampling.max_new_tokens}")
+  rollout_length = prompt_length + config.sampling.max_new_tokens
+  _check_fits(rollout_length, rollout, policy_model, "policy")
+  _check_fits(rollout_length, rollout, reward_model, "reward model")
   if t.global_batch_size % ppo.num_minibatches:
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
                      f"by config.ppo.num_minibatches={ppo.num_minibatches}.")
@@ -258,14 +310,45 @@ def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int,
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
                      f"by the data-parallel size {data_parallel} (or the {process_count} "
                      "processes).")
-  if ppo.ptx_coef > 0 and not config.ptx.train_file:
-    raise ValueError(f"config.ppo.ptx_coef={ppo.ptx_coef} but config.ptx.train_file is empty: "
-                     "PPO-ptx needs pretraining text ({\"text\"} JSON lines or .txt).")
-  if ppo.ptx_coef > 0 and config.ptx.batch_size % ppo.num_minibatches:
-    raise ValueError(f"config.ptx.batch_size={config.ptx.batch_size} is not divisible by "
-                     f"config.ppo.num_minibatches={ppo.num_minibatches}.")
+  if ppo.ptx_coef > 0:
+    _validate_ptx(config, policy_model)
   if ppo.kl_estimator not in ("k1", "k3"):
     raise ValueError(f"config.ppo.kl_estimator={ppo.kl_estimator!r}; expected 'k1' or 'k3'.")
   if config.kl.controller not in ("fixed", "adaptive"):
     raise ValueError(f"config.kl.controller={config.kl.controller!r}; expected 'fixed' or "
                      "'adaptive'.")
+
+
+def _validate_ppo_sampling(config) -> None:
+  """`validate_sampling`, then refuses top-k / top-p unless explicitly allowed.
+
+  The rollout is drawn from the filtered distribution while the PPO ratio and KL penalty
+  (sampler log-probs and `sequence_logprobs`) are of the unfiltered one, so the updates are
+  silently off-policy. Configs saved before `allow_off_policy_filtering` existed read False.
+  """
+  sampling = config.sampling
+  validate_sampling(sampling)
+  if sampling.get("allow_off_policy_filtering", False):
+    return
+  for key, active in (("top_k", sampling.top_k > 0), ("top_p", sampling.top_p < 1)):
+    if active:
+      raise ValueError(
+          f"config.sampling.{key}={sampling[key]!r} makes PPO off-policy: rollouts are drawn "
+          f"from the {key}-filtered distribution but the ratio and KL use the unfiltered one. "
+          "Set config.sampling.allow_off_policy_filtering=True to accept that.")
+
+
+def _validate_ptx(config, policy_model) -> None:
+  """PPO-ptx (ptx_coef > 0): a pretraining file, rows that split into the minibatches, and
+  rows long enough to have a next-token target that fit the policy's position table."""
+  ppo, ptx = config.ppo, config.ptx
+  if not ptx.train_file:
+    raise ValueError(f"config.ppo.ptx_coef={ppo.ptx_coef} but config.ptx.train_file is empty: "
+                     "PPO-ptx needs pretraining text ({\"text\"} JSON lines or .txt).")
+  if ptx.batch_size % ppo.num_minibatches:
+    raise ValueError(f"config.ptx.batch_size={ptx.batch_size} is not divisible by "
+                     f"config.ppo.num_minibatches={ppo.num_minibatches}.")
+  if not (_is_int(ptx.length) and ptx.length >= 2):
+    raise ValueError(f"config.ptx.length={ptx.length!r} must be an integer >= 2: a row needs "
+                     "a token and its successor for the LM loss.")
+  _check_fits(ptx.length, "config.ptx.length", policy_model, "policy")

@@ -160,3 +160,39 @@ def test_rm_step_on_mesh_matches_one_device(mesh_shape):
       assert np.all(np.abs(shift_only) < 1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                params, ref_params)
+
+
+def test_policy_samples_normalisation_end_to_end(runs, tfds_dir, tmp_path):
+  """normalization='policy_samples': the RM run scores a file of policy samples after training
+  and stores gain and bias so that, through `RewardModel.score`, those samples score mean 0
+  and standard deviation 1 (Ziegler et al. 2019)."""
+  rng = random.Random(3)
+  samples = tmp_path / "samples.jsonl"
+  with open(samples, "w") as f:
+    for _ in range(96):
+      words = [rng.choice(NOUNS) for _ in range(rng.randint(3, 6))] + ["star"] * rng.randint(0, 3)
+      rng.shuffle(words)
+      f.write(json.dumps({"prompt": "Say some words:", "completion": " " + " ".join(words)})
+              + "\n")
+  config = rm_config(tfds_dir, str(runs["root"] / "sft"), runs["root"], num_steps=8,
+                     eval_every=0)
+  config.rm.normalization = "policy_samples"
+  config.rm.normalization_file = str(samples)
+  trainer.train_and_evaluate(config, str(tmp_path / "rm"))
+  reward_model = RewardModel.load(str(tmp_path / "rm"))
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  batches = data_lib.make_batches(
+      "demonstrations", {"train": str(samples)}, "train", tokenizer, global_batch_size=32,
+      buckets=(64,), seed=0, shuffle=False, repeat=False, data_dir=tfds_dir)
+  scores, raw = [], []
+  for batch in batches:
+    real = batch["attention_mask"].sum(axis=1) > 0
+    scores.append(np.asarray(reward_model.score(batch["tokens"], batch["attention_mask"]))[real])
+    raw.append(np.asarray(reward_model.raw_score(batch["tokens"], batch["attention_mask"]))[real])
+  scores, raw = np.concatenate(scores), np.concatenate(raw)
+  assert scores.size == 96
+  np.testing.assert_allclose([scores.mean(), scores.std()], [0.0, 1.0], atol=1e-3)
+  assert abs(raw.std() - 1.0) > 0.05 and reward_model.gain != 1.0  # Not true by accident.
+  extras = ckpt_lib.Checkpointer(str(tmp_path / "rm")).restore_extras(8)
+  assert extras["reward_normalization"]["mode"] == "policy_samples"
+  assert extras["reward_normalization"]["num_scored"] == 96

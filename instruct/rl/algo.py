@@ -53,8 +53,10 @@ def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
 
     var = n / (n - 1) * sum(m * (x - mean)^2) / n,   n = sum(m)
 
-  Unbiased (Bessel-corrected) by default, as in the original RLHF code (Ziegler et al. 2019);
-  with `unbiased=False` the plain population variance. n <= 1 gives 0.
+  Unbiased (Bessel-corrected) by default, as TRL's and OpenRLHF's `masked_var` are; with
+  `unbiased=False` the population variance, which is what the original RLHF code uses
+  (lm-human-preferences whitens with `tf.nn.moments`). Over the thousands of tokens of a
+  rollout the two differ by a factor n / (n - 1) ~ 1. n <= 1 gives 0.
   """
   mean = masked_mean(x, mask)
   var = masked_mean(jnp.square(_f32(x) - mean), mask)
@@ -70,7 +72,7 @@ def masked_whiten(x_bt: Array, mask_bt: Array, shift_mean: bool = True) -> Array
     whiten(x) = (x - mean) / sqrt(var + 1e-8)            (shift_mean=True: mean 0, var 1)
     whiten(x) = (x - mean) / sqrt(var + 1e-8) + mean     (shift_mean=False: keeps the mean)
 
-  mean and the unbiased var are taken over the masked entries only (`masked_mean`,
+  mean and the (Bessel-corrected) var are taken over the masked entries only (`masked_mean`,
   `masked_var`), so the whitened entries have unbiased variance ~1. Advantages are whitened
   with shift_mean=True per minibatch (Schulman et al. 2017's baselines); rewards optionally
   with shift_mean=False, which rescales them without changing their sign on average
@@ -325,18 +327,27 @@ def clipped_value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array
 # ----------------------------------------------------------------------------- diagnostics
 
 
+def token_entropy(logits_btv: Array) -> Array:
+  """[batch, length] entropy of each next-token distribution, in float32.
+
+    H_t = -sum_v p_t(v) log p_t(v),  p_t = softmax(logits_t)
+
+  Reduces the vocabulary axis, so a caller that works in row chunks keeps [b, t], never the
+  whole [b, t, v] logits. Logits of -inf / the float minimum (banned tokens) contribute 0.
+  """
+  log_p = jax.nn.log_softmax(_f32(logits_btv), axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * jnp.where(log_p > -jnp.inf, log_p, 0.0), axis=-1)
+
+
 def masked_entropy(logits_btv: Array, mask_bt: Array) -> Array:
   """Mean entropy of the policy's next-token distribution over response tokens (scalar).
 
-    H_t = -sum_v p_t(v) log p_t(v),  p_t = softmax(logits_t);   result = masked_mean(H_t)
+    result = masked_mean(H_t)   (H_t from `token_entropy`)
 
   logits_btv: [batch, length, vocab] (already divided by the sampling temperature);
   mask_bt: [batch, length]. Used as a diagnostic or an entropy bonus (Schulman et al. 2017).
   """
-  logits = _f32(logits_btv)
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  entropy_bt = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-  return masked_mean(entropy_bt, mask_bt)
+  return masked_mean(token_entropy(logits_btv), mask_bt)
 
 
 def explained_variance(values_bt: Array, returns_bt: Array, mask_bt: Array) -> Array:

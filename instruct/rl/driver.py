@@ -27,8 +27,9 @@ from instruct import sharding as shd
 from instruct.metrics import MetricWriter
 from instruct.model import ModelConfig, Transformer
 from instruct.rl import algo
-from instruct.rl.ppo import PPOConfig, make_experience_fn, make_update_fn
-from instruct.rl.sampler import Samples, SamplingConfig, make_sampler
+from instruct.rl.ppo import (PPOConfig, critic_from_reward_model, make_experience_fn,
+                             make_update_fn)
+from instruct.rl.sampler import Samples, SamplingConfig, banned_token_ids, make_sampler
 from instruct.stages import common
 from instruct.state import state_factory
 from instruct.trainer import (NonFiniteLossError, PreemptionWatcher, init_params_fn,
@@ -45,11 +46,19 @@ def _source_model(workdir: str, head: str, what: str) -> tuple[Transformer, dict
   return Transformer(ModelConfig.from_dict(source["model"]), head=head), source
 
 
-def _ppo_config(config) -> PPOConfig:
+def _ppo_config(config, banned_ids: tuple[int, ...] = ()) -> PPOConfig:
   fields = {k: v for k, v in config.ppo.items() if k != "penalize_no_eos"}
   if not config.ppo.penalize_no_eos:
     fields["no_eos_score"] = None
-  return PPOConfig(**fields, temperature=config.sampling.temperature)
+  return PPOConfig(**fields, temperature=config.sampling.temperature, banned_ids=banned_ids)
+
+
+def _source_model_config(workdir: str) -> ModelConfig | None:
+  """The architecture of a source run, for validation; None if there is no such run (the
+  validation then names the empty or wrong key)."""
+  if not workdir or not os.path.exists(os.path.join(workdir, "config.json")):
+    return None
+  return ModelConfig.from_dict(ckpt_lib.read_config(workdir)["model"])
 
 
 def _data(config, tokenizer):
@@ -63,9 +72,12 @@ def _data(config, tokenizer):
       skip_invalid=config.data.get("skip_invalid", False))
   ptx = None
   if config.ppo.ptx_coef > 0:
+    # `ptx.batch_size` rows per PPO epoch: every minibatch step of every epoch takes fresh
+    # rows (see rl/ppo.py), so an iteration reads epochs x batch_size rows.
     ptx = data_lib.make_batches(
         "text", {"train": config.ptx.train_file}, "train", tokenizer,
-        global_batch_size=config.ptx.batch_size, buckets=(config.ptx.length,),
+        global_batch_size=config.ptx.batch_size * config.ppo.epochs,
+        buckets=(config.ptx.length,),
         seed=config.seed, shuffle=True, repeat=True, data_dir=common.tfds_dir(config),
         process_index=jax.process_index(), process_count=jax.process_count())
   return prompts, ptx
@@ -76,7 +88,8 @@ class PPORun:
 
   def __init__(self, config, tokenizer, mesh, rules):
     self.config, self.mesh, self.rules = config, mesh, rules
-    ppo = _ppo_config(config)
+    banned = banned_token_ids(tokenizer)
+    ppo = _ppo_config(config, banned)
     self.shared = ppo.shared_value_head
     self.policy_model, _ = _source_model(config.policy_from,
                                          "policy_value" if self.shared else "lm", "policy_from")
@@ -99,7 +112,7 @@ class PPORun:
     critic_model = self.policy_model if self.shared else self.value_model
     sampling = SamplingConfig(config.sampling.max_new_tokens, tokenizer.eos_token_id,
                               tokenizer.pad_token_id, config.sampling.temperature,
-                              config.sampling.top_k, config.sampling.top_p)
+                              config.sampling.top_k, config.sampling.top_p, banned_ids=banned)
     samples_sh = Samples(batch, batch, batch, batch, repl)
     self.sample = jax.jit(make_sampler(self.policy_model, sampling),
                           in_shardings=(pol_sh.params, batch, batch, repl),
@@ -149,7 +162,8 @@ class PPORun:
     state = {"policy": self.policy_factory.from_params(reference),
              "kl": algo.init_kl_controller(config.kl.initial_beta)}
     if not self.shared:
-      state["value"] = self.value_factory.from_params(reward)
+      state["value"] = self.value_factory.from_params(
+          critic_from_reward_model(reward, frozen["reward_gain"], frozen["reward_bias"]))
     return state, frozen, {}
 
 
@@ -157,7 +171,9 @@ def train_ppo(config, workdir: str, devices=None) -> dict:
   """Runs PPO as configured in `workdir` (on `devices`, default all); returns the final state."""
   mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.rules_from_config(config.mesh)
-  config_lib.validate_ppo(config, shd.data_parallel_size(mesh, rules), jax.process_count())
+  config_lib.validate_ppo(config, shd.data_parallel_size(mesh, rules), jax.process_count(),
+                          policy_model=_source_model_config(config.policy_from),
+                          reward_model=_source_model_config(config.reward_from))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer,
                                       pad_token=config.data.get("pad_token", ""))
   run = PPORun(config, tokenizer, mesh, rules)

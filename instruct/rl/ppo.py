@@ -12,7 +12,13 @@ token (a fixed penalty score for responses that never emitted EOS), per-token re
 Update: `epochs` passes, each over a fresh permutation of the rollout split into
 `num_minibatches`; per minibatch, the clipped surrogate policy loss (advantages whitened per
 minibatch) plus `ptx_coef` times the LM loss of a pretraining minibatch in the SAME gradient
-step (PPO-ptx), and the clipped value loss for the separate critic. The old log-probs are
+step (PPO-ptx), and the clipped value loss for the separate critic. Every minibatch step takes
+fresh pretraining rows: the iteration's pretraining batch holds `epochs` x the rows of one
+pass, so no row is reused across epochs while the rollouts are.
+
+Rows are split into chunks and minibatches by stride (chunk i takes rows i, i + n, ...; as
+`stages.common.split_microbatches`), so every chunk keeps the batch's sharding and nothing is
+moved between devices to form it; only the per-epoch shuffle of the rollout is a gather. The old log-probs are
 recomputed by the same forward function (same temperature, no dropout) on minibatch-sized
 chunks rather than taken from the sampler, so on the first minibatch of the first epoch the
 ratio pi/pi_old is 1 up to float32 rounding: bitwise equality between two XLA programs is not
@@ -34,6 +40,7 @@ import optax
 from instruct import objectives
 from instruct.rl import algo
 from instruct.rl.sampler import sequence_logprobs
+from instruct.stages import common
 from instruct.state import TrainState
 
 Array = jax.Array
@@ -54,7 +61,10 @@ class PPOConfig:
   no_eos_score: Optional[float] = -1.0  # Score of responses that never emit EOS; None: score
                                         # them as they are (truncated at max_new_tokens).
   temperature: float = 1.0
-  ptx_coef: float = 0.0        # gamma of PPO-ptx; 0 = plain PPO.
+  banned_ids: tuple[int, ...] = ()  # Tokens the sampler never emits (pad, other specials):
+                                    # log-probs are of the distribution without them.
+  ptx_coef: float = 0.0        # PPO-ptx's coefficient on the per-token pretraining loss; 0 =
+                               # plain PPO. See `ptx_gamma_equivalent` for the paper's gamma.
   entropy_coef: float = 0.0
   shared_value_head: bool = False  # Critic = a value head on the policy trunk (one optimiser,
   vf_coef: float = 0.1             # loss = policy + vf_coef * value) instead of a separate
@@ -77,11 +87,56 @@ class Experience:
   scores: Array
 
 
+def split_rows(tree, num: int):
+  """[B, ...] -> [num, B/num, ...] by stride: part i holds rows i, i + num, i + 2 num, ...
+
+  On a mesh that shards rows in contiguous blocks, every part keeps that sharding (each
+  device contributes its own rows to every part), so forming the parts moves no data.
+  """
+  return common.split_microbatches(tree, num)
+
+
+def merge_rows(tree):
+  """The inverse of `split_rows`: [num, B/num, ...] -> [B, ...] in the original row order."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), tree)
+
+
 def _chunked(fn, num_chunks: int, *arrays):
-  """Applies fn to `num_chunks` equal row-chunks of the arrays (same shapes as minibatches)."""
-  split = lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
-  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+  """fn over `num_chunks` strided row-chunks of the arrays (minibatch-sized), merged back."""
+  out = jax.lax.map(lambda xs: fn(*xs), split_rows(arrays, num_chunks))
+  return merge_rows(out)
+
+
+def ptx_gamma_equivalent(ptx_coef, response_length, advantage_std):
+  """The coefficient gamma of InstructGPT's objective that `ptx_coef` amounts to.
+
+  Ouyang et al. 2022 maximise E_(x,y)[r(x, y) - beta KL] + gamma E_pretrain[log pi(x)]: per
+  episode, the policy gradient is sum_t A_t grad log pi(y_t), while the pretraining term is a
+  per-token log-likelihood (the LM loss as GPT-3 reports it). Here the policy loss is a
+  per-token MEAN of the surrogate with advantages whitened to unit variance, beside
+  `ptx_coef` x the per-token mean pretraining loss. Relative to the paper's objective the
+  policy term is therefore scaled by 1 / (T * sigma_A), with T the mean response length and
+  sigma_A the standard deviation of the advantages before whitening, so
+
+    gamma = ptx_coef * T * sigma_A,     i.e.   ptx_coef = gamma / (T * sigma_A).
+
+  The paper's gamma is 27.8. PPO logs this value every iteration (`ptx_gamma_equivalent`).
+  """
+  return ptx_coef * response_length * advantage_std
+
+
+def critic_from_reward_model(reward_params, gain, bias):
+  """Critic parameters from the reward model's, with the RM normalisation folded into the head.
+
+  The returns the critic learns are built from the normalised score `gain * raw + bias`
+  (`make_experience_fn`), so the critic starts from the RM with `scalar_head` replaced by
+  kernel * gain and bias * gain + bias: its first values are the normalised RM scores at
+  every position, not raw ones the clipped value loss would take |bias| / value_clip_eps
+  iterations to shift.
+  """
+  head = reward_params["scalar_head"]
+  folded = {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}
+  return dict(reward_params, scalar_head=folded)
 
 
 def response_values(value_model, params, prompt_tokens, prompt_mask, response_tokens,
@@ -102,20 +157,26 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
   """
 
   def logprobs(params, pt, pm, rt, rm):
-    return sequence_logprobs(policy_model, params, pt, pm, rt, rm, cfg.temperature)
+    return sequence_logprobs(policy_model, params, pt, pm, rt, rm, cfg.temperature,
+                             banned_ids=cfg.banned_ids)
+
+  def policy_scores(params, *args):  # Per chunk: [b, r] log-probs and entropies, no logits.
+    lp, logits = logprobs(params, *args)
+    return lp, algo.token_entropy(logits)
+
+  def reward_scores(params, pt, pm, rt, rm):
+    full, full_mask = jnp.concatenate([pt, rt], axis=1), jnp.concatenate([pm, rm], axis=1)
+    return objectives.last_token_values(
+        reward_model.apply({"params": params}, full, full_mask).values, full_mask)
 
   def experience(params, samples, prompt_tokens, prompt_mask, beta):
     rt, rm = samples.response_tokens, samples.response_mask
     args = (prompt_tokens, prompt_mask, rt, rm)
-    old_lp, logits = _chunked(lambda *a: logprobs(params["policy"], *a), cfg.num_minibatches,
-                              *args)
-    ref_lp, _ = _chunked(lambda *a: logprobs(params["reference"], *a), cfg.num_minibatches,
-                         *args)
-    values = response_values(value_model, params["value"], *args)
-    full = jnp.concatenate([prompt_tokens, rt], axis=1)
-    full_mask = jnp.concatenate([prompt_mask, rm], axis=1)
-    raw = objectives.last_token_values(
-        reward_model.apply({"params": params["reward"]}, full, full_mask).values, full_mask)
+    chunked = lambda fn, p: _chunked(lambda *a: fn(p, *a), cfg.num_minibatches, *args)
+    old_lp, entropy_bt = chunked(policy_scores, params["policy"])
+    ref_lp, _ = chunked(logprobs, params["reference"])
+    values = chunked(lambda p, *a: response_values(value_model, p, *a), params["value"])
+    raw = chunked(reward_scores, params["reward"])
     normalised = params["reward_gain"] * raw + params["reward_bias"]
     scores = normalised
     if cfg.no_eos_score is not None:
@@ -131,14 +192,19 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
     metrics = {
         "score": jnp.mean(scores), "score_raw": jnp.mean(raw),
         "score_normalised": jnp.mean(normalised),
-        f"kl_{cfg.kl_estimator}": jnp.mean(jnp.sum(kl, axis=1)),
-        "kl_k3": jnp.mean(jnp.sum(algo.kl_per_token(old_lp, ref_lp, "k3") * rm, axis=1)),
-        "entropy": algo.masked_entropy(logits, rm), "response_length": jnp.mean(lengths),
+        # Both estimates, whichever one the penalty (and an adaptive controller) uses.
+        **{f"kl_{k}": jnp.mean(jnp.sum(algo.kl_per_token(old_lp, ref_lp, k) * rm, axis=1))
+           for k in algo.KL_ESTIMATORS},
+        "entropy": algo.masked_mean(entropy_bt, rm), "response_length": jnp.mean(lengths),
         "eos_fraction": jnp.mean(samples.ended_with_eos.astype(jnp.float32)),
         "beta": jnp.asarray(beta, jnp.float32),
         "explained_variance": algo.explained_variance(values, returns, rm),
         "advantage_mean": algo.masked_mean(advantages, rm),
+        "advantage_std": jnp.sqrt(algo.masked_var(advantages, rm)),
     }
+    if cfg.ptx_coef > 0:
+      metrics["ptx_gamma_equivalent"] = ptx_gamma_equivalent(
+          cfg.ptx_coef, metrics["response_length"], metrics["advantage_std"])
     return exp, metrics
 
   return experience
@@ -149,14 +215,15 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
   """Returns pure `(policy, value, experience, ptx_batch, rng) -> (policy, value, metrics)`.
 
   policy and value are TrainStates; with `cfg.shared_value_head` value is None, value_model
-  is the policy's model (head 'policy_value') and value_opt is unused. ptx_batch: pretraining {tokens, loss_mask,
-  attention_mask} [b_ptx, L] split into the same number of minibatches (ignored when
-  ptx_coef == 0).
+  is the policy's model (head 'policy_value') and value_opt is unused. ptx_batch: pretraining
+  {tokens, loss_mask, attention_mask} [epochs * b_ptx, L], split by stride into epochs x
+  num_minibatches parts, one fresh part per minibatch step (ignored when ptx_coef == 0).
   """
 
   def policy_loss(params, mb: Experience, ptx):
     logp, logits = sequence_logprobs(policy_model, params, mb.prompt_tokens, mb.prompt_mask,
-                                     mb.response_tokens, mb.response_mask, cfg.temperature)
+                                     mb.response_tokens, mb.response_mask, cfg.temperature,
+                                     banned_ids=cfg.banned_ids)
     adv = algo.masked_whiten(mb.advantages, mb.response_mask)
     loss, stats = algo.clipped_policy_loss(logp, mb.old_logprobs, adv, mb.response_mask,
                                            cfg.clip_eps)
@@ -203,17 +270,20 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
     return (policy, value), stats
 
   def update(policy: TrainState, value: TrainState, exp: Experience, ptx_batch, rng):
-    b, m = exp.response_tokens.shape[0], cfg.num_minibatches
-    ptx_batch = ptx_batch if cfg.ptx_coef > 0 else {}
+    b, m, epochs = exp.response_tokens.shape[0], cfg.num_minibatches, cfg.epochs
+    # [epochs, m, rows, L]: a fresh strided part of the pretraining batch per minibatch step.
+    ptx_batch = jax.tree.map(
+        lambda x: x.reshape((epochs, m) + x.shape[1:]),
+        split_rows(ptx_batch, epochs * m)) if cfg.ptx_coef > 0 else {}
 
-    def epoch(carry, epoch_rng):
+    def epoch(carry, xs):
+      epoch_rng, ptx = xs
       order = jax.random.permutation(epoch_rng, b).reshape(m, b // m)
       minibatches = jax.tree.map(lambda x: x[order], exp)
-      ptx = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), ptx_batch)
       return jax.lax.scan(minibatch_step, carry, (minibatches, ptx))
 
     (policy, value), stats = jax.lax.scan(epoch, (policy, value),
-                                          jax.random.split(rng, cfg.epochs))
+                                          (jax.random.split(rng, epochs), ptx_batch))
     # max |pi/pi_old - 1| on the first minibatch of the first epoch: 0 up to float rounding.
     first_ratio_error = stats.pop("ratio_error")[0, 0]
     metrics = dict(jax.tree.map(jnp.mean, stats), first_ratio_error=first_ratio_error)

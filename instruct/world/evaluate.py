@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from instruct import checkpoint as ckpt_lib
+from instruct import config_lib
 from instruct.data import tokenization
 from instruct.model.config import ModelConfig
 from instruct.model.transformer import Transformer
-from instruct.rl.sampler import SamplingConfig, make_sampler
+from instruct.rl.sampler import (SamplingConfig, banned_token_ids, make_sampler,
+                                 sequence_logprobs)
 from instruct.trainer import init_params_fn
 from instruct.world import labelers as labelers_lib
 from instruct.world import tasks as T
@@ -93,6 +95,16 @@ def _left_pad(tokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarra
   return tokens, mask
 
 
+def _check_fits(model: Transformer, length: int, what: str) -> None:
+  """Refuses sequences longer than a learned position table: the embedding lookup would
+  silently clamp every later position onto its last row (rotary positions have no table)."""
+  cfg = model.cfg
+  if cfg.position == "learned" and length > cfg.max_length:
+    raise ValueError(f"{what} tokens exceeds the model's learned position table "
+                     f"(max_length={cfg.max_length}); later positions would be silently "
+                     "clamped onto its last row.")
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted_sampler(model: Transformer, cfg: SamplingConfig):
   return jax.jit(make_sampler(model, cfg))
@@ -103,11 +115,19 @@ def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
              batch_size: int = 128, stop_words: Sequence[str] = ()) -> list[Answer]:
   """Samples one answer per prompt (batched, jitted, fixed shapes, reproducible by `seed`).
 
-  `stop_words` cut an answer before the first of them (used for base models, which go on
-  writing the next request instead of ending).
+  The tokenizer's special tokens other than EOS (pad, unk, ...) are never sampled
+  (`banned_token_ids`), and `Answer.logprob` is under that renormalised distribution: score
+  the answers with `sequence_logprob(..., banned_ids=banned_token_ids(tokenizer))` to compare
+  like with like. `stop_words` cut an answer before the first of them (used for base models,
+  which go on writing the next request instead of ending). Raises ValueError for bad sampling
+  settings, or when prompt_length + max_new_tokens exceeds a learned position table.
   """
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                       banned_ids=banned_token_ids(tokenizer))
+  config_lib.validate_sampling(cfg, prefix="generate")
+  _check_fits(policy.model, prompt_length + max_new_tokens,
+              f"prompt_length + max_new_tokens = {prompt_length} + {max_new_tokens}")
   sample = _jitted_sampler(policy.model, cfg)
   answers = []
   for start in range(0, len(prompts), batch_size):
@@ -119,7 +139,7 @@ def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
     for i in range(len(chunk)):
       ids = [int(t) for t, m in zip(out.response_tokens[i], out.response_mask[i]) if m]
       ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
-      # Special tokens a policy may emit mid-answer (pad, unknown) are not words.
+      # Banned special tokens cannot occur; skipping them is only belt and braces.
       words = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).split()
       for j, w in enumerate(words):
         if w in stop_words:
@@ -142,16 +162,23 @@ def response_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[Answer]
 
 
 @functools.lru_cache(maxsize=None)
-def _logprob_fn(model: Transformer, temperature: float):
-  from instruct.rl.sampler import sequence_logprobs
+def _logprob_fn(model: Transformer, temperature: float, banned_ids: tuple[int, ...]):
   return jax.jit(lambda params, *arrays: sequence_logprobs(
-      model, params, *arrays, temperature=temperature)[0].sum(-1))
+      model, params, *arrays, temperature=temperature, banned_ids=banned_ids)[0].sum(-1))
 
 
 def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0,
-                     batch_size: int = 128) -> np.ndarray:
-  """Summed log-probabilities of the responses in `arrays` (see `response_arrays`)."""
-  fn = _logprob_fn(policy.model, temperature)
+                     batch_size: int = 128, *, banned_ids: Sequence[int] = ()) -> np.ndarray:
+  """Summed log-probabilities of the responses in `arrays` (see `response_arrays`).
+
+  `banned_ids`: tokens whose logits are masked before the softmax, as `generate` does with
+  `banned_token_ids(tokenizer)`; pass the same to get `Answer.logprob`'s distribution (e.g.
+  for a KL between a policy's samples and a reference). The default () scores under the
+  unmasked model.
+  """
+  _check_fits(policy.model, arrays[0].shape[1] + arrays[2].shape[1],
+              f"prompt length + response length = {arrays[0].shape[1]} + {arrays[2].shape[1]}")
+  fn = _logprob_fn(policy.model, temperature, tuple(sorted(set(int(i) for i in banned_ids))))
   return np.concatenate([np.asarray(jax.device_get(fn(policy.params, *(
       x[s:s + batch_size] for x in arrays)))) for s in range(0, len(arrays[0]), batch_size)])
 
