@@ -21,9 +21,12 @@ from `configs/sft.py:PRESET` / `configs/rm.py:PRESET` runs, whatever their size)
   - a fixed KL coefficient of 0.02 (InstructGPT's beta), learning rates 3e-6 (policy) and
     5e-6 (critic) after 10 iterations of warm-up (the schedules count minibatch updates:
     10 x 4 epochs x 8 minibatches), decayed linearly to 0;
-  - `fsdp_ptx`: PPO-ptx with 64 pretraining rows of 1024 tokens per iteration (8 per
-    minibatch) and `ptx_coef` 1.0; set `config.ptx.train_file` to pretraining text of the
-    policy's domain ({"text"} JSON lines or .txt), which has no default here.
+  - `fsdp_ptx`: PPO-ptx with 64 fresh pretraining rows of 1024 tokens per epoch (8 per
+    minibatch step; 256 per iteration) and `ptx_coef` 0.45, the paper's gamma = 27.8 under
+    `ptx_gamma = ptx_coef * T * sigma_A` (instruct.rl.ppo.ptx_gamma_equivalent) for responses
+    of T ~ 64 tokens and whitening-scale advantages (sigma_A ~ 1); a run logs the value it
+    actually reaches as `ptx_gamma_equivalent`. Set `config.ptx.train_file` to pretraining
+    text of the policy's domain ({"text"} JSON lines or .txt), which has no default here.
 The policy's and critic's numerics (bf16, scan, remat) come from their runs. The learning
 rates are starting points, not tuned values. benchmarks/memory.py gives the memory per
 device.
@@ -82,7 +85,8 @@ def get_config(arg: str = "tiny"):
   config.ptx = ml_collections.ConfigDict()
   pretrain = config_lib.embedded_files("pretrain")
   config.ptx.train_file = pretrain["train"]  # Pretraining text ({"text"} lines or .txt).
-  config.ptx.batch_size = 16                  # Rows per iteration, split over the minibatches.
+  config.ptx.batch_size = 16                  # Rows per PPO epoch, split over its minibatch
+                                              # steps; fresh rows every epoch.
   config.ptx.length = 64
 
   config.sampling = ml_collections.ConfigDict()
@@ -158,4 +162,6 @@ def _accelerator(config) -> None:
     opt.warmup_steps = 10 * config.ppo.epochs * config.ppo.num_minibatches
   config.ptx.train_file = ""
   config.ptx.batch_size = 64
+  if config.ppo.ptx_coef > 0:
+    config.ppo.ptx_coef = 0.45  # gamma 27.8 / (T ~ 64 tokens * sigma_A ~ 1); see above.
   config.ptx.length = 1024

@@ -1,6 +1,7 @@
 r"""A miniature InstructGPT, offline and end to end, with simulated labelers and a report.
 
-  python -m experiments.instructgpt_mini --workdir=/tmp/instructgpt_mini [--preset=quick|full]
+  python -m experiments.instructgpt_mini --workdir=/tmp/instructgpt_mini [--preset=quick|full] \
+      [--seed=0]
 
 Stages (each in `DIR/<stage>`; a rerun skips finished stages and resumes an interrupted one):
 
@@ -23,12 +24,28 @@ Every training stage is the normal `instruct.train` stage with its config saved 
 
   python -m instruct.train --config=configs/from_run.py:DIR/sft --workdir=/tmp/sft_sweep \
       --config.optimizer.learning_rate=3e-3
+
+`--seed` (default 0) seeds everything a rerun could vary: the world (corpus, prompts,
+demonstrations; `WorldConfig.seed`), every training stage's initialisation and data order,
+the comparisons' sampling and rankings, and the evaluation's sampling and judgments. The
+simulated labelers stay the same people at every seed (`LabelerConfig.seed`): they define
+what the targets mean. A workdir keeps the preset and seed it was made with (`DIR/run.json`);
+resuming it with another is an error. Several seeds of one preset are several runs, each into
+its own workdir, with no config file; `experiments.results_table` then pools them (win rates
+with intervals over prompts and seeds, the targets judged on the pooled values):
+
+  for seed in 0 1 2; do
+    python -m experiments.instructgpt_mini --preset=quick --seed=$seed \
+        --workdir=/tmp/instructgpt_mini_quick_$seed
+  done
+  python -m experiments.results_table /tmp/instructgpt_mini_quick_{0,1,2} [--readme README.md]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -52,6 +69,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline'
 _PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full", "test"],
                             "Pipeline size: quick (the default, ~10 min on a 2-core CPU), "
                             "full (the report's targets), test (CI smoke run, ~1 min).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the world, every stage and the evaluation "
+                             "(the labelers stay the same); one workdir per seed.")
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -69,9 +88,12 @@ class Preset:
   pretrain_steps: int
   pretrain_large_steps: int
   sft_steps: int
-  rm_steps: int
   ppo_iterations: int
+  # Reward model: passes over the training comparisons (InstructGPT found one epoch best; more
+  # overfits). The step count follows from the comparisons file, so it is known at rm time.
+  rm_epochs: float = 1.0
   ppo_batch: int = 64
+  ppo_learning_rate: float = 1e-4   # The policy's (configs/ppo.py's default).
   responses_per_prompt: int = 4     # K of the comparisons.
   eval_temperature: float = 1.0
   checkpoint_every: int = 10        # PPO: the over-optimisation curve's resolution.
@@ -89,23 +111,35 @@ def _arch(d: int, layers: int, heads: int, head_dim: int, d_ff: int) -> dict:
 PRESETS = {
     # Sizes: small 106k non-embedding parameters; the larger base model 426k (4.0x) in
     # `quick`, 1.11M (10.4x) in `full`.
-    "quick": Preset("quick", world_lib.WorldConfig(), small=_arch(64, 2, 4, 16, 192),
-                    large=_arch(128, 2, 4, 32, 384), pretrain_steps=300,
-                    pretrain_large_steps=300, sft_steps=300, rm_steps=96, ppo_iterations=40),
+    # One RM epoch over 3x (quick) / 2x (full) the RM prompts of the earlier 3 (2) epochs keeps
+    # the RM's number of training rows about the same (~96 / ~256 steps of 32).
+    "quick": Preset("quick", world_lib.WorldConfig(rm_prompts=3072),
+                    small=_arch(64, 2, 4, 16, 192), large=_arch(128, 2, 4, 32, 384),
+                    pretrain_steps=300, pretrain_large_steps=300, sft_steps=300,
+                    ppo_iterations=40),
     "full": Preset("full", world_lib.WorldConfig(pretrain_docs=12000, sft=3000,
-                                                 rm_prompts=4096, rm_validation_prompts=512,
+                                                 rm_prompts=8192, rm_validation_prompts=512,
                                                  ppo_prompts=4096, eval_prompts=800),
                    small=_arch(64, 2, 4, 16, 192), large=_arch(192, 3, 6, 32, 384),
-                   pretrain_steps=800, pretrain_large_steps=800, sft_steps=600, rm_steps=256,
+                   pretrain_steps=800, pretrain_large_steps=800, sft_steps=600,
                    ppo_iterations=100, responses_per_prompt=6),
     "test": Preset("test", world_lib.WorldConfig(pretrain_docs=256, pretrain_validation_docs=32,
                                                  sft=128, sft_validation=32, rm_prompts=64,
                                                  rm_validation_prompts=32, ppo_prompts=64,
                                                  ppo_validation_prompts=16, eval_prompts=48),
                    small=_arch(32, 1, 2, 16, 64), large=_arch(48, 1, 2, 24, 96),
-                   pretrain_steps=6, pretrain_large_steps=6, sft_steps=6, rm_steps=4,
-                   ppo_iterations=4, ppo_batch=16, checkpoint_every=2),
+                   pretrain_steps=6, pretrain_large_steps=6, sft_steps=6,
+                   # Enough PPO, at a learning rate the barely trained policy moves at, that
+                   # its score rises well beyond noise at every seed (a test checks it).
+                   ppo_iterations=16, ppo_batch=16, ppo_learning_rate=1e-3,
+                   checkpoint_every=8),
 }
+
+
+def with_seed(preset: Preset, seed: int) -> Preset:
+  """The preset with `seed` for its stages and its world (the labelers stay the same)."""
+  return dataclasses.replace(preset, seed=seed,
+                             world=dataclasses.replace(preset.world, seed=seed))
 
 
 def _non_embedding_params(arch: dict) -> int:
@@ -115,8 +149,22 @@ def _non_embedding_params(arch: dict) -> int:
 
 # --- Stage configs. ------------------------------------------------------------------------
 
+RM_BATCH = 32  # Comparisons (prompts, each with its K ranked answers) per RM step.
+
+
 def _config(file: str, arg: str):
   return config_lib.load_config_file(os.path.join(CONFIGS_DIR, file), arg)
+
+
+def rm_num_steps(preset: Preset, root: str) -> int:
+  """RM steps for `preset.rm_epochs` passes over ROOT/comparisons/comparisons_train.jsonl."""
+  path = os.path.join(root, "comparisons", "comparisons_train.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the rm stage's length follows from the "
+                            "comparisons stage's output, which comes first.")
+  with open(path) as f:
+    rows = sum(1 for line in f if line.strip())
+  return max(1, math.ceil(preset.rm_epochs * rows / RM_BATCH))
 
 
 def stage_config(stage: str, preset: Preset, root: str):
@@ -155,8 +203,8 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.data.buckets = (64,)
     c.rm.max_responses = preset.responses_per_prompt
     c.rm.normalization_file = files["sft"]["train"]
-    c.train.num_steps = preset.rm_steps
-    c.train.global_batch_size = 32
+    c.train.num_steps = rm_num_steps(preset, root)
+    c.train.global_batch_size = RM_BATCH
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = min(8, c.train.num_steps // 5)
   elif stage in ("ppo", "ppo_ptx"):
@@ -171,9 +219,15 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.sampling.max_new_tokens = 16
     c.train.num_steps = preset.ppo_iterations
     c.train.global_batch_size = preset.ppo_batch
+    c.optimizer.learning_rate = preset.ppo_learning_rate
     c.train.checkpoint_every = preset.checkpoint_every
     c.train.keep_checkpoints = preset.ppo_iterations // preset.checkpoint_every + 1
-    c.kl.target = 3.0
+    # A fixed KL coefficient, as InstructGPT used. The adaptive controller (Ziegler et al.
+    # 2019) is inert at this size: with 64 prompts per iteration and its horizon of 10,000
+    # episodes, beta moves by at most 0.2 * 64 / 10,000 = 0.13% per iteration, so the runs
+    # effectively used their initial beta, 0.05; now they say so.
+    c.kl.controller = "fixed"
+    c.kl.initial_beta = 0.05
   else:
     raise ValueError(f"{stage!r} is not a training stage.")
   c.data.tokenizer = files["tokenizer"]
@@ -322,9 +376,9 @@ def evaluate_stage(preset: Preset, root: str) -> None:
                  results["models"][name]["mean_utility"], results["models"][name]["perplexity"])
   for i, name in enumerate(MODELS):
     results["models"][name]["win_vs_sft"] = ev.win_rate(scores[name], scores["sft"], judges,
-                                                        seed=preset.seed + 100 + i)
+                                                     seed=preset.seed + 100 + i)
   results["ppo_ptx_vs_base_large"] = ev.win_rate(scores["ppo_ptx"], scores["base_large"],
-                                                 judges, seed=preset.seed + 200)
+                                              judges, seed=preset.seed + 200)
   results["size_ratio"] = _non_embedding_params(preset.large) / _non_embedding_params(
       preset.small)
   results["over_optimization"] = {
@@ -358,7 +412,10 @@ def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) ->
     answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 31,
                           temperature=preset.eval_temperature)
     arrays = ev.response_arrays(tokenizer, prompts, answers)
-    logp_ref = ev.sequence_logprob(reference, arrays, preset.eval_temperature)
+    # Under the distribution `generate` samples from (special tokens banned), as Answer.logprob
+    # is: otherwise step 0 (SFT against itself) would show a KL that is not there.
+    logp_ref = ev.sequence_logprob(reference, arrays, preset.eval_temperature,
+                                   banned_ids=ev.banned_token_ids(tokenizer))
     logp = np.asarray([a.logprob for a in answers])
     scores = ev.judge_all(prompts, answers, facts)
     points.append({"step": step, "kl": float(np.mean(logp - logp_ref)),
@@ -403,10 +460,42 @@ def report_stage(preset: Preset, root: str) -> None:
 
 # --- The pipeline. --------------------------------------------------------------------------
 
-def run(root: str, preset_name: str = "quick", preset: Preset | None = None) -> dict:
-  """Runs (or resumes) every stage under `root`; returns the evaluation results."""
+class WorkdirError(ValueError):
+  """The workdir belongs to a run of another preset or seed."""
+
+
+def _claim_workdir(root: str, preset: Preset) -> None:
+  """Records the preset and seed in ROOT/run.json; refuses a workdir made with others.
+
+  A finished stage is skipped on a rerun, so resuming with another seed or preset would
+  silently report the old one's numbers under the new name. run.json also keeps where and
+  from what code the run was made (for `experiments.results_table`).
+  """
+  path = os.path.join(root, "run.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if (saved.get("preset"), saved.get("seed")) != (preset.name, preset.seed):
+      raise WorkdirError(f"{root} was made with --preset={saved.get('preset')} "
+                         f"--seed={saved.get('seed')}, not --preset={preset.name} "
+                         f"--seed={preset.seed}; use another --workdir (one per seed).")
+    return
+  _write_json_atomic(path, {"preset": preset.name, "seed": preset.seed,
+                            **report_lib.provenance(os.path.dirname(CONFIGS_DIR)),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+
+
+def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
+        seed: int | None = None) -> dict:
+  """Runs (or resumes) every stage under `root`; returns the evaluation results.
+
+  `seed` (default: the preset's) replaces the preset's and its world's seeds (`with_seed`).
+  """
   preset = preset or PRESETS[preset_name]
+  if seed is not None:
+    preset = with_seed(preset, seed)
   os.makedirs(root, exist_ok=True)
+  _claim_workdir(root, preset)
   timings_path = os.path.join(root, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   steps: dict[str, Callable[[], None]] = {
@@ -432,7 +521,10 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None) -> 
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  run(_WORKDIR.value, _PRESET.value)
+  try:
+    run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
+  except WorkdirError as e:
+    raise SystemExit(f"error: {e}") from None
   print(f"\nReport: {os.path.join(_WORKDIR.value, 'report.md')}")
 
 

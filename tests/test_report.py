@@ -1,4 +1,5 @@
-"""The pipeline report: the product targets, and report.md with its plots on a hand-made run."""
+"""The pipeline report: the product targets, and report.md with its plots on a hand-made run;
+the win rates and Wilson intervals the report's numbers come from."""
 
 import copy
 import json
@@ -6,8 +7,11 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
+from instruct.world import evaluate as ev
+from instruct.world import labelers as labelers_lib
 from instruct.world import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,7 +178,15 @@ def make_run(root, calibration=True):
     write_jsonl(os.path.join(root, stage, "metrics.jsonl"),
                 [{"step": s, "score": 0.1 * s, "kl_k1": 0.01 * s, "beta": 0.05}
                  for s in range(1, 5)])
+    write_kl_config(root, stage, {"controller": "fixed", "initial_beta": 0.05,
+                                  "target": 6.0, "horizon": 10000})
   return root
+
+
+def write_kl_config(root, stage, kl):
+  """The part of a PPO run's saved config.json that the report reads."""
+  with open(os.path.join(root, stage, "config.json"), "w") as f:
+    json.dump({"stage": "ppo", "kl": kl}, f)
 
 
 TIMINGS = {"world": 1.0, "pretrain": 20.5, "pretrain_large": 30.0, "sft": 10.0,
@@ -239,6 +251,8 @@ def test_win_rate_table_matches_the_results(written):
 def test_targets_table_and_header(written):
   _, _, results, text = written
   assert "| quick | 3 | 200 | 0.70 | 4.00x |" in text
+  header = text[:text.index("## Targets")]
+  assert "PPO and PPO-ptx: fixed KL coefficient beta=0.05 (from the runs' saved " in header
   assert "quick preset uses a smaller ratio" in text  # 4x < 10x.
   rows = table_rows(section(text, "## Targets"))[1:]
   assert len(rows) == 5
@@ -293,6 +307,7 @@ def test_report_of_a_sparse_run(tmp_path):
   for heading in SECTIONS:
     assert heading in text
   assert "rm_calibration.png" not in text and "smaller ratio" not in text
+  assert "KL" not in text[:text.index("## Targets")]  # No PPO config.json: no KL line.
   assert "| pretrain | n/a | no metrics |" in text
   for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
     assert open(os.path.join(root, image), "rb").read().startswith(PNG_MAGIC)
@@ -309,3 +324,133 @@ def test_calibration_is_read_from_the_rm_metrics(tmp_path):
   assert report.rm_calibration(make_run(str(tmp_path / "without"), calibration=False)) is None
   assert report.plot_rm_calibration(None) is None
   assert report.figure_png(report.plot_rm_calibration(cal)).startswith(PNG_MAGIC)
+
+
+def test_kl_setting_is_read_from_the_ppo_runs_configs(tmp_path):
+  root = str(tmp_path)
+  assert report.kl_setting(root) is None
+  for stage in ("ppo", "ppo_ptx"):
+    os.makedirs(os.path.join(root, stage))
+  write_kl_config(root, "ppo", {"controller": "fixed", "initial_beta": 0.02})
+  assert report.kl_setting(root) == "PPO: fixed KL coefficient beta=0.02"
+  write_kl_config(root, "ppo_ptx", {"controller": "fixed", "initial_beta": 0.02})
+  assert report.kl_setting(root) == "PPO and PPO-ptx: fixed KL coefficient beta=0.02"
+  write_kl_config(root, "ppo_ptx", {"controller": "adaptive", "initial_beta": 0.05,
+                                    "target": 6.0, "horizon": 10000})
+  assert report.kl_setting(root) == (
+      "PPO: fixed KL coefficient beta=0.02; PPO-ptx: adaptive KL controller (initial "
+      "beta=0.05, target 6 nats, horizon 10000)")
+
+
+# --- wilson_interval() and win_rate() (instruct/world/evaluate.py). --------------------------
+
+Z = 1.96  # evaluate.wilson_interval's default.
+
+
+def wilson_by_quadratic(k, n, z=Z):
+  """The Wilson interval from its definition, written independently of evaluate.py: the p
+  with |k/n - p| <= z sqrt(p (1 - p) / n), i.e. the roots of
+  (1 + z^2/n) p^2 - (2 k/n + z^2/n) p + (k/n)^2 = 0."""
+  phat = k / n
+  a, b, c = 1 + z * z / n, -(2 * phat + z * z / n), phat * phat
+  root = math.sqrt(b * b - 4 * a * c)
+  return (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (0, 50), (50, 50), (1, 1), (3, 10), (130, 200),
+                                 (240, 400), (399, 400), (1, 800)])
+def test_wilson_interval_against_its_definition(k, n):
+  low, high = ev.wilson_interval(k, n)
+  assert (low, high) == pytest.approx(wilson_by_quadratic(k, n), abs=1e-12)
+  assert 0 <= low <= k / n <= high <= 1
+
+
+def test_wilson_interval_hand_computed_bounds():
+  # 0 of n: [0, z^2 / (n + z^2)]; n of n: [n / (n + z^2), 1].
+  for n in (1, 10, 400):
+    assert ev.wilson_interval(0, n) == pytest.approx((0.0, Z * Z / (n + Z * Z)), abs=1e-12)
+    assert ev.wilson_interval(n, n) == pytest.approx((n / (n + Z * Z), 1.0), abs=1e-12)
+  # 0 of 10 by hand: 3.8416 / 13.8416 = 0.27754...
+  assert ev.wilson_interval(0, 10)[1] == pytest.approx(0.277540, abs=1e-6)
+  # 5 of 10 by hand: centre 0.5, half-width 1.96 sqrt(0.025 + 0.009604) / 1.38416 = 0.263410.
+  assert ev.wilson_interval(5, 10) == pytest.approx((0.5 - 0.263410, 0.5 + 0.263410), abs=1e-6)
+  # No data: the whole range.
+  assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_interval_against_scipy():
+  stats = pytest.importorskip("scipy.stats")
+  z = stats.norm.ppf(0.975)  # 1.959964..., so scipy's bounds differ from z = 1.96 by ~1e-5.
+  for k, n in ((0, 40), (17, 40), (40, 40), (240, 400)):
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert ev.wilson_interval(k, n, z=z) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert ev.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-4)
+
+
+class StubJudge:
+  """A judge whose utility is the answer's 'u' and who always prefers the higher one (equal:
+  a coin flip), so the wins of a comparison are known without running win_rate's logic."""
+
+  def utility(self, scores):
+    return scores["u"]
+
+  def prefers_first(self, u_a, u_b, rng):
+    return bool(rng.random() < 0.5) if u_a == u_b else u_a > u_b
+
+
+def scores(*utilities):
+  return [{"u": u} for u in utilities]
+
+
+@pytest.mark.parametrize("better,n", [(0, 20), (20, 20), (7, 20), (130, 200)])
+def test_win_rate_counts_wins_with_a_wilson_interval(better, n):
+  a = scores(*([1.0] * better + [0.0] * (n - better)))
+  win = ev.win_rate(a, scores(*([0.5] * n)), [StubJudge(), StubJudge()], seed=0)
+  assert win["n"] == n and win["ties"] == 0
+  assert win["win_rate"] == better / n
+  assert (win["ci_low"], win["ci_high"]) == pytest.approx(wilson_by_quadratic(better, n),
+                                                          abs=1e-12)
+  if better == 0:
+    assert win["ci_low"] == pytest.approx(0, abs=1e-12)
+  if better == n:
+    assert win["ci_high"] == pytest.approx(1, abs=1e-12)
+
+
+def test_win_rate_counts_ties_and_flips_a_coin_for_them():
+  n, ties = 400, 300
+  a = scores(*([1.0] * 40 + [0.5] * ties + [0.0] * 60))  # 40 better, 300 equal, 60 worse.
+  win = ev.win_rate(a, scores(*([0.5] * n)), [StubJudge()], seed=3)
+  assert win["ties"] == ties
+  wins = round(win["win_rate"] * n)
+  # The 300 ties are coin flips: 150 +- 3 sd (26) of them won, besides the 40 sure wins.
+  assert 40 + 150 - 26 <= wins <= 40 + 150 + 26
+  assert ev.win_rate(a, scores(*([0.5] * n)), [StubJudge()], seed=3) == win  # By seed.
+
+
+def test_win_rate_with_the_held_out_labelers():
+  _, judges = labelers_lib.make_pools(labelers_lib.LabelerConfig())
+  good = {"help": 1.0, "honest": 1.0, "harmless": 1.0, "format": 1.0}
+  bad = {"help": 0.0, "honest": 0.0, "harmless": 0.0, "format": 0.0}
+  # Identical answers: every pair a tie, about half won.
+  same = ev.win_rate([good] * 2000, [good] * 2000, judges, seed=1)
+  assert same["ties"] == 2000 and 0.46 < same["win_rate"] < 0.54
+  assert same["ci_low"] < 0.5 < same["ci_high"]
+  # A flawless answer against a useless one: every labeler's Bradley-Terry probability is
+  # sigmoid(utility gap / temperature), near 1 at temperatures of at most 0.25.
+  gaps = [j.utility(good) - j.utility(bad) for j in judges]
+  p = np.mean([labelers_lib.preference_probability(g, 0, j.temperature)
+               for g, j in zip(gaps, judges)])
+  assert p > 0.99
+  sure = ev.win_rate([good] * 500, [bad] * 500, judges, seed=2)
+  assert sure["ties"] == 0 and sure["win_rate"] >= 0.98
+  flipped = ev.win_rate([bad] * 500, [good] * 500, judges, seed=2)
+  assert flipped["win_rate"] <= 0.02
+
+
+def test_provenance_names_the_machine_and_the_commit(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  info = report.provenance(repo)
+  assert info["machine"] and info["cpu_cores"] == os.cpu_count()
+  if os.path.isdir(os.path.join(repo, ".git")):
+    assert re.fullmatch(r"[0-9a-f]{12}(\+uncommitted)?", info["commit"]), info["commit"]
+  assert report.provenance(str(tmp_path))["commit"] is None  # Not a git checkout.

@@ -252,17 +252,20 @@ def win_rate(scores_a: Sequence[dict], scores_b: Sequence[dict],
 
   Each prompt's pair goes to a judge drawn at random from `judges`, who prefers one answer by
   Bradley-Terry with its own weights and temperature (equal answers: a coin flip).
+  `outcomes` lists the per-prompt judgments (1: A preferred), which an interval over prompts
+  and seeds resamples (`experiments.results_table`).
   """
   rng = np.random.default_rng(seed)
-  wins = ties = 0
+  ties, outcomes = 0, []
   for a, b in zip(scores_a, scores_b):
     judge = judges[rng.integers(len(judges))]
     u_a, u_b = judge.utility(a), judge.utility(b)
     ties += u_a == u_b
-    wins += judge.prefers_first(u_a, u_b, rng)
-  n = len(scores_a)
+    outcomes.append(int(judge.prefers_first(u_a, u_b, rng)))
+  n, wins = len(scores_a), sum(outcomes)
   lo, hi = wilson_interval(wins, n)
-  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n, "ties": int(ties)}
+  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n, "ties": int(ties),
+          "outcomes": outcomes}
 
 
 def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler]) -> float:

@@ -7,13 +7,18 @@ no global backend switch), so the notebook `colabs/explore_run.ipynb` reuses the
 Output is deterministic: no timestamps, and PNGs carry no software-version metadata.
 
   targets(results)                      the product targets, met or not
+  kl_setting(root)                      the PPO runs' KL penalty, from their saved configs
+  provenance(repo_dir)                  this machine and the code's commit (for run.json)
   write_report(root, results, timings)  writes report.md and plots/*.png; returns the path
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+import subprocess
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,22 +43,23 @@ _EPS = 1e-9             # Win rates are k / n: compare thresholds with a little 
 
 # --- Formatting. ----------------------------------------------------------------------------
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
+  """A real number (not bool, None, NaN or inf)."""
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def pct(x: Any, digits: int = 1) -> str:
   """0.652 -> '65.2%'; missing or non-finite -> 'n/a'."""
-  return f"{100 * x:.{digits}f}%" if _finite(x) else "n/a"
+  return f"{100 * x:.{digits}f}%" if finite(x) else "n/a"
 
 
 def num(x: Any, digits: int = 3) -> str:
   """A float with `digits` decimals; missing or non-finite -> 'n/a'."""
-  return f"{x:.{digits}f}" if _finite(x) else "n/a"
+  return f"{x:.{digits}f}" if finite(x) else "n/a"
 
 
 def signed(x: Any, digits: int = 2) -> str:
-  return f"{x:+.{digits}f}" if _finite(x) else "n/a"
+  return f"{x:+.{digits}f}" if finite(x) else "n/a"
 
 
 def ci(win: Mapping[str, Any]) -> str:
@@ -86,7 +92,7 @@ def _get(d: Mapping, *keys, default=None):
 
 def _value(d: Mapping, *keys) -> float:
   v = _get(d, *keys)
-  return float(v) if _finite(v) else _nan()
+  return float(v) if finite(v) else _nan()
 
 
 def models_present(results: Mapping) -> list[str]:
@@ -152,7 +158,8 @@ def target_applies(target: Mapping, preset: Optional[str]) -> bool:
   return target["applies_to"] == "all" or preset == target["applies_to"]
 
 
-def _target_value(t: Mapping) -> tuple[str, str]:
+def target_cells(t: Mapping) -> tuple[str, str]:
+  """A target's value and threshold as table cells ('65.2%', '>= 60.0%')."""
   if t["id"] == "c":  # Perplexity points, not a rate.
     return signed(t["value"]), f"<= {signed(t['threshold'])}"
   op = ">" if t["id"] == "a_all" else ">="
@@ -164,7 +171,7 @@ def targets_markdown(results: Mapping) -> str:
   preset = results.get("preset")
   rows = []
   for t in targets(results):
-    value, threshold = _target_value(t)
+    value, threshold = target_cells(t)
     applies = "yes" if target_applies(t, preset) else f"no ({t['applies_to']} only)"
     rows.append([f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
                  f"{threshold} ({t['rule']})", "✓" if t["met"] else "✗", applies])
@@ -186,6 +193,70 @@ def win_rates_markdown(results: Mapping) -> str:
                         win_rate_rows(results))
 
 
+# --- Run settings and provenance. ------------------------------------------------------------
+
+def _kl_phrase(kl: Mapping) -> str:
+  beta = kl.get("initial_beta")
+  if kl.get("controller") == "fixed":
+    return f"fixed KL coefficient beta={beta:g}"
+  return (f"adaptive KL controller (initial beta={beta:g}, target {kl.get('target'):g} nats, "
+          f"horizon {kl.get('horizon'):g})")
+
+
+def kl_setting(root: str) -> Optional[str]:
+  """The PPO runs' KL penalty, e.g. 'PPO and PPO-ptx: fixed KL coefficient beta=0.05'.
+
+  Read from ROOT/ppo/config.json and ROOT/ppo_ptx/config.json (what the runs used, not what
+  the code says today); None without them.
+  """
+  phrases = {}
+  for stage in ("ppo", "ppo_ptx"):
+    path = os.path.join(root, stage, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        kl = json.load(f).get("kl")
+      if isinstance(kl, Mapping) and finite(kl.get("initial_beta")):
+        phrases[stage] = _kl_phrase(kl)
+  if not phrases:
+    return None
+  if len(set(phrases.values())) == 1:
+    return f"{' and '.join(LABELS[stage] for stage in phrases)}: {next(iter(phrases.values()))}"
+  return "; ".join(f"{LABELS[stage]}: {phrase}" for stage, phrase in phrases.items())
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _git(repo_dir: str, *args: str) -> Optional[str]:
+  try:
+    out = subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True,
+                         timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def provenance(repo_dir: str) -> dict:
+  """Where and from what code a run is made: {machine, cpu_cores, platform, commit}.
+
+  `commit` is the short hash of `repo_dir`'s checkout, '+uncommitted' appended when tracked
+  files differ from it; None outside a git checkout.
+  """
+  commit = _git(repo_dir, "rev-parse", "--short=12", "HEAD")
+  if commit and _git(repo_dir, "status", "--porcelain", "--untracked-files=no"):
+    commit += "+uncommitted"
+  return {"machine": _cpu_model(), "cpu_cores": os.cpu_count(),
+          "platform": platform.platform(), "commit": commit}
+
+
 # --- Metrics files. --------------------------------------------------------------------------
 
 def load_stage_metrics(root: str, stages: Sequence[str] = TRAIN_STAGES) -> dict[str, list]:
@@ -199,7 +270,7 @@ def load_stage_metrics(root: str, stages: Sequence[str] = TRAIN_STAGES) -> dict[
 
 
 def _series(records: Sequence[Mapping], key: str) -> tuple[list, list]:
-  pts = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+  pts = [(r["step"], r[key]) for r in records if finite(r.get(key))]
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -346,8 +417,8 @@ def plot_over_optimization(results: Mapping) -> Figure:
                             ("reward model score", "held-out labeler score")):
     drawn = False
     for name in ("ppo", "ppo_ptx"):
-      points = [p for p in curves.get(name) or [] if _finite(p.get("kl"))
-                and _finite(p.get(key))]
+      points = [p for p in curves.get(name) or [] if finite(p.get("kl"))
+                and finite(p.get(key))]
       if not points:
         continue
       drawn = True
@@ -422,7 +493,7 @@ def plot_rm_calibration(calibration: Optional[Mapping]) -> Optional[Figure]:
   if not calibration:
     return None
   rows = [(p, o, c) for p, o, c in zip(calibration["predicted"], calibration["observed"],
-                                       calibration["count"]) if _finite(p) and _finite(o)]
+                                       calibration["count"]) if finite(p) and finite(o)]
   if not rows:
     return None
   fig = _figure(4.8, 4.5)
@@ -447,7 +518,7 @@ def plot_rm_calibration(calibration: Optional[Mapping]) -> Optional[Figure]:
 
 # --- The report. -----------------------------------------------------------------------------
 
-def _header(results: Mapping) -> list[str]:
+def _header(results: Mapping, kl: Optional[str] = None) -> list[str]:
   preset = results.get("preset", "n/a")
   ratio = results.get("size_ratio")
   lines = ["# Miniature InstructGPT: report", "",
@@ -457,7 +528,7 @@ def _header(results: Mapping) -> list[str]:
                             results.get("eval_prompts", "n/a"),
                             num(results.get("temperature"), 2),
                             f"{num(ratio, 2)}x"]]), ""]
-  if _finite(ratio) and ratio < FULL_SIZE_RATIO:
+  if finite(ratio) and ratio < FULL_SIZE_RATIO:
     which = ("the quick preset uses a smaller ratio" if preset == "quick" else
              f"the {preset} preset, like the quick preset, uses a smaller ratio")
     lines += [f"**Note: the larger base model is only {num(ratio, 2)}x the small one "
@@ -466,6 +537,8 @@ def _header(results: Mapping) -> list[str]:
               "than InstructGPT's comparison with a far larger GPT-3.**", ""]
   lines += ["Win rates are the held-out labelers' preferences, one judgment per prompt; "
             "intervals are 95% Wilson intervals. Base models are prompted few-shot.", ""]
+  if kl:
+    lines += [f"{kl} (from the runs' saved `config.json`).", ""]
   return lines
 
 
@@ -511,7 +584,7 @@ def _section_alignment_tax(results: Mapping, plots: dict) -> list[str]:
            markdown_table(["Model", "Perplexity", "Regression vs base small",
                            "Regression vs SFT"], rows), ""]
   ppo, ptx = reg.get("ppo", {}).get("vs_base"), reg.get("ppo_ptx", {}).get("vs_base")
-  if _finite(ppo) and _finite(ptx):
+  if finite(ppo) and finite(ptx):
     ratio = f"{num(ptx / ppo, 2)}x PPO's" if ppo > 0 else (
         "PPO shows no regression against base small")
     lines += [f"PPO-ptx's regression vs base small: {signed(ptx)} against PPO's {signed(ppo)} "
@@ -526,7 +599,7 @@ def _section_rm(results: Mapping, plots: dict) -> list[str]:
   rows = [["Pairwise accuracy on held-out labelers' comparisons", pct(rm.get("heldout_accuracy"))],
           ["Validation loss", num(rm.get("val_loss"))]]
   rows += [[f"{k.replace('val_', '').replace('_', ' ')} (validation)", num(v)]
-           for k, v in sorted(cal.items()) if _finite(v)]
+           for k, v in sorted(cal.items()) if finite(v)]
   rows += [["Labeler agreement, training-training", pct(rm.get("labeler_agreement_train"))],
            ["Labeler agreement, training-held-out", pct(rm.get("labeler_agreement_heldout"))]]
   rows += [[f"Comparisons ({split})", n] for split, n in sorted(comparisons.items())]
@@ -606,7 +679,7 @@ def _section_samples(results: Mapping) -> list[str]:
 
 
 def _section_timings(timings: Mapping) -> list[str]:
-  items = [(k, v) for k, v in timings.items() if _finite(v)]
+  items = [(k, v) for k, v in timings.items() if finite(v)]
   total = sum(v for _, v in items)
   rows = [[k, num(v, 1), pct(v / total) if total > 0 else "n/a"] for k, v in items]
   rows.append(["**total**", f"**{num(total, 1)}**", "100.0%" if total > 0 else "n/a"])
@@ -640,7 +713,8 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
   """Writes ROOT/report.md and ROOT/plots/*.png; returns the report's path."""
   stage_metrics = load_stage_metrics(root)
   plots = write_plots(root, results, stage_metrics)
-  lines = (_header(results) + _section_targets(results) + _section_win_rates(results, plots)
+  lines = (_header(results, kl_setting(root)) + _section_targets(results)
+           + _section_win_rates(results, plots)
            + _section_vs_large(results) + _section_alignment_tax(results, plots)
            + _section_rm(results, plots) + _section_safety(results, plots)
            + _section_over_optimization(results, plots)
