@@ -291,3 +291,23 @@ def test_mean_reward_rises_while_kl_stays_bounded_and_ptx_limits_the_lm_regressi
   regression_ptx = lm_loss(mixed_policy.params, ptx_batch) - before
   assert regression_ptx < regression_plain - 1.0, (before, regression_plain, regression_ptx)
   assert all("ptx_loss" in h for h in mixed) and not any("ptx_loss" in h for h in plain)
+
+
+def test_chunks_keep_the_batch_sharding_without_moving_rows():
+  """Strided chunks of a row-sharded batch are formed without collectives: the compiled
+  program of a chunked map has no collective-permute / all-to-all / all-gather (the earlier
+  contiguous split gathered and permuted token rows on an FSDP mesh)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("fsdp")))
+  fn = jax.jit(lambda x: ppo_lib._chunked(lambda r: jnp.tanh(r) * 2.0, 4, x),
+               out_shardings=NamedSharding(mesh, P("fsdp")))
+  hlo = fn.lower(x).compile().as_text()
+  for op in ("collective-permute", "all-to-all", "all-gather"):
+    assert op not in hlo, op
+  contiguous = jax.jit(
+      lambda x: jax.lax.map(lambda r: jnp.tanh(r) * 2.0, x.reshape(4, 16, 16)).reshape(64, 16),
+      out_shardings=NamedSharding(mesh, P("fsdp")))
+  moved = contiguous.lower(x).compile().as_text()
+  assert any(op in moved for op in ("collective-permute", "all-to-all", "all-gather"))
+  np.testing.assert_allclose(fn(x), jnp.tanh(x) * 2.0)

@@ -445,7 +445,9 @@ def test_memory_benchmark_ppo():
   config = load_config("ppo.py", "fsdp_ptx")
   cfg = ModelConfig.from_dict(load_config("sft.py", "pythia_1b").model)
   sft, rm = memory.measure("pythia_1b", "sft", 8), memory.measure("pythia_1b", "rm", 8)
-  assert row["trained"] == sft["state"] + rm["state"]
+  # PPO's Adam (TensorFlow's epsilon, injected per step) keeps a few scalar hyperparameters
+  # in its state beside the same moments: bytes, not parameters.
+  assert 0 <= row["trained"] - (sft["state"] + rm["state"]) < 1024
   assert row["frozen"] == sft["params"] + rm["params"]
   assert row["state"] == row["trained"] + row["frozen"]
   assert row["mesh"] == (1, 8, 1)
