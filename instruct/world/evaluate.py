@@ -188,6 +188,7 @@ def reward_scores(rm, arrays, batch_size: int = 128) -> np.ndarray:
   prompt, prompt_mask, response, response_mask = arrays
   tokens = np.concatenate([prompt, response], 1)
   mask = np.concatenate([prompt_mask, response_mask], 1)
+  _check_fits(rm.model, tokens.shape[1], f"reward scores of {tokens.shape[1]}")
   score = jax.jit(rm.score)
   return np.concatenate([np.asarray(jax.device_get(score(tokens[s:s + batch_size],
                                                          mask[s:s + batch_size])))
@@ -216,6 +217,7 @@ def _loss_fn(model: Transformer):
 def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 128,
                batch_size: int = 64) -> float:
   """exp(mean next-token NLL) over the texts (each + EOS, right-padded to `length`)."""
+  _check_fits(policy.model, length, f"perplexity's length {length}")
   loss_sums = _loss_fn(policy.model)
   total, count = 0.0, 0.0
   for start in range(0, len(texts), batch_size):
