@@ -45,6 +45,9 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 VOCAB = 512  # The embedded tokenizer's size, so exported runs carry a matching tokenizer.
+# Measured 2026-11-28, AVX-512 and AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2 with
+# ATEN_CPU_CAPABILITY=avx2): every logit comparison against transformers uses <= 13% of it
+# (max error 1.3e-5 at |logits| up to 22).
 TOLERANCE = 1e-4
 
 
@@ -268,6 +271,9 @@ def test_greedy_generation_matches_transformers(saved, family):
                             do_sample=False, max_new_tokens=new, eos_token_id=eos,
                             pad_token_id=pad).numpy()[:, tokens.shape[1]:]
   theirs = np.pad(theirs, ((0, 0), (0, new - theirs.shape[1])), constant_values=pad)
+  # No near-ties: measured 2026-11-28, AVX-512 and AVX2, the smallest top-1 / top-2 logit gap
+  # on these paths is 0.040 (0.165 / 0.071 / 0.040 for gpt2 / gpt_neox / llama; >= 8.7e-4
+  # over model seeds 0-7), against logit errors <= 1.1e-5.
   np.testing.assert_array_equal(ours, theirs)
 
 

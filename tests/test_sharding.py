@@ -85,6 +85,10 @@ def single_device_run():
 def test_sft_step_on_mesh_matches_one_device(single_device_run, preset, mesh_shape):
   ref_losses, ref_params, _ = single_device_run[preset]
   losses, params, _ = run_sft_steps(preset, mesh_shape, jax.devices())
+  # Measured 2026-11-28, init/data seeds 0-4, AVX-512 and AVX2: the losses use <= 2.3% of
+  # rtol; the parameters <= 43% of the tolerance for tiny (always the attention key biases:
+  # their exact gradient is zero, softmax ignores a shift shared by all keys, so they hold
+  # rounding noise scaled by Adam; the same under both ISAs) and <= 14% for tiny_llama.
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                params, ref_params)
@@ -93,6 +97,8 @@ def test_sft_step_on_mesh_matches_one_device(single_device_run, preset, mesh_sha
 def test_gradient_accumulation_matches_one_shot_step(single_device_run):
   ref_losses, ref_params, _ = single_device_run["tiny"]
   losses, params, _ = run_sft_steps("tiny", (1, 1, 1), jax.devices()[:1], grad_accum=4)
+  # Measured 2026-11-28, seeds 0-4, AVX-512 and AVX2: losses <= 4.6% of rtol, parameters
+  # <= 17% of the tolerance (the attention key biases, as above).
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                params, ref_params)
