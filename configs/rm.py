@@ -66,18 +66,19 @@ def get_config(arg: str = "tiny"):
   config.optimizer.end_lr_fraction = 0.0
   preset = arg or "tiny"
   if config_lib.apply_preset(config, preset, "configs/rm.py"):
-    config.train.num_steps = 64             # 2 epochs of the 512 embedded comparisons.
+    config.train.num_steps = 32             # One epoch of the 512 embedded comparisons.
     config.train.global_batch_size = 16
     config.train.log_every = 8
-    config.train.eval_every = 32
-    config.train.checkpoint_every = 32
+    config.train.eval_every = 16
+    config.train.checkpoint_every = 16
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 4
   else:
     config.rm.max_responses = 9
     config.data.buckets = (512, 1024)
     config.train.global_batch_size = 64
-    config.train.num_steps = 1000
+    config.train.num_steps = 1000           # Set to one epoch of your comparisons: records /
+                                            # global_batch_size (InstructGPT: one epoch).
     config.optimizer.learning_rate = 9e-6
     config.optimizer.warmup_steps = 50
   return config
