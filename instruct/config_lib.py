@@ -269,7 +269,7 @@ def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_fits(length: int, what: str, model, model_name: str) -> None:
+def check_fits(length: int, what: str, model, model_name: str) -> None:
   """Refuses `length` tokens on a model with a smaller learned position table, where the
   embedding lookup would silently clamp every later position onto the table's last row."""
   if model is not None and model.position == "learned" and length > model.max_length:
@@ -301,8 +301,8 @@ def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int, process_
   rollout = ("config.data.prompt_length + config.sampling.max_new_tokens = "
              f"{prompt_length} + {config.sampling.max_new_tokens}")
   rollout_length = prompt_length + config.sampling.max_new_tokens
-  _check_fits(rollout_length, rollout, policy_model, "policy")
-  _check_fits(rollout_length, rollout, reward_model, "reward model")
+  check_fits(rollout_length, rollout, policy_model, "policy")
+  check_fits(rollout_length, rollout, reward_model, "reward model")
   if t.global_batch_size % ppo.num_minibatches:
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
                      f"by config.ppo.num_minibatches={ppo.num_minibatches}.")
@@ -351,4 +351,4 @@ def _validate_ptx(config, policy_model) -> None:
   if not (_is_int(ptx.length) and ptx.length >= 2):
     raise ValueError(f"config.ptx.length={ptx.length!r} must be an integer >= 2: a row needs "
                      "a token and its successor for the LM loss.")
-  _check_fits(ptx.length, "config.ptx.length", policy_model, "policy")
+  check_fits(ptx.length, "config.ptx.length", policy_model, "policy")

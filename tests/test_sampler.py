@@ -282,7 +282,7 @@ def test_evaluation_refuses_sequences_past_the_position_table():
   arrays = (np.ones((2, 8), np.int32),) * 2 + (np.ones((2, 16), np.int32),) * 2
   with pytest.raises(ValueError, match=r"max_length=16"):
     ev.sequence_logprob(policy, arrays)
-  with pytest.raises(ValueError, match=r"perplexity's length 32 .*max_length=16"):
+  with pytest.raises(ValueError, match=r"perplexity's length = 32 tokens .*max_length=16"):
     ev.perplexity(policy, tokenizer, ["a b"], length=32)
   with pytest.raises(ValueError, match=r"generate\.temperature"):
     ev.generate(policy, tokenizer, ["a b"], seed=0, temperature=-1.0, prompt_length=8,

@@ -95,16 +95,6 @@ def _left_pad(tokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarra
   return tokens, mask
 
 
-def _check_fits(model: Transformer, length: int, what: str) -> None:
-  """Refuses sequences longer than a learned position table: the embedding lookup would
-  silently clamp every later position onto its last row (rotary positions have no table)."""
-  cfg = model.cfg
-  if cfg.position == "learned" and length > cfg.max_length:
-    raise ValueError(f"{what} tokens exceeds the model's learned position table "
-                     f"(max_length={cfg.max_length}); later positions would be silently "
-                     "clamped onto its last row.")
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted_sampler(model: Transformer, cfg: SamplingConfig):
   return jax.jit(make_sampler(model, cfg))
@@ -126,8 +116,9 @@ def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                        banned_ids=banned_token_ids(tokenizer))
   config_lib.validate_sampling(cfg, prefix="generate")
-  _check_fits(policy.model, prompt_length + max_new_tokens,
-              f"prompt_length + max_new_tokens = {prompt_length} + {max_new_tokens}")
+  config_lib.check_fits(prompt_length + max_new_tokens,
+                        f"prompt_length + max_new_tokens = {prompt_length} + {max_new_tokens}",
+                        policy.model.cfg, "model")
   sample = _jitted_sampler(policy.model, cfg)
   answers = []
   for start in range(0, len(prompts), batch_size):
@@ -176,8 +167,10 @@ def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0,
   for a KL between a policy's samples and a reference). The default () scores under the
   unmasked model.
   """
-  _check_fits(policy.model, arrays[0].shape[1] + arrays[2].shape[1],
-              f"prompt length + response length = {arrays[0].shape[1]} + {arrays[2].shape[1]}")
+  config_lib.check_fits(
+      arrays[0].shape[1] + arrays[2].shape[1],
+      f"prompt length + response length = {arrays[0].shape[1]} + {arrays[2].shape[1]}",
+      policy.model.cfg, "model")
   fn = _logprob_fn(policy.model, temperature, tuple(sorted(set(int(i) for i in banned_ids))))
   return np.concatenate([np.asarray(jax.device_get(fn(policy.params, *(
       x[s:s + batch_size] for x in arrays)))) for s in range(0, len(arrays[0]), batch_size)])
@@ -188,7 +181,8 @@ def reward_scores(rm, arrays, batch_size: int = 128) -> np.ndarray:
   prompt, prompt_mask, response, response_mask = arrays
   tokens = np.concatenate([prompt, response], 1)
   mask = np.concatenate([prompt_mask, response_mask], 1)
-  _check_fits(rm.model, tokens.shape[1], f"reward scores of {tokens.shape[1]}")
+  config_lib.check_fits(tokens.shape[1], "the scored sequences' length", rm.model.cfg,
+                        "reward model")
   score = jax.jit(rm.score)
   return np.concatenate([np.asarray(jax.device_get(score(tokens[s:s + batch_size],
                                                          mask[s:s + batch_size])))
@@ -217,7 +211,7 @@ def _loss_fn(model: Transformer):
 def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 128,
                batch_size: int = 64) -> float:
   """exp(mean next-token NLL) over the texts (each + EOS, right-padded to `length`)."""
-  _check_fits(policy.model, length, f"perplexity's length {length}")
+  config_lib.check_fits(length, "perplexity's length", policy.model.cfg, "model")
   loss_sums = _loss_fn(policy.model)
   total, count = 0.0, 0.0
   for start in range(0, len(texts), batch_size):
