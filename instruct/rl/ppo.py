@@ -18,10 +18,12 @@ pass, so no row is reused across epochs while the rollouts are.
 
 Rows are split into chunks and minibatches by stride (chunk i takes rows i, i + n, ...; as
 `stages.common.split_microbatches`), so every chunk keeps the batch's sharding and nothing is
-moved between devices to form it; only the per-epoch shuffle of the rollout is a gather. The old log-probs are
-recomputed by the same forward function (same temperature, no dropout) on minibatch-sized
-chunks rather than taken from the sampler, so on the first minibatch of the first epoch the
-ratio pi/pi_old is 1 up to float32 rounding: bitwise equality between two XLA programs is not
+moved between devices to form it; only the per-epoch shuffle of the rollout is a gather.
+
+The old log-probs are recomputed by the same forward function (same temperature, no dropout,
+the same banned tokens as the sampler) on minibatch-sized chunks rather than taken from the
+sampler, so on the first minibatch of the first epoch the ratio pi/pi_old is 1 up to float32
+rounding: bitwise equality between two XLA programs is not
 guaranteed (measured: 0 in the tests, up to 5e-7 in the benchmark's shapes).
 
 Frozen models (reference, reward) enter as parameter pytrees, never as captured constants.
@@ -181,7 +183,9 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
     scores = normalised
     if cfg.no_eos_score is not None:
       scores = jnp.where(samples.ended_with_eos, normalised, cfg.no_eos_score)
-    kl = algo.kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * rm
+    # Both estimates are logged; the configured one is the penalty (and drives the controller).
+    kl_bt = {k: algo.kl_per_token(old_lp, ref_lp, k) * rm for k in algo.KL_ESTIMATORS}
+    kl = kl_bt[cfg.kl_estimator]
     rewards = algo.token_rewards(scores, kl, rm, beta)
     if cfg.whiten_rewards:
       rewards = algo.masked_whiten(rewards, rm, shift_mean=False)
@@ -192,9 +196,7 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
     metrics = {
         "score": jnp.mean(scores), "score_raw": jnp.mean(raw),
         "score_normalised": jnp.mean(normalised),
-        # Both estimates, whichever one the penalty (and an adaptive controller) uses.
-        **{f"kl_{k}": jnp.mean(jnp.sum(algo.kl_per_token(old_lp, ref_lp, k) * rm, axis=1))
-           for k in algo.KL_ESTIMATORS},
+        **{f"kl_{k}": jnp.mean(jnp.sum(v, axis=1)) for k, v in kl_bt.items()},
         "entropy": algo.masked_mean(entropy_bt, rm), "response_length": jnp.mean(lengths),
         "eos_fraction": jnp.mean(samples.ended_with_eos.astype(jnp.float32)),
         "beta": jnp.asarray(beta, jnp.float32),
