@@ -137,6 +137,8 @@ from instruct import optim  # noqa: E402
 from instruct import sharding as shd  # noqa: E402
 from instruct import state as state_lib  # noqa: E402
 from instruct import trainer  # noqa: E402
+from instruct.rl import config as rl_config  # noqa: E402
+from instruct.stages import table  # noqa: E402
 from instruct.model import ModelConfig, Transformer  # noqa: E402
 from instruct.model.config import count_params  # noqa: E402
 from instruct.model.transformer import CACHE_KV_AXES, KVCache  # noqa: E402
@@ -213,7 +215,7 @@ def state_bytes(config, head: str, num_devices: int) -> dict[str, int]:
   mesh = abstract_mesh(config.mesh, num_devices)
   rules = shd.rules_from_config(config.mesh)
   optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  factory = state_lib.state_factory(trainer.init_params_fn(Transformer(cfg, head)), optimizer,
+  factory = state_lib.state_factory(state_lib.init_params_fn(Transformer(cfg, head)), optimizer,
                                     mesh, rules)
   params = sharded_bytes(factory.abstract.params)
   return dict(params=params, opt_state=sharded_bytes(factory.abstract.opt_state),
@@ -283,14 +285,14 @@ def kv_cache_bytes(cfg: ModelConfig, mesh: AbstractMesh, rules, batch: int, leng
 def measure(preset: str, stage: str, num_devices: int, grad_accum: int = 0,
             overrides=()) -> dict:
   config = load_config(stage, preset, grad_accum, overrides)
-  head = "scalar" if stage == "rm" else "lm"
+  head = table.get(config.stage).head
   cfg = ModelConfig.from_dict(config.model)
   sizes = state_bytes(config, head, num_devices)
   t = config.train
   micro = t.global_batch_size // t.grad_accum_steps
   config_lib.validate(config, sizes["data_parallel"], process_count=1)
   per_device = micro // sizes["data_parallel"]
-  rows = per_device * (config.rm.max_responses if stage == "rm" else 1)
+  rows = per_device * (config.rm.max_responses if head == "scalar" else 1)
   length = max(config.data.buckets)
   activations = activation_bytes(cfg, head, rows, length)
   if t.grad_accum_steps > 1:
@@ -309,11 +311,12 @@ def compiled_bytes(preset: str, stage: str, devices, grad_accum: int = 0,
   """XLA's per-device buffer assignment for the stage's train step on `devices` (CPU)."""
   config = load_config(stage, preset, grad_accum, overrides)
   built = trainer.build(config, None, devices)
+  ranked = table.get(config.stage).head == "scalar"  # K responses per prompt.
   batch, length = config.train.global_batch_size, max(config.data.buckets)
-  shape = (batch, config.rm.max_responses, length) if stage == "rm" else (batch, length)
+  shape = (batch, config.rm.max_responses, length) if ranked else (batch, length)
   spec = lambda s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=built.batch_sharding)
   batch = {"tokens": spec(shape), "attention_mask": spec(shape)}
-  if stage == "rm":
+  if ranked:
     batch.update(ranks=spec(shape[:2]), response_mask=spec(shape[:2]))
   else:
     batch["loss_mask"] = spec(shape)
@@ -325,13 +328,13 @@ def compiled_bytes(preset: str, stage: str, devices, grad_accum: int = 0,
 
 
 def _validate_ppo(config, data_parallel: int) -> None:
-  """`config_lib.validate_ppo` (batch divisibility and the rest) with placeholders for the
+  """`rl.config.validate_rl` (batch divisibility and the rest) with placeholders for the
   run directories and the pretraining file, which the estimate does not read."""
   config = config.copy_and_resolve_references()
   config.policy_from = config.reward_from = "(source run)"
   if not config.ptx.train_file:
     config.ptx.train_file = "(pretraining text)"
-  config_lib.validate_ppo(config, data_parallel, process_count=1)
+  rl_config.validate_rl(config, data_parallel, process_count=1)
 
 
 def ceil_div(a: int, b: int) -> int:

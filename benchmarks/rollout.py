@@ -4,7 +4,8 @@ Run (from the repository root; about 4 minutes on a shared 2-core CPU machine):
 
   python benchmarks/rollout.py --presets=tiny,small_100m --json_out=/tmp/rollout.json
 
-Everything timed is the library's own, jitted as `instruct.rl.driver.PPORun` jits it on a
+Everything timed is the library's own, built by `instruct.rl.roles.build_roles` and the PPO
+algorithm (`instruct.rl.ppo.PPO`) as an RL run builds them (`instruct.rl.driver.build`), on a
 1-device mesh (`config.mesh` of the base config: shape (-1, 1, 1), `DEFAULT_RULES`), under
 `jax.set_mesh` and `nn.logical_axis_rules`:
 
@@ -18,15 +19,16 @@ Everything timed is the library's own, jitted as `instruct.rl.driver.PPORun` jit
    `jax.block_until_ready`): rollout (the sampler above), scoring (`ppo.make_experience_fn`:
    policy, reference, critic and reward model forward passes, GAE) and update
    (`ppo.make_update_fn`: `epochs` x `num_minibatches` policy and critic gradient steps with
-   `optax.adam`, states donated). Critic and reward model are `Transformer(head='scalar')` of
-   the same preset with random parameters, reward gain 1 and bias 0; `no_eos_score=None`, so
-   the reward model's score is used although no response ends with EOS. Iteration 0 is the
-   warm-up (it compiles); the medians are over the later ones.
+   the RL config's optimisers, states donated). Critic and reward model are
+   `Transformer(head='scalar')` of the same preset with random parameters, reward gain 1 and
+   bias 0; `no_eos_score=None`, so the reward model's score is used although no response
+   ends with EOS. Iteration 0 is the warm-up (it compiles); the medians are over the later
+   ones.
 3. Recompilation: JAX's compile events (`jax.monitoring` duration events for tracing,
    lowering and XLA compilation, which carry the function name) are recorded for the whole
    run, and the jit cache size (`_cache_size()`) of the sampler, experience and update
-   functions is read after iteration 0 and after the last one. "Recompiled after the first
-   iteration" is "yes" if any XLA compilation happened after iteration 0 or a cache grew.
+   functions (the algorithm's jitted programs) is read after iteration 0 and after the last
+   one. "Recompiled after the first iteration" is "yes" if any XLA compilation happened after iteration 0 or a cache grew.
 
 Compile time is the sum of the trace, lowering and XLA compile durations recorded during a
 function's first call.
@@ -45,17 +47,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from machine import cpu_model  # benchmarks/machine.py (the script directory is on sys.path)
 
-from instruct import config_lib
 from instruct import sharding as shd
-from instruct.model import ModelConfig, Transformer, count_params, preset
-from instruct.rl.ppo import PPOConfig, make_experience_fn, make_update_fn
-from instruct.rl.sampler import Samples, SamplingConfig, make_sampler
-from instruct.state import state_factory
-from instruct.trainer import init_params_fn
+from instruct.model import ModelConfig, count_params, preset
+from instruct.rl import config as rl_config
+from instruct.rl import ppo
+from instruct.rl.roles import build_roles
+from instruct.rl.sampler import SamplingConfig
 
 # Per preset: batch, prompt length, new tokens, timed PPO iterations, timed sampler calls,
 # PPO epochs, minibatches. The small_100m update dominates the run time (26-38 s an
@@ -125,42 +125,29 @@ def left_padded_prompts(vocab_size: int, batch: int, length: int, seed: int) -> 
 
 
 def build(name: str, s: dict) -> dict:
-  """Models, mesh, sharded states and the jitted programs, as `PPORun` builds them."""
-  mesh_config = config_lib.base_config().mesh
-  assert tuple(mesh_config.shape) == (-1, 1, 1), mesh_config.shape
-  mesh, rules = shd.make_mesh(mesh_config), shd.rules_from_config(mesh_config)
+  """Roles, algorithm and sampler built by the library as an RL run builds them
+  (`instruct.rl.driver.build`), from architectures and random parameters instead of runs."""
+  config = rl_config.base_config("ppo")
+  config.ppo.update(epochs=s["epochs"], num_minibatches=s["num_minibatches"],
+                    penalize_no_eos=False)
+  config.ppo.kl.update(controller="fixed", initial_beta=0.02)
+  config.train.global_batch_size = s["batch"]
+  assert tuple(config.mesh.shape) == (-1, 1, 1), config.mesh.shape
+  mesh, rules = shd.make_mesh(config.mesh), shd.rules_from_config(config.mesh)
   cfg = ModelConfig(**preset(name))
-  policy_model, value_model = Transformer(cfg), Transformer(cfg, head="scalar")
-  ppo = PPOConfig(epochs=s["epochs"], num_minibatches=s["num_minibatches"], no_eos_score=None)
-  policy_opt, value_opt = optax.adam(1e-5), optax.adam(1e-5)
+  roles = build_roles(cfg, cfg, mesh, rules, critic=ppo.critic_kind(config))
+  algorithm = ppo.ALGORITHM(config, roles)
   with jax.set_mesh(mesh):
-    pol = state_factory(init_params_fn(policy_model), policy_opt, mesh, rules)
-    val = state_factory(init_params_fn(value_model), value_opt, mesh, rules)
-    reference = pol.init(jax.random.key(0)).params
-    reward = val.init(jax.random.key(1)).params
-    state = {"policy": pol.from_params(reference), "value": val.from_params(reward)}
-  batch, repl = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
-  samples_sh = Samples(batch, batch, batch, batch, repl)
-
-  def sampler(new_tokens):
-    sampling = SamplingConfig(new_tokens, NEVER_EOS, PAD_ID, temperature=1.0)
-    return jax.jit(make_sampler(policy_model, sampling),
-                   in_shardings=(pol.shardings.params, batch, batch, repl),
-                   out_shardings=samples_sh)
-
-  frozen_sh = {"policy": pol.shardings.params, "reference": pol.shardings.params,
-               "value": val.shardings.params, "reward": val.shardings.params,
-               "reward_gain": repl, "reward_bias": repl}
-  experience = jax.jit(make_experience_fn(policy_model, value_model, value_model, ppo),
-                       in_shardings=(frozen_sh, samples_sh, batch, batch, repl))
-  update = jax.jit(make_update_fn(policy_model, value_model, policy_opt, value_opt, ppo),
-                   in_shardings=(pol.shardings, val.shardings, None, None, repl),
-                   out_shardings=(pol.shardings, val.shardings, repl), donate_argnums=(0, 1))
-  frozen = {"reference": reference, "reward": reward, "reward_gain": jnp.float32(1.0),
-            "reward_bias": jnp.float32(0.0)}
-  return dict(cfg=cfg, mesh=mesh, rules=rules, batch_sharding=batch, state=state,
-              frozen=frozen, sample=sampler(s["new_tokens"]), sample_one=sampler(1),
-              experience=experience, update=update)
+    frozen = {"reference": algorithm.policy_factory.init(jax.random.key(0)).params,
+              "reward": algorithm.value_factory.init(jax.random.key(1)).params,
+              "reward_gain": jnp.float32(1.0), "reward_bias": jnp.float32(0.0)}
+    state = algorithm.init_state(frozen)
+  sampler = lambda new_tokens: roles.sampler(
+      SamplingConfig(new_tokens, NEVER_EOS, PAD_ID, temperature=1.0))
+  return dict(cfg=cfg, mesh=mesh, rules=rules, batch_sharding=roles.batch_sharding,
+              state=state, frozen=frozen, sample=sampler(s["new_tokens"]),
+              sample_one=sampler(1), experience=algorithm.make_experience_fn(),
+              update=algorithm.make_update_fn())
 
 
 def prompt_batch(run: dict, s: dict, seed: int) -> dict:
@@ -205,37 +192,37 @@ def bench_sampler(run: dict, s: dict, log: CompileLog) -> dict:
           "decode_fraction": decode_s * r / call_s}
 
 
-def ppo_iteration(run: dict, state: dict, prompts: dict, rng, beta) -> tuple[dict, dict, list]:
+def ppo_iteration(run: dict, state: dict, prompts: dict, rng) -> tuple[dict, dict, list]:
   """One rollout -> experience -> update, each phase blocked on; returns seconds per phase."""
   pt, pm = prompts["prompt_tokens"], prompts["prompt_mask"]
   timer = time.perf_counter()
   samples = jax.block_until_ready(run["sample"](state["policy"].params, pt, pm,
                                                 jax.random.fold_in(rng, 0)))
   rollout_s, timer = time.perf_counter() - timer, time.perf_counter()
-  params = dict(run["frozen"], policy=state["policy"].params, value=state["value"].params)
-  experience, metrics = jax.block_until_ready(run["experience"](params, samples, pt, pm, beta))
+  experience, metrics = jax.block_until_ready(run["experience"](state, run["frozen"], samples,
+                                                                pt, pm))
   scoring_s, timer = time.perf_counter() - timer, time.perf_counter()
-  policy, value, update_metrics = jax.block_until_ready(run["update"](
-      state["policy"], state["value"], experience, {}, jax.random.fold_in(rng, 1)))
+  state, update_metrics = jax.block_until_ready(run["update"](
+      state, experience, metrics, {}, jax.random.fold_in(rng, 1)))
   update_s = time.perf_counter() - timer
-  return {"policy": policy, "value": value}, dict(metrics, **update_metrics), [
-      rollout_s, scoring_s, update_s]
+  return state, dict(metrics, **update_metrics), [rollout_s, scoring_s, update_s]
 
 
 def cache_sizes(run: dict) -> dict:
-  return {k: run[k]._cache_size() for k in ("sample", "experience", "update")}
+  return {"sample": run["sample"]._cache_size(),
+          **{k: run[k].jitted._cache_size() for k in ("experience", "update")}}
 
 
 def bench_ppo(run: dict, s: dict, log: CompileLog) -> dict:
   """Iteration 0 (warm-up, compiles) then `iterations` timed ones; medians and compile check."""
-  state, beta = run["state"], jnp.float32(0.02)
+  state = run["state"]
   prompts = [prompt_batch(run, s, 300 + i) for i in range(s["iterations"] + 1)]
   mark = log.mark()
-  state, metrics, first = ppo_iteration(run, state, prompts[0], jax.random.key(0), beta)
+  state, metrics, first = ppo_iteration(run, state, prompts[0], jax.random.key(0))
   first_compile_s, after_first, mark = log.seconds_since(mark), cache_sizes(run), log.mark()
   phases = []
   for i in range(1, s["iterations"] + 1):
-    state, metrics, seconds = ppo_iteration(run, state, prompts[i], jax.random.key(i), beta)
+    state, metrics, seconds = ppo_iteration(run, state, prompts[i], jax.random.key(i))
     phases.append(seconds)
   after_last, compiled = cache_sizes(run), log.compiled_since(mark)
   record = {k: float(v) for k, v in jax.device_get(metrics).items()}

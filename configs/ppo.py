@@ -56,9 +56,7 @@ Prompts longer than `data.prompt_length` tokens keep their end. With PPO-ptx, po
 `config.ptx.train_file` at pretraining text of the same domain.
 """
 
-import ml_collections
-
-from instruct import config_lib
+from instruct.rl import config as rl_config
 
 
 PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
@@ -69,77 +67,8 @@ def get_config(arg: str = "tiny"):
   preset = arg or "tiny"
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for configs/ppo.py; use one of {PRESETS}.")
-  config = config_lib.base_config()
-  config.stage = "ppo"
-  del config.model  # The policy's and the critic's architectures come from their source runs.
-  config.policy_from = ""      # SFT workdir: initial policy and frozen reference.
-  config.reward_from = ""      # RM workdir: frozen reward model (+ normalisation) and critic.
-
-  prompts = config_lib.embedded_files("prompts")
-  config.data.kind = "prompts"
-  config.data.train_file = prompts["train"]
-  config.data.validation_file = prompts["validation"]
-  config.data.prompt_length = 32          # Prompts are left-padded (or left-truncated) to this.
-  config.data.buckets = (64,)             # Unused by prompts; kept for the shared validation.
-
-  config.ptx = ml_collections.ConfigDict()
-  pretrain = config_lib.embedded_files("pretrain")
-  config.ptx.train_file = pretrain["train"]  # Pretraining text ({"text"} lines or .txt).
-  config.ptx.batch_size = 16                  # Rows per PPO epoch, split over its minibatch
-                                              # steps; fresh rows every epoch.
-  config.ptx.length = 64
-
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.max_new_tokens = 16
-  config.sampling.temperature = 1.0
-  config.sampling.top_k = 0
-  config.sampling.top_p = 1.0
-  # top-k / top-p sample from a filtered distribution while the PPO ratio and KL are of the
-  # unfiltered one, which makes PPO off-policy; refused unless this is set.
-  config.sampling.allow_off_policy_filtering = False
-
-  config.ppo = ml_collections.ConfigDict()
-  config.ppo.epochs = 4
-  config.ppo.num_minibatches = 4
-  config.ppo.clip_eps = 0.2
-  config.ppo.value_clip_eps = 0.2
-  config.ppo.gamma = 1.0
-  config.ppo.lam = 0.95
-  config.ppo.kl_estimator = "k1"          # 'k1' (log ratio) | 'k3' (always >= 0).
-  config.ppo.whiten_rewards = False
-  config.ppo.penalize_no_eos = True       # Responses without EOS get no_eos_score; False:
-  config.ppo.no_eos_score = -1.0          # score them as they are (truncated).
+  config = rl_config.base_config("ppo")  # Every field, with the CPU-sized defaults.
   config.ppo.ptx_coef = 1.0 if preset.endswith("_ptx") else 0.0
-  config.ppo.entropy_coef = 0.0
-  config.ppo.shared_value_head = False    # True: the critic is a zero-initialised value head on
-  config.ppo.vf_coef = 0.1                # the policy trunk (loss += vf_coef * value loss).
-
-  config.kl = ml_collections.ConfigDict()
-  config.kl.controller = "adaptive"       # 'fixed' | 'adaptive' (Ziegler et al. 2019).
-  config.kl.initial_beta = 0.05
-  config.kl.target = 6.0                  # Nats per sequence.
-  config.kl.horizon = 10000
-
-  config.optimizer.learning_rate = 1e-4
-  config.optimizer.schedule = "linear"
-  config.optimizer.end_lr_fraction = 0.0
-  config.optimizer.warmup_steps = 0
-  # The original code's Adam (Ziegler et al. 2019; Stiennon et al. 2020): TensorFlow's
-  # epsilon placement (instruct.optim.tf_adam_eps) with eps 1e-5, b2 0.999, no gradient
-  # clipping. The supervised stages' defaults (b2 0.95, clipping at 1.0, PyTorch epsilon) are
-  # deliberately not inherited.
-  config.optimizer.eps = 1e-5
-  config.optimizer.eps_style = "tf"
-  config.optimizer.b2 = 0.999
-  config.optimizer.grad_clip_norm = 0.0
-  config.value_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
-  config.value_optimizer.learning_rate = 3e-4
-
-  config.train.num_steps = 20             # PPO iterations.
-  config.train.global_batch_size = 16     # Prompts per iteration (rollout batch).
-  config.train.log_every = 1
-  config.train.eval_every = 0
-  config.train.checkpoint_every = 10
   if preset.startswith("fsdp"):
     _accelerator(config)
   return config
@@ -149,14 +78,13 @@ def _accelerator(config) -> None:
   """The `fsdp` / `fsdp_ptx` settings (see the module docstring)."""
   config.mesh.shape = (1, -1, 1)
   config.data.prompt_length = 512
-  config.data.buckets = (1024,)
   config.sampling.max_new_tokens = 128
   config.train.global_batch_size = 512
   config.train.num_steps = 500
   config.train.checkpoint_every = 25
   config.ppo.num_minibatches = 8
-  config.kl.controller = "fixed"
-  config.kl.initial_beta = 0.02
+  config.ppo.kl.controller = "fixed"
+  config.ppo.kl.initial_beta = 0.02
   for opt, lr in ((config.optimizer, 3e-6), (config.value_optimizer, 5e-6)):
     opt.learning_rate = lr
     opt.warmup_steps = 10 * config.ppo.epochs * config.ppo.num_minibatches

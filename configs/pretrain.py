@@ -12,13 +12,7 @@ tokens (2048, their training context, for Pythia).
 """
 
 from instruct import config_lib
-
-# Peak learning rates of published pretraining runs: GPT-3 (Brown et al. 2020, Table 2.1) at
-# the GPT-2 sizes, Pythia (Biderman et al. 2023) for Pythia, and for the Llama presets the
-# Llama 1 and Llama 2 papers' rate at 7B.
-LEARNING_RATES = {"gpt2": 6e-4, "gpt2_medium": 3e-4, "gpt2_large": 2.5e-4, "gpt2_xl": 2e-4,
-                  "pythia_1b": 3e-4, "pythia_2_8b": 1.6e-4, "pythia_6_9b": 1.2e-4,
-                  "llama_1b": 3e-4, "llama_8b": 3e-4}
+from instruct.model.config import learning_rate
 
 
 def get_config(arg: str = "tiny"):
@@ -40,7 +34,7 @@ def get_config(arg: str = "tiny"):
     config.data.buckets = (2048,) if preset.startswith("pythia") else (1024,)
     config.train.global_batch_size = 256
     config.train.num_steps = 100_000
-    config.optimizer.learning_rate = LEARNING_RATES[preset]
+    config.optimizer.learning_rate = learning_rate(preset, "pretrain")
     config.optimizer.warmup_steps = 2000
     config.optimizer.weight_decay = 0.1
   return config

@@ -41,12 +41,7 @@ Add `--config.data.skip_invalid=True` to skip (and count) malformed rows instead
 """
 
 from instruct import config_lib
-
-# Peak SFT learning rates: 5e-5 for the GPT-2 sizes up to 355M, 2e-5 at 774M, 1e-5 from 1B
-# (larger models fine-tune at lower rates; a starting point for a sweep, not a tuned value).
-LEARNING_RATES = {"gpt2": 5e-5, "gpt2_medium": 5e-5, "gpt2_large": 2e-5, "gpt2_xl": 1e-5,
-                  "pythia_1b": 1e-5, "pythia_2_8b": 1e-5, "pythia_6_9b": 1e-5,
-                  "llama_1b": 1e-5, "llama_8b": 1e-5}
+from instruct.model.config import learning_rate
 
 
 def get_config(arg: str = "tiny"):
@@ -67,7 +62,7 @@ def get_config(arg: str = "tiny"):
     config.data.buckets = (256, 512, 1024)
     config.train.global_batch_size = 64
     config.train.num_steps = 2000
-    config.optimizer.learning_rate = LEARNING_RATES[preset]
+    config.optimizer.learning_rate = learning_rate(preset, "sft")
     config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.1
   return config

@@ -5,7 +5,7 @@ r"""A miniature InstructGPT, offline and end to end, with simulated labelers and
 
 Stages (each in `DIR/<stage>`; a rerun skips finished stages and resumes an interrupted one):
 
-  world           write the embedded world from its seed (`instruct.world.generate`): corpus,
+  world           write the embedded world from its seed (`experiments.world.generate`): corpus,
                   prompts of ten categories, labeler demonstrations, tokenizer.
   pretrain        pretrain the small base LM on the corpus         (instruct.train, pretrain)
   pretrain_large  pretrain a larger base LM (about 10x the small one's non-embedding
@@ -17,7 +17,7 @@ Stages (each in `DIR/<stage>`; a rerun skips finished stages and resumes an inte
   ppo, ppo_ptx    PPO and PPO-ptx from the SFT policy against the RM (instruct.train, ppo)
   evaluate        sample every model on held-out prompts; held-out labelers judge
                   (`DIR/evaluate/results.json`)
-  report          `DIR/report.md` with PNG plots (`instruct.world.report`)
+  report          `DIR/report.md` with PNG plots (`experiments.world.report`)
 
 Every training stage is the normal `instruct.train` stage with its config saved as
 `DIR/<stage>/config.json`, so it can be rerun or swept alone, e.g.
@@ -54,16 +54,16 @@ from typing import Any, Callable
 from absl import app, flags, logging
 import numpy as np
 
+from experiments.world import evaluate as ev
+from experiments.world import generate as world_lib
+from experiments.world import labelers as labelers_lib
+from experiments.world import report as report_lib
+from experiments.world import tasks as T
 from instruct import checkpoint as ckpt_lib
 from instruct import cli
 from instruct import config_lib
 from instruct.data import tokenization
-from instruct.runners import RUNNERS
-from instruct.world import evaluate as ev
-from instruct.world import generate as world_lib
-from instruct.world import labelers as labelers_lib
-from instruct.world import report as report_lib
-from instruct.world import tasks as T
+from instruct.stages import table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline's runs.")
 _PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full", "test"],
@@ -226,8 +226,8 @@ def stage_config(stage: str, preset: Preset, root: str):
     # 2019) is inert at this size: with 64 prompts per iteration and its horizon of 10,000
     # episodes, beta moves by at most 0.2 * 64 / 10,000 = 0.13% per iteration, so the runs
     # effectively used their initial beta, 0.05; now they say so.
-    c.kl.controller = "fixed"
-    c.kl.initial_beta = 0.05
+    c.ppo.kl.controller = "fixed"
+    c.ppo.kl.initial_beta = 0.05
   else:
     raise ValueError(f"{stage!r} is not a training stage.")
   c.data.tokenizer = files["tokenizer"]
@@ -255,7 +255,7 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
   if _finished(workdir, config.train.num_steps):
     logging.info("[%s] already finished; skipping.", stage)
     return
-  RUNNERS[config.stage](config, workdir)
+  table.get(config.stage).run(config, workdir)
 
 
 # --- Non-training stages. -------------------------------------------------------------------

@@ -6,7 +6,7 @@ Each RUN_DIR is a finished `experiments.instructgpt_mini` run; together they are
 different seeds (see that module's docstring for the commands). Prints a markdown section:
 per-seed win rates (PPO-ptx vs SFT, PPO vs SFT, PPO-ptx vs the larger base model), held-out
 perplexities, the RM's held-out accuracy and the made-up / toxic rates; their pooled values;
-and each target (`instruct.world.report.targets`) judged on the pooled values, met or not met.
+and each target (`experiments.world.report.targets`) judged on the pooled values, met or not met.
 With `--readme`, the section also replaces what lies between the README's markers
 
   <!-- results:PRESET:begin -->
@@ -40,7 +40,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from instruct.world import report
+from experiments.world import report
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_RESAMPLES = 10_000

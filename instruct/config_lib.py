@@ -19,9 +19,9 @@ from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
 from instruct.objectives import RANKING_LOSSES
 from instruct.sharding import DEFAULT_RULES
+from instruct.stages import table
 
 ASSETS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
-STAGES = ("pretrain", "sft", "rm", "ppo")
 NORMALIZATIONS = ("demonstrations", "policy_samples", "none")
 
 
@@ -37,7 +37,7 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   `hf_checkpoint` (default '') names a Hugging Face checkpoint (local directory or cached hub
   name): when set, the architecture comes from its config.json (only the numerics fields
   dtype, scan_layers, remat, dropout_rate and init_std are kept from here) and the initial
-  parameters from its weights (see instruct/hf.py).
+  parameters from its weights (see instruct/hf/).
   """
   fields = preset(name, **overrides)
   fields.setdefault("hf_checkpoint", "")
@@ -49,17 +49,36 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of a supervised (pretrain / SFT) experiment, with defaults."""
+  """Every field of a supervised (pretrain / SFT / RM) experiment, with defaults."""
   c = ml_collections.ConfigDict()
-  c.stage = "sft"              # 'pretrain' (loss on all tokens) | 'sft' (loss on completions).
+  c.stage = "sft"              # A record of instruct.stages.table: 'pretrain' (loss on all
+                               # tokens) | 'sft' (loss on completions) | 'rm'.
   c.seed = 0                   # Parameter init and the data order derive from it.
   c.init_from = ""             # Workdir of an earlier stage whose final params initialise this.
   c.model = model_config("tiny")  # c.model.hf_checkpoint: start from a Hugging Face checkpoint.
 
-  c.data = ml_collections.ConfigDict()
+  c.data = data_config()
   c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |
                                    # 'comparisons' (reward model; see configs/rm.py).
-  c.data.format = RECORDS_FORMAT    # 'records': the JSON-lines records above. Or a public
+  c.data.train_file = embedded_files("demos")["train"]
+  c.data.validation_file = embedded_files("demos")["validation"]
+  c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
+  c.data.shuffle = True
+
+  c.optimizer = optimizer_config()
+  c.train = train_config()
+  c.train.grad_accum_steps = 1      # Microbatches per step (same gradient, less memory).
+  c.train.eval_every = 50           # Validation loss / perplexity; <= 0 disables.
+  c.train.eval_batches = -1         # -1: the whole validation split.
+  c.mesh = mesh_config()
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """`config.data`'s fields shared by every stage: where records come from and how they are
+  tokenized (each stage adds its files and shapes)."""
+  d = ml_collections.ConfigDict()
+  d.format = RECORDS_FORMAT        # 'records': the stage's JSON-lines records. Or a public
                                    # dataset's published files (instruct/data/public.py):
                                    # 'hh_rlhf' (comparisons, demonstrations, prompts) |
                                    # 'summarize_from_feedback' (comparisons) |
@@ -67,54 +86,77 @@ def base_config() -> ml_collections.ConfigDict:
                                    # validation_file may then be directories: an HH-RLHF
                                    # subset (or the repository root), the comparisons/
                                    # directory, the TL;DR directory.
-  c.data.train_file = embedded_files("demos")["train"]
-  c.data.validation_file = embedded_files("demos")["validation"]
-  c.data.skip_invalid = False      # Skip and count invalid records instead of failing (public
+  d.skip_invalid = False           # Skip and count invalid records instead of failing (public
                                    # formats, and comparisons; see also config.rm.skip_invalid).
-  c.data.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
-  c.data.pad_token = ""            # A vocabulary token to pad with when the tokenizer declares
+  d.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
+  d.pad_token = ""                 # A vocabulary token to pad with when the tokenizer declares
                                    # none (Pythia: "<|padding|>"); "" = the tokenizer's own.
-  c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
-  c.data.tfds_dir = ""             # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
+  d.tfds_dir = ""                  # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
                                    # ~/tensorflow_datasets.
-  c.data.shuffle = True
+  return d
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
-  c.optimizer.schedule = "cosine"   # 'cosine' | 'linear' | 'constant' after linear warmup.
-  c.optimizer.warmup_steps = 10
-  c.optimizer.end_lr_fraction = 0.1  # Final LR as a fraction of the peak.
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
-  c.optimizer.eps_style = "pytorch"  # Where Adam's eps enters: 'pytorch' (optax.adamw) | 'tf'
-                                    # (TensorFlow's Adam; instruct.optim.tf_adam_eps).
-  c.optimizer.weight_decay = 0.0    # Decoupled (AdamW); applied to matrices only.
-  c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; <= 0 disables.
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 100
-  c.train.global_batch_size = 16    # Sequences per step over all hosts and devices.
-  c.train.grad_accum_steps = 1      # Microbatches per step (same gradient, less memory).
-  c.train.log_every = 10
-  c.train.eval_every = 50           # Validation loss / perplexity; <= 0 disables.
-  c.train.eval_batches = -1         # -1: the whole validation split.
-  c.train.checkpoint_every = 50
-  c.train.keep_checkpoints = 3
-  c.train.stop_at_step = -1         # Stop early (with a checkpoint) at this step; -1: never.
+def optimizer_config() -> ml_collections.ConfigDict:
+  """An optimiser (`instruct.optim.make_optimizer`): AdamW with warmup and decay."""
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 1e-3  # Peak learning rate.
+  o.schedule = "cosine"   # 'cosine' | 'linear' | 'constant' after linear warmup.
+  o.warmup_steps = 10
+  o.end_lr_fraction = 0.1  # Final LR as a fraction of the peak.
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.eps_style = "pytorch"  # Where Adam's eps enters: 'pytorch' (optax.adamw) | 'tf'
+                           # (TensorFlow's Adam; instruct.optim.tf_adam_eps).
+  o.weight_decay = 0.0    # Decoupled (AdamW); applied to matrices only.
+  o.grad_clip_norm = 1.0  # Global-norm clipping; <= 0 disables.
+  return o
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1)         # -1 takes the remaining devices.
-  c.mesh.axis_names = ("data", "fsdp", "tensor")
-  c.mesh.rules = DEFAULT_RULES      # Logical axis -> mesh axes (see instruct/sharding.py).
-  return c
+
+def train_config() -> ml_collections.ConfigDict:
+  """`config.train`: the loop's length and cadence (`instruct.loop`)."""
+  t = ml_collections.ConfigDict()
+  t.num_steps = 100
+  t.global_batch_size = 16    # Sequences (RL: prompts) per step over all hosts and devices.
+  t.log_every = 10
+  t.checkpoint_every = 50
+  t.keep_checkpoints = 3
+  t.stop_at_step = -1         # Stop early (with a checkpoint) at this step; -1: never.
+  return t
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: the device mesh and the one rule table (instruct/sharding.py)."""
+  m = ml_collections.ConfigDict()
+  m.shape = (-1, 1, 1)         # -1 takes the remaining devices.
+  m.axis_names = ("data", "fsdp", "tensor")
+  m.rules = DEFAULT_RULES      # Logical axis -> mesh axes (see instruct/sharding.py).
+  return m
 
 
 def validate(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
-  """Raises ValueError naming the key for impossible combinations."""
-  if config.stage not in STAGES:
-    raise ValueError(f"config.stage={config.stage!r}; expected one of {STAGES}.")
+  """Validates a config of any stage (its record's validation); ValueError names the key."""
+  table.get(config.get("stage")).check(config, data_parallel, process_count)
+
+
+def validate_train(train, data_parallel: int, process_count: int) -> None:
+  """The loop's settings, shared by every stage."""
+  if train.num_steps < 1:
+    raise ValueError(f"config.train.num_steps={train.num_steps} must be positive.")
+  if train.stop_at_step == 0 or train.stop_at_step < -1:
+    raise ValueError(f"config.train.stop_at_step={train.stop_at_step}; expected a positive "
+                     "step or -1 (never).")
+  for key in ("log_every", "checkpoint_every"):
+    if train[key] < 1:
+      raise ValueError(f"config.train.{key}={train[key]} must be positive.")
+  del data_parallel, process_count  # Batch divisibility depends on the stage's batch.
+
+
+def validate_supervised(config: ml_collections.ConfigDict, data_parallel: int,
+                        process_count: int) -> None:
+  """Raises ValueError naming the key for impossible pretrain / SFT combinations."""
   ModelConfig.from_dict(config.model)
+  validate_train(config.train, data_parallel, process_count)
   t = config.train
   batch, accum = t.global_batch_size, t.grad_accum_steps
   if accum < 1 or batch % accum:
@@ -127,14 +169,10 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int, process_coun
   if batch % process_count:
     raise ValueError(f"config.train.global_batch_size={batch} is not divisible by the "
                      f"{process_count} processes.")
-  if t.num_steps < 1:
-    raise ValueError(f"config.train.num_steps={t.num_steps} must be positive.")
   if max(config.data.buckets) > config.model.max_length and config.model.position == "learned":
     raise ValueError(f"config.data.buckets={tuple(config.data.buckets)} exceeds "
                      f"config.model.max_length={config.model.max_length}.")
   validate_data_format(config, config.data.kind)
-  if config.stage == "rm":
-    _validate_rm(config)
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")
@@ -224,7 +262,10 @@ def rm_config() -> ml_collections.ConfigDict:
   return rm
 
 
-def _validate_rm(config) -> None:
+def validate_rm(config: ml_collections.ConfigDict, data_parallel: int,
+                process_count: int) -> None:
+  """The supervised checks, then the reward model's own (`config.rm`)."""
+  validate_supervised(config, data_parallel, process_count)
   rm = config.rm
   if rm.loss not in RANKING_LOSSES:
     raise ValueError(f"config.rm.loss={rm.loss!r}; expected one of {sorted(RANKING_LOSSES)}.")
@@ -254,18 +295,18 @@ def validate_sampling(sampling, prefix: str = "config.sampling") -> None:
   or top_k < 0 turn the filter off, and max_new_tokens < 1 samples empty responses.
   """
   new_tokens = sampling.max_new_tokens
-  if not (_is_int(new_tokens) and new_tokens >= 1):
+  if not (is_int(new_tokens) and new_tokens >= 1):
     raise ValueError(f"{prefix}.max_new_tokens={new_tokens!r} must be an integer >= 1.")
   if not sampling.temperature >= 0:  # `not >=` also refuses NaN.
     raise ValueError(f"{prefix}.temperature={sampling.temperature!r} must be >= 0 "
                      "(0: greedy).")
-  if not (_is_int(sampling.top_k) and sampling.top_k >= 0):
+  if not (is_int(sampling.top_k) and sampling.top_k >= 0):
     raise ValueError(f"{prefix}.top_k={sampling.top_k!r} must be an integer >= 0 (0: off).")
   if not 0 < sampling.top_p <= 1:
     raise ValueError(f"{prefix}.top_p={sampling.top_p!r} must be in (0, 1] (1: off).")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -278,77 +319,19 @@ def check_fits(length: int, what: str, model, model_name: str) -> None:
                      "silently clamped onto its last row.")
 
 
-def validate_ppo(config: ml_collections.ConfigDict, data_parallel: int, process_count: int,
-                 policy_model: ModelConfig | None = None,
-                 reward_model: ModelConfig | None = None) -> None:
-  """Raises ValueError naming the key for impossible or silently wrong PPO settings.
-
-  `policy_model` / `reward_model`: the `ModelConfig`s of the SFT and RM runs (a PPO config
-  does not hold them). When given, a rollout (data.prompt_length + sampling.max_new_tokens
-  tokens, scored by policy, reference, critic and reward model) and a PPO-ptx row
-  (ptx.length, policy only) must fit their learned position tables; None skips that check.
-  """
-  t, ppo = config.train, config.ppo
-  validate_data_format(config, "prompts", reader="PPO samples from")
-  for key, value in (("policy_from", config.policy_from), ("reward_from", config.reward_from)):
-    if not value:
-      raise ValueError(f"config.{key} is empty: PPO needs the workdir of the "
-                       f"{'SFT' if key == 'policy_from' else 'reward-model'} run.")
-  _validate_ppo_sampling(config)
-  prompt_length = config.data.prompt_length
-  if not (_is_int(prompt_length) and prompt_length >= 1):
-    raise ValueError(f"config.data.prompt_length={prompt_length!r} must be an integer >= 1.")
-  rollout = ("config.data.prompt_length + config.sampling.max_new_tokens = "
-             f"{prompt_length} + {config.sampling.max_new_tokens}")
-  rollout_length = prompt_length + config.sampling.max_new_tokens
-  check_fits(rollout_length, rollout, policy_model, "policy")
-  check_fits(rollout_length, rollout, reward_model, "reward model")
-  if t.global_batch_size % ppo.num_minibatches:
-    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
-                     f"by config.ppo.num_minibatches={ppo.num_minibatches}.")
-  if t.global_batch_size % data_parallel or t.global_batch_size % process_count:
-    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
-                     f"by the data-parallel size {data_parallel} (or the {process_count} "
-                     "processes).")
-  if ppo.ptx_coef > 0:
-    _validate_ptx(config, policy_model)
-  if ppo.kl_estimator not in ("k1", "k3"):
-    raise ValueError(f"config.ppo.kl_estimator={ppo.kl_estimator!r}; expected 'k1' or 'k3'.")
-  if config.kl.controller not in ("fixed", "adaptive"):
-    raise ValueError(f"config.kl.controller={config.kl.controller!r}; expected 'fixed' or "
-                     "'adaptive'.")
-
-
-def _validate_ppo_sampling(config) -> None:
-  """`validate_sampling`, then refuses top-k / top-p unless explicitly allowed.
-
-  The rollout is drawn from the filtered distribution while the PPO ratio and KL penalty
-  (sampler log-probs and `sequence_logprobs`) are of the unfiltered one, so the updates are
-  silently off-policy. Configs saved before `allow_off_policy_filtering` existed read False.
-  """
-  sampling = config.sampling
-  validate_sampling(sampling)
-  if sampling.get("allow_off_policy_filtering", False):
-    return
-  for key, active in (("top_k", sampling.top_k > 0), ("top_p", sampling.top_p < 1)):
-    if active:
-      raise ValueError(
-          f"config.sampling.{key}={sampling[key]!r} makes PPO off-policy: rollouts are drawn "
-          f"from the {key}-filtered distribution but the ratio and KL use the unfiltered one. "
-          "Set config.sampling.allow_off_policy_filtering=True to accept that.")
-
-
-def _validate_ptx(config, policy_model) -> None:
-  """PPO-ptx (ptx_coef > 0): a pretraining file, rows that split into the minibatches, and
-  rows long enough to have a next-token target that fit the policy's position table."""
-  ppo, ptx = config.ppo, config.ptx
+def validate_ptx(config, coef: str, minibatches: str, num_minibatches: int,
+                 policy_model) -> None:
+  """The pretraining mix (`coef`, e.g. 'config.ppo.ptx_coef=1.0', is on): a pretraining file,
+  rows that split into the minibatches, and rows long enough to have a next-token target
+  that fit the policy's position table."""
+  ptx = config.ptx
   if not ptx.train_file:
-    raise ValueError(f"config.ppo.ptx_coef={ppo.ptx_coef} but config.ptx.train_file is empty: "
-                     "PPO-ptx needs pretraining text ({\"text\"} JSON lines or .txt).")
-  if ptx.batch_size % ppo.num_minibatches:
+    raise ValueError(f"{coef} but config.ptx.train_file is empty: the pretraining mix "
+                     "needs pretraining text ({\"text\"} JSON lines or .txt).")
+  if ptx.batch_size % num_minibatches:
     raise ValueError(f"config.ptx.batch_size={ptx.batch_size} is not divisible by "
-                     f"config.ppo.num_minibatches={ppo.num_minibatches}.")
-  if not (_is_int(ptx.length) and ptx.length >= 2):
+                     f"{minibatches}={num_minibatches}.")
+  if not (is_int(ptx.length) and ptx.length >= 2):
     raise ValueError(f"config.ptx.length={ptx.length!r} must be an integer >= 2: a row needs "
                      "a token and its successor for the LM loss.")
   check_fits(ptx.length, "config.ptx.length", policy_model, "policy")

@@ -3,12 +3,12 @@ r"""Exports a run's model as a Hugging Face checkpoint directory.
   python -m instruct.export --workdir=RUN_DIR --out=HF_DIR [--step=N] [--overwrite]
       [--dtype=float32|bfloat16] [--max_shard_size=5GB] [--mesh_shape=1,-1,1]
 
-pretrain / sft / ppo runs give the policy as `...ForCausalLM`; an rm run gives a
-`...ForSequenceClassification` with one label (its scalar head's bias and the reward
-normalisation are recorded in config.json and README.md, see instruct/hf.py). The directory
-holds config.json, the weights (model.safetensors, or model-0000k-of-0000n.safetensors files
-with model.safetensors.index.json past --max_shard_size) and the run's tokenizer, and loads
-with `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`.
+Runs whose stage makes a policy (pretrain, sft, rl) give it as `...ForCausalLM`; a reward
+model (rm) gives a `...ForSequenceClassification` with one label (its scalar head's bias and
+the reward normalisation are recorded in config.json and README.md, see
+instruct/hf/exporting.py). The directory holds config.json, the weights (model.safetensors,
+or model-0000k-of-0000n.safetensors files with model.safetensors.index.json past
+--max_shard_size) and the run's tokenizer, and loads with `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`.
 
 The checkpoint is restored sharded over the run's mesh (its -1 entry takes the devices
 present; --mesh_shape overrides it) and written one tensor at a time, so neither a device nor
@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from instruct import cli
 from instruct import hf
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (pretrain, sft, ppo or rm).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (pretrain, sft, rl or rm).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _FAMILY = flags.DEFINE_enum("family", None, list(hf.FAMILIES),

@@ -4,8 +4,8 @@
   rewards = rm.score(tokens, attention_mask)  # normalised: gain * raw + bias
 
 The normalisation (`reward_normalization` in the final checkpoint's extras) is what
-`instruct.stages.rm` computed after training; every user of the RM goes through `score`, so
-it is applied consistently (PPO, evaluation, notebooks).
+`instruct.stages.rm` computed after training. Every user of the RM applies it through
+`normalize` (here, RL scoring, evaluation, notebooks), so it is applied consistently.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
-import ml_collections
 
-from instruct import checkpoint as ckpt_lib
+from instruct import run as run_lib
 from instruct.stages import rm as rm_stage
-from instruct.trainer import init_params_fn
+
+
+def normalize(raw, gain, bias):
+  """The normalised reward, `gain * raw + bias`."""
+  return gain * raw + bias
 
 
 @dataclasses.dataclass
@@ -33,27 +35,21 @@ class RewardModel:
   step: Optional[int] = None
 
   @classmethod
-  def load(cls, workdir: str, shardings: Any = None) -> "RewardModel":
-    """Loads the latest checkpoint of an `rm` run (optionally into given param shardings)."""
-    config = ml_collections.ConfigDict(ckpt_lib.read_config(workdir))
-    if config.stage != "rm":
-      raise ValueError(f"{workdir} is a {config.stage!r} run, not a reward model ('rm').")
-    model = rm_stage.make_model(config.model)
-    abstract = jax.eval_shape(init_params_fn(model), jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda x, *s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s[0] if s else None),
-        nn.meta.unbox(abstract), *([shardings] if shardings is not None else []))
-    checkpointer = ckpt_lib.Checkpointer(workdir)
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No reward-model checkpoint in {checkpointer.directory}.")
-    params = checkpointer.restore_params(step, abstract)
-    norm = checkpointer.restore_extras(step).get("reward_normalization")
-    checkpointer.close()
-    if norm is None:
-      raise ValueError(f"Checkpoint {step} of {workdir} has no reward normalisation: the rm "
-                       "run did not reach its final step (config.train.num_steps).")
-    return cls(model, params, float(norm["gain"]), float(norm["bias"]), step)
+  def load(cls, workdir: str, shardings: Any = None, step: Optional[int] = None
+           ) -> "RewardModel":
+    """Loads a checkpoint (default: the latest) of an `rm` run (optionally into given param
+    shardings)."""
+    info = run_lib.describe(workdir)
+    if info.stage.head != "scalar":
+      raise ValueError(f"{workdir} is a {info.stage.name!r} run, not a reward model.")
+    abstract = None
+    if shardings is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          run_lib.abstract_params(info.model), shardings)
+    run = run_lib.load_run(workdir, step, abstract=abstract)
+    gain, bias = run_lib.reward_normalization(run, workdir)
+    return cls(run.model, run.params, gain, bias, run.step)
 
   def raw_score(self, tokens, attention_mask):
     """Unnormalised rewards at the last real token; [..., length] -> [...]."""
@@ -61,5 +57,4 @@ class RewardModel:
 
   def score(self, tokens, attention_mask):
     """Normalised rewards, gain * raw + bias; [..., length] -> [...]."""
-    return self.gain * self.raw_score(tokens, attention_mask) + self.bias
-
+    return normalize(self.raw_score(tokens, attention_mask), self.gain, self.bias)

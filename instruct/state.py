@@ -45,6 +45,11 @@ class StateFactory:
   from_params: Callable[[Any], TrainState]
 
 
+def init_params_fn(model) -> Callable[[jax.Array], Any]:
+  """rng -> boxed parameters of `model` (shapes do not depend on the dummy input length)."""
+  return lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+
 def state_factory(init_params: Callable[[jax.Array], Any],
                   optimizer: optax.GradientTransformation, mesh, rules) -> StateFactory:
   """Builds the abstract state and sharded initialisers.

@@ -10,8 +10,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from instruct import cli
-from instruct import trainer
-from instruct.runners import RUNNERS
+from instruct import loop
+from instruct.stages import table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
                                           lock_config=True)
@@ -23,12 +23,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config.stage not in RUNNERS:
-    raise app.UsageError(f"config.stage={config.stage!r}; known stages: {sorted(RUNNERS)}.")
+  try:
+    stage = table.get(config.get("stage"))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   logging.info("Config:\n%s", config)
   try:
-    RUNNERS[config.stage](config, _WORKDIR.value)
-  except (trainer.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    stage.run(config, _WORKDIR.value)
+  except (loop.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
 

@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,20 @@ def data_dir(tmp_path_factory) -> str:
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+# --- Helpers shared by test modules (`from tests.conftest import ...`). ------------------
+
+
+def write_lines(path, lines):
+  """Writes `lines` to the `pathlib.Path` `path`, one a line (UTF-8); returns `path`."""
+  path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  return path
+
+
+def is_boxed(x) -> bool:
+  """Whether `x` is a parameter boxed with its logical axis names (`nn.Partitioned`)."""
+  return isinstance(x, nn.Partitioned)
 
 
 def run_test_pipeline(root: str, tfds: str) -> str:

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from instruct.world import report
+from experiments.world import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "explore_run.ipynb")
@@ -92,6 +92,8 @@ def test_explore_run_prints_the_results(executed, results, run_root):
   assert f"held-out accuracy {report.pct(results['rm']['heldout_accuracy'])}" in out
   for stage in report.TRAIN_STAGES:
     assert f"{stage}: " in out
+  # The run layer opens the SFT and PPO-ptx runs (an RL run's policy has the SFT's shape).
+  assert "sft: stage sft, step" in out and "ppo_ptx: stage rl, step" in out
 
 
 def test_explore_run_shows_the_targets_table_and_plots(executed, results, run_root):

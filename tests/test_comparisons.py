@@ -12,6 +12,7 @@ import pytest
 
 from instruct import data
 from instruct.assets import make_assets
+from tests.conftest import write_lines
 from tests.test_data import _assert_batches_equal, _take
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
@@ -35,11 +36,6 @@ def shipped():
     assert num_skipped == 0
     out[split] = (raw, parsed)
   return out
-
-
-def _write(path, lines):
-  path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
-  return path
 
 
 def _line(**fields):
@@ -120,7 +116,7 @@ def _expected_row(tokenizer, example, max_length=64):
                  'best': 0}), 'mixes the chosen/rejected shape'),
 ])
 def test_bad_records_name_file_and_line(tmp_path, bad_line, fragment):
-  path = _write(tmp_path / 'comparisons.jsonl', [_line(), '', bad_line])
+  path = write_lines(tmp_path / 'comparisons.jsonl', [_line(), '', bad_line])
   with pytest.raises(data.RecordError) as info:
     data.read_comparisons(path)
   message = str(info.value)
@@ -150,7 +146,7 @@ def test_skip_invalid_counts_and_survives_reuse(tmp_path, caplog):
   lines = [_line(), '{"prompt": ', _line(ranking=[0, 0, 1]), '',
            json.dumps({'prompt': 'q', 'chosen': ' x', 'rejected': ' y'}),
            '[1, 2]', _line(responses=[' a', ' b'], ranking=None, best=1)]
-  path = _write(tmp_path / 'mixed.jsonl', lines)
+  path = write_lines(tmp_path / 'mixed.jsonl', lines)
   records, num_skipped = data.read_comparisons(path, skip_invalid=True)
   assert num_skipped == 3
   assert [r['ranks'] for r in records] == [[1, 2, 0], [0, 1], [1, 0]]
@@ -176,7 +172,7 @@ def test_skip_invalid_counts_and_survives_reuse(tmp_path, caplog):
   with pytest.raises(ValueError, match='skip_invalid is not supported'):
     data.load_split('demonstrations', files, 'train', data_dir,
                     skip_invalid=True)
-  all_bad = _write(tmp_path / 'bad.jsonl', ['{', '[]'])
+  all_bad = write_lines(tmp_path / 'bad.jsonl', ['{', '[]'])
   with pytest.raises(ValueError, match=r'no valid records.*2 invalid'):
     data.read_comparisons(all_bad, skip_invalid=True)
 

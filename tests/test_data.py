@@ -12,6 +12,7 @@ import pytest
 from instruct import data
 from instruct.data import builders
 from instruct.data import pipeline
+from tests.conftest import write_lines
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
                        'assets', 'data')
@@ -29,11 +30,6 @@ def demos_train(data_dir):
 @pytest.fixture(scope='module')
 def demos_validation(data_dir):
   return data.load_split('demonstrations', DEMO_FILES, 'validation', data_dir)
-
-
-def _write(path, lines):
-  path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
-  return path
 
 
 def _demo_line(prompt='Say hi.\nAnswer:', completion=' hi'):
@@ -80,7 +76,7 @@ def _real_rows(batch):
      "'prompt' must be of type str, got int"),
 ])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, fragment):
-  path = _write(tmp_path / 'demos.jsonl', [_demo_line(), '', bad_line])
+  path = write_lines(tmp_path / 'demos.jsonl', [_demo_line(), '', bad_line])
   with pytest.raises(data.RecordError) as info:
     data.read_jsonl(path, data.DEMONSTRATION_SCHEMA)
   message = str(info.value)
@@ -90,13 +86,13 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, fragment):
 
 def test_read_jsonl_skips_blank_lines_and_extra_fields(tmp_path):
   line = json.dumps({'prompt': 'p', 'completion': ' c', 'extra': 1})
-  path = _write(tmp_path / 'demos.jsonl', ['', line, '   ', line])
+  path = write_lines(tmp_path / 'demos.jsonl', ['', line, '   ', line])
   records = data.read_jsonl(path, data.DEMONSTRATION_SCHEMA)
   assert records == [{'prompt': 'p', 'completion': ' c'}] * 2
 
 
 def test_read_jsonl_empty_and_missing_files(tmp_path):
-  empty = _write(tmp_path / 'empty.jsonl', ['', ''])
+  empty = write_lines(tmp_path / 'empty.jsonl', ['', ''])
   with pytest.raises(ValueError, match='empty.jsonl'):
     data.read_jsonl(empty, data.TEXT_SCHEMA)
   with pytest.raises(FileNotFoundError, match='missing.jsonl'):
@@ -131,14 +127,13 @@ def test_load_split_round_trips_shipped_demos(demos_train, demos_validation,
 
 def test_builder_raises_record_error_then_recovers(tmp_path):
   data_dir = str(tmp_path / 'tfds')
-  path = _write(tmp_path / 'bad.jsonl',
-                [_demo_line(), _demo_line(), '{"prompt": "p"}'])
+  path = write_lines(tmp_path / 'bad.jsonl', [_demo_line(), _demo_line(), '{"prompt": "p"}'])
   files = {'train': str(path)}
   for _ in range(2):  # A leftover incomplete directory must not break retry.
     with pytest.raises(data.RecordError, match=f'{path}:3: missing field'):
       data.load_split('demonstrations', files, 'train', data_dir)
   old_name = data.LocalFilesConfig(files=files).name
-  _write(path, [_demo_line(), _demo_line(completion=' bye')])
+  write_lines(path, [_demo_line(), _demo_line(completion=' bye')])
   assert data.LocalFilesConfig(files=files).name != old_name
   source = data.load_split('demonstrations', files, 'train', data_dir)
   assert sorted(source[i]['completion'] for i in range(2)) == [' bye', ' hi']

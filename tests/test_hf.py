@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -37,9 +38,13 @@ from instruct import hf
 from instruct import sharding as shd
 from instruct import trainer
 from instruct.data import DEFAULT_TOKENIZER
+from instruct.hf import files as hf_files
 from instruct.model import ModelConfig, Transformer, layers, stack_layers
 from instruct.model.config import count_params
 from instruct.rl.sampler import SamplingConfig, make_sampler
+
+# The module export() looks its helpers up in, for monkeypatching.
+hf_export = importlib.import_module("instruct.hf.exporting")
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,12 +288,12 @@ def test_sharded_loading_places_each_array_in_its_target_sharding(saved, monkeyp
   mesh = shd.make_mesh(ml_collections.ConfigDict(
       dict(shape=(1, 4, 2), axis_names=("data", "fsdp", "tensor"))))
   reads = []
-  original = hf._Tensors.read
+  original = hf_files._Tensors.read
   def spy(self, name, index):
     block = original(self, name, index)
     reads.append((name, block.size, math.prod(self.shape(name))))
     return block
-  monkeypatch.setattr(hf._Tensors, "read", spy)
+  monkeypatch.setattr(hf_files._Tensors, "read", spy)
   for family, scan in (("gpt2", False), ("gpt_neox", True), ("llama", True)):
     model, single, sharded = saved[family]
     cfg = hf.model_config_from_hf(model.config, scan_layers=scan)
@@ -453,11 +458,12 @@ def test_sharded_bfloat16_export_of_an_fsdp_run(saved, tmp_path, monkeypatch):
                         cfg.num_layers)
   run = write_run(tmp_path / "run", "sft", cfg, params)
   restored, gathered = [], []
-  load_run, param = hf._load_run, hf._param
-  monkeypatch.setattr(hf, "_load_run", lambda *a: restored.append(load_run(*a)) or restored[-1])
-  monkeypatch.setattr(hf, "_param", lambda *a: gathered.append(param(*a)) or gathered[-1])
+  load_run, param = hf_export._load_run, hf_export._param
+  monkeypatch.setattr(hf_export, "_load_run",
+                      lambda *a: restored.append(load_run(*a)) or restored[-1])
+  monkeypatch.setattr(hf_export, "_param", lambda *a: gathered.append(param(*a)) or gathered[-1])
   out = hf.export(run, str(tmp_path / "hf"), max_shard_size="60KB", mesh_shape=(1, 4, 2))
-  q = restored[0][2]["layers"]["attn"]["q_proj"]["kernel"]
+  q = restored[0].params["layers"]["attn"]["q_proj"]["kernel"]
   assert q.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
   assert not q.is_fully_replicated
   # One layer's parameter at a time, each once: as many arrays as the unscanned model has,
@@ -508,7 +514,7 @@ def test_failed_export_leaves_the_previous_export(saved, tmp_path, monkeypatch):
       if i == 3:
         raise OSError("disk full")
       yield item
-  monkeypatch.setattr(hf, "iter_hf_tensors", failing)
+  monkeypatch.setattr(hf_export, "iter_hf_tensors", failing)
   with pytest.raises(OSError, match="disk full"):
     hf.export(run, out, overwrite=True, max_shard_size="10KB")
   assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from experiments import instructgpt_mini as mini
+from experiments.world import evaluate as ev
+from experiments.world import labelers as labelers_lib
+from experiments.world import tasks as T
 from instruct import checkpoint as ckpt_lib
 from instruct import config_lib
 from instruct import metrics as metrics_lib
 from instruct.model import ModelConfig
-from instruct.world import evaluate as ev
-from instruct.world import labelers as labelers_lib
-from instruct.world import tasks as T
 from tests.conftest import run_test_pipeline
 
 PRESET = mini.PRESETS["test"]

@@ -13,7 +13,6 @@ import functools
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,6 +25,7 @@ from instruct.model import (KVCache, ModelConfig, Transformer, count_params, pre
                             stack_layers, unstack_layers)
 from instruct.model.layers import apply_rope, rope_frequencies
 from instruct.sharding import DEFAULT_RULES
+from tests.conftest import is_boxed
 
 FAMILIES = ("tiny", "tiny_llama")
 # A GPT-NeoX/Pythia-like variant: partial rotary, parallel residual, exact GELU, untied head.
@@ -639,10 +639,6 @@ def test_unknown_head_raises():
 # ------------------------------------------------------------------- logical names
 
 
-def _is_boxed(x):
-  return isinstance(x, nn.Partitioned)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("head", ["lm", "scalar"])
@@ -650,12 +646,12 @@ def test_every_parameter_has_logical_names(name, scan, head):
   """Each leaf is nn.Partitioned with one known logical name (or None) per array axis."""
   cfg = make_cfg(name, scan_layers=scan)
   boxed = abstract_variables(Transformer(cfg, head))["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=_is_boxed)
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_boxed)
   known = {logical for logical, _ in DEFAULT_RULES}
   assert len(leaves) == len(jax.tree.leaves(meta.unbox(boxed)))
   for path, leaf in leaves:
     where = jax.tree_util.keystr(path)
-    assert _is_boxed(leaf), where
+    assert is_boxed(leaf), where
     assert len(leaf.names) == leaf.value.ndim, where
     assert set(leaf.names) - {None} <= known, (where, leaf.names)
     if scan and "layers" in where:

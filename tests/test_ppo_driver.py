@@ -1,15 +1,16 @@
-"""The PPO stage end to end: SFT -> RM -> PPO(-ptx), metrics, resume, errors."""
+"""The RL stage with PPO end to end: SFT -> RM -> PPO(-ptx), metrics, resume, errors."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from instruct import checkpoint as ckpt_lib
 from instruct import data as data_lib
 from instruct import metrics as metrics_lib
+from instruct import run as run_lib
 from instruct import trainer
+from instruct.rl import algo
 from instruct.rl import driver
+from instruct.rl import ppo as ppo_lib
 from tests.test_sharding import load_config
 
 
@@ -46,7 +47,7 @@ def params_of(state):
 
 
 def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path):
-  full = driver.train_ppo(ppo_config(sources, tfds_dir), str(tmp_path / "a"))
+  full = driver.train(ppo_config(sources, tfds_dir), str(tmp_path / "a"))
   records = metrics_lib.read_metrics(str(tmp_path / "a"))
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   for name in ("score", "score_raw", "score_normalised", "kl_k1", "kl_k3", "beta", "entropy",
@@ -59,13 +60,13 @@ def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path
   # Adaptive KL controller: beta moves by the clipped error times n_steps / horizon.
   config = ppo_config(sources, tfds_dir)
   for before, after in zip(records, records[1:]):
-    error = np.clip((before["kl_k1"] - config.kl.target) / config.kl.target, -0.2, 0.2)
-    expected = before["beta"] * (1 + error * config.train.global_batch_size / config.kl.horizon)
+    error = np.clip((before["kl_k1"] - config.ppo.kl.target) / config.ppo.kl.target, -0.2, 0.2)
+    expected = before["beta"] * (1 + error * config.train.global_batch_size / config.ppo.kl.horizon)
     np.testing.assert_allclose(after["beta"], expected, rtol=1e-5)
 
-  partial = driver.train_ppo(ppo_config(sources, tfds_dir, stop_at_step=2), str(tmp_path / "b"))
+  partial = driver.train(ppo_config(sources, tfds_dir, stop_at_step=2), str(tmp_path / "b"))
   assert int(partial["policy"].step) == 2 * 2 * 4  # iterations x epochs x minibatches
-  resumed = driver.train_ppo(ppo_config(sources, tfds_dir), str(tmp_path / "b"))
+  resumed = driver.train(ppo_config(sources, tfds_dir), str(tmp_path / "b"))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params_of(full), params_of(resumed))
 
@@ -76,7 +77,7 @@ def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfd
   first iteration it matches the SFT policy's loss on rows of that file (the policy moves
   little in 2 epochs), and every iteration reads epochs x ptx.batch_size fresh rows."""
   config = ppo_config(sources, tfds_dir, "tiny_ptx", num_steps=2)
-  driver.train_ppo(config, str(tmp_path))
+  driver.train(config, str(tmp_path))
   records = metrics_lib.read_metrics(str(tmp_path))
   sft_loss = _sft_lm_loss(sources, config, tfds_dir)
   # Measured: first-iteration ptx_loss within 2% of the SFT model's loss on other rows of
@@ -87,7 +88,8 @@ def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfd
     np.testing.assert_allclose(r["ptx_gamma_equivalent"], config.ppo.ptx_coef *
                                r["response_length"] * r["advantage_std"], rtol=1e-5)
   # The iteration's pretraining batch: ptx.batch_size fresh rows for each of the epochs.
-  _, ptx = driver._data(config, data_lib.load_tokenizer(config.data.tokenizer))
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  _, ptx = driver.make_data(config, tokenizer, driver.build(config, tokenizer)[1].ptx_rows)
   assert next(ptx)["tokens"].shape == (config.ppo.epochs * config.ptx.batch_size,
                                        config.ptx.length)
 
@@ -95,11 +97,8 @@ def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfd
 def _sft_lm_loss(sources, config, tfds_dir):
   """The SFT policy's per-token LM loss on 64 rows of the pretraining file."""
   from instruct import objectives
-  from instruct.model import ModelConfig, Transformer
-  sft = ckpt_lib.read_config(str(sources / "sft"))
-  model = Transformer(ModelConfig.from_dict(sft["model"]))
-  abstract = jax.eval_shape(trainer.init_params_fn(model), jax.random.key(0))
-  params = trainer.latest_params(str(sources / "sft"), nn.meta.unbox(abstract))
+  sft = run_lib.load_run(str(sources / "sft"))
+  model, params = sft.model, sft.params
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   batch = next(data_lib.make_batches(
       "text", {"train": config.ptx.train_file}, "train", tokenizer, global_batch_size=64,
@@ -115,25 +114,25 @@ def test_k3_estimator_drives_the_adaptive_controller(sources, tfds_dir, tmp_path
   """kl_estimator='k3': the controller steps on the k3 estimate of each iteration, not k1's,
   and beta follows the controller's formula."""
   observed = []
-  update = driver.algo.update_kl_controller
+  update = algo.update_kl_controller
 
   def spy(state, observed_kl, *args):
     observed.append(float(observed_kl))
     return update(state, observed_kl, *args)
 
-  monkeypatch.setattr(driver.algo, "update_kl_controller", spy)
+  monkeypatch.setattr(algo, "update_kl_controller", spy)
   config = ppo_config(sources, tfds_dir, num_steps=4)
   config.ppo.kl_estimator = "k3"
-  config.kl.horizon = 40  # A step the test can see: n_steps / horizon = 16 / 40.
-  driver.train_ppo(config, str(tmp_path))
+  config.ppo.kl.horizon = 40  # A step the test can see: n_steps / horizon = 16 / 40.
+  driver.train(config, str(tmp_path))
   records = metrics_lib.read_metrics(str(tmp_path))
   np.testing.assert_allclose(observed, [r["kl_k3"] for r in records], rtol=1e-6)
   # k1 differs from k3 after the first iteration, so feeding k1 would fail the check above.
   assert max(abs(r["kl_k1"] - r["kl_k3"]) for r in records[1:]) > 1e-4 * max(
       r["kl_k3"] for r in records)
-  step = config.train.global_batch_size / config.kl.horizon
+  step = config.train.global_batch_size / config.ppo.kl.horizon
   for before, after in zip(records, records[1:]):
-    error = np.clip((before["kl_k3"] - config.kl.target) / config.kl.target, -0.2, 0.2)
+    error = np.clip((before["kl_k3"] - config.ppo.kl.target) / config.ppo.kl.target, -0.2, 0.2)
     np.testing.assert_allclose(after["beta"], before["beta"] * (1 + error * step), rtol=1e-5)
 
 
@@ -141,23 +140,23 @@ def test_reference_and_reward_model_stay_frozen(sources, tfds_dir, tmp_path, mon
   """After PPO iterations the frozen reference and reward model are the SFT and RM runs'
   parameters, bit for bit, and still alive (not donated to the update)."""
   seen = {}
-  iterate = driver._iterate
+  load_frozen = driver.load_frozen
 
-  def spy(run, state, frozen, *args):
-    seen["before"] = jax.device_get(frozen)
-    out = iterate(run, state, frozen, *args)
-    seen["after"] = jax.device_get(frozen)
-    seen["policy"] = jax.device_get(out["policy"].params)
-    return out
+  def spy(*args):
+    seen["frozen"] = load_frozen(*args)
+    seen["before"] = jax.device_get(seen["frozen"])
+    return seen["frozen"]
 
-  monkeypatch.setattr(driver, "_iterate", spy)
-  driver.train_ppo(ppo_config(sources, tfds_dir, num_steps=2), str(tmp_path))
+  monkeypatch.setattr(driver, "load_frozen", spy)
+  state = driver.train(ppo_config(sources, tfds_dir, num_steps=2), str(tmp_path))
+  seen["after"] = jax.device_get(seen["frozen"])
+  seen["policy"] = jax.device_get(state["policy"].params)
   equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   jax.tree.map(equal, seen["before"], seen["after"])
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   for name, run in (("reference", "sft"), ("reward", "rm")):
-    on_disk = trainer.latest_params(str(sources / run), shapes(seen["before"][name]))
-    jax.tree.map(equal, seen["after"][name], jax.device_get(on_disk))
+    on_disk = run_lib.load_run(str(sources / run), abstract=shapes(seen["before"][name]))
+    jax.tree.map(equal, seen["after"][name], jax.device_get(on_disk.params))
   # The policy did move, so the reference staying put is not the update doing nothing.
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), seen["policy"],
                        seen["after"]["reference"])
@@ -167,18 +166,15 @@ def test_reference_and_reward_model_stay_frozen(sources, tfds_dir, tmp_path, mon
 def test_critic_starts_at_the_normalised_reward_model(sources, tfds_dir, tmp_path):
   """The critic's first values are the RM's normalised scores (folded gain and bias)."""
   config = ppo_config(sources, tfds_dir, num_steps=1)
-  mesh = driver.shd.make_mesh(config.mesh, None)
-  rules = driver.shd.rules_from_config(config.mesh)
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  run = driver.PPORun(config, tokenizer, mesh, rules)
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  with jax.set_mesh(mesh):
-    state, frozen, _ = run.initial(checkpointer)
-  checkpointer.close()
+  roles, algorithm, _ = driver.build(config, tokenizer)
+  frozen = driver.load_frozen(roles, config.policy_from, config.reward_from)
+  with jax.set_mesh(roles.mesh):
+    state = algorithm.init_state(frozen)
   tokens = np.tile(np.arange(2, 18, dtype=np.int32), (8, 1))
   mask = np.ones_like(tokens)
-  critic = run.value_model.apply({"params": state["value"].params}, tokens, mask).values
-  raw = run.value_model.apply({"params": frozen["reward"]}, tokens, mask).values
+  critic = roles.critic.model.apply({"params": state["value"].params}, tokens, mask).values
+  raw = roles.reward.model.apply({"params": frozen["reward"]}, tokens, mask).values
   gain, bias = float(frozen["reward_gain"]), float(frozen["reward_bias"])
   assert bias != 0.0
   np.testing.assert_allclose(critic, gain * raw + bias, rtol=1e-5, atol=1e-5)
@@ -188,20 +184,20 @@ def test_ppo_needs_its_source_runs(sources, tfds_dir, tmp_path):
   config = ppo_config(sources, tfds_dir)
   config.reward_from = ""
   with pytest.raises(ValueError, match="config.reward_from is empty"):
-    driver.train_ppo(config, str(tmp_path))
+    driver.train(config, str(tmp_path))
   config.reward_from = str(sources / "sft")
   with pytest.raises(ValueError, match="not a reward-model run"):
-    driver.train_ppo(config, str(tmp_path))
+    driver.train(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, mesh_shape):
   one = ppo_config(sources, tfds_dir, num_steps=2)
   one.mesh.shape = (1, 1, 1)
-  expected = driver.train_ppo(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+  expected = driver.train(one, str(tmp_path / "one"), devices=jax.devices()[:1])
   many = ppo_config(sources, tfds_dir, num_steps=2)
   many.mesh.shape = mesh_shape
-  got = driver.train_ppo(many, str(tmp_path / "many"))
+  got = driver.train(many, str(tmp_path / "many"))
   ref_records = metrics_lib.read_metrics(str(tmp_path / "one"))
   records = metrics_lib.read_metrics(str(tmp_path / "many"))
   for name in ("score", "kl_k1", "policy_loss", "value_loss", "response_length"):
@@ -215,10 +211,10 @@ def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, 
 
 def test_no_eos_handling_maps_from_the_config():
   config = load_config("ppo", "tiny")
-  assert driver._ppo_config(config).no_eos_score == -1.0
+  assert ppo_lib.ppo_config(config).no_eos_score == -1.0
   config.ppo.penalize_no_eos = False
-  assert driver._ppo_config(config).no_eos_score is None
-  assert driver._ppo_config(config).temperature == config.sampling.temperature
+  assert ppo_lib.ppo_config(config).no_eos_score is None
+  assert ppo_lib.ppo_config(config).temperature == config.sampling.temperature
 
 
 def test_shared_value_head_trains_and_resumes(sources, tfds_dir, tmp_path):
@@ -226,14 +222,14 @@ def test_shared_value_head_trains_and_resumes(sources, tfds_dir, tmp_path):
     c = ppo_config(sources, tfds_dir, num_steps=2, **train)
     c.ppo.shared_value_head = True
     return c
-  full = driver.train_ppo(config(), str(tmp_path / "a"))
+  full = driver.train(config(), str(tmp_path / "a"))
   assert "value" not in full  # No separate critic.
   head = jax.device_get(full["policy"].params["value_head"]["kernel"])
   assert np.any(head != 0.0)  # Initialised at zero, trained through vf_coef * value loss.
   records = metrics_lib.read_metrics(str(tmp_path / "a"))
   assert records[0]["explained_variance"] == 0.0 and np.isfinite(records[1]["value_loss"])
-  driver.train_ppo(config(stop_at_step=1), str(tmp_path / "b"))
-  resumed = driver.train_ppo(config(), str(tmp_path / "b"))
+  driver.train(config(stop_at_step=1), str(tmp_path / "b"))
+  resumed = driver.train(config(), str(tmp_path / "b"))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                jax.device_get(full["policy"]), jax.device_get(resumed["policy"]))
 
@@ -246,12 +242,12 @@ def test_fsdp_ptx_preset_runs_with_every_model_sharded(sources, tfds_dir, tmp_pa
   config.ptx.length = 64
   config.data.prompt_length = 32  # The preset's 512 exceeds the tiny policy's positions.
   with pytest.raises(ValueError, match="config.ptx.train_file is empty"):
-    driver.train_ppo(config, str(tmp_path / "bad"))
+    driver.train(config, str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
   config.ptx.train_file = load_config("ppo", "tiny_ptx").ptx.train_file
   config.train.global_batch_size = 16
   config.ptx.batch_size = 8
-  state = driver.train_ppo(config, str(tmp_path / "run"))
+  state = driver.train(config, str(tmp_path / "run"))
   for model in ("policy", "value"):
     for leaf in jax.tree.leaves(state[model].params):
       if leaf.ndim >= 2 and leaf.size >= 64 * 64:  # Every matrix is split over 'fsdp'.
@@ -259,3 +255,26 @@ def test_fsdp_ptx_preset_runs_with_every_model_sharded(sources, tfds_dir, tmp_pa
   records = metrics_lib.read_metrics(str(tmp_path / "run"))
   np.testing.assert_allclose([r["beta"] for r in records], [0.02, 0.02], rtol=1e-6)
   assert all(np.isfinite(r["ptx_loss"]) and np.isfinite(r["policy_loss"]) for r in records)
+
+
+def test_the_run_layer_reads_every_stage_the_same_way(sources, tfds_dir, tmp_path):
+  """`load_run` of an RL run is its policy (the SFT run's architecture, parameters under
+  `policy`), of an RM run its scalar-head model with the stored normalisation; a reward model
+  loaded by `RewardModel` and by the RL roles agree."""
+  from instruct.reward import RewardModel
+  state = driver.train(ppo_config(sources, tfds_dir, num_steps=2), str(tmp_path))
+  rl = run_lib.load_run(str(tmp_path))
+  sft = run_lib.describe(str(sources / "sft"))
+  assert rl.stage.name == "rl" and rl.model.head == "lm" and rl.step == 2
+  assert rl.model_config == sft.model_config
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               rl.params, jax.device_get(state["policy"].params))
+  rm = run_lib.load_run(str(sources / "rm"))
+  assert rm.model.head == "scalar" and "scalar_head" in rm.params
+  gain, bias = run_lib.reward_normalization(rm)
+  loaded = RewardModel.load(str(sources / "rm"))
+  assert (loaded.gain, loaded.bias) == (gain, bias) and bias != 0.0
+  with pytest.raises(ValueError, match="not a reward model"):
+    run_lib.reward_normalization(rl, "config.reward_from")
+  with pytest.raises(FileNotFoundError, match=r"config\.init_from='.*nowhere' is not a run"):
+    run_lib.load_run(str(tmp_path / "nowhere"), what="config.init_from")

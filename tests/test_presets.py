@@ -17,7 +17,6 @@ import os
 import sys
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -25,9 +24,11 @@ from flax.linen import meta
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from instruct import config_lib
+from instruct.rl import config as rl_config
 from instruct import hf
 from instruct import sharding
 from instruct.model import PRESETS, ModelConfig, Transformer, count_params, preset
+from tests.conftest import is_boxed
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -255,13 +256,9 @@ def _mesh_axes(entry) -> tuple:
   return entry if isinstance(entry, tuple) else (entry,)
 
 
-def _is_boxed(x):
-  return isinstance(x, nn.Partitioned)
-
-
 def _check_divisible(mesh, boxed, shardings):
   """Every sharded dimension of every weight divides by its mesh axes; returns the specs."""
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=_is_boxed)
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_boxed)
   specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   assert len(leaves) == len(specs)
   out = {}
@@ -401,7 +398,7 @@ def test_memory_benchmark_state_bytes(arg, file):
   row = memory.measure(arg, file, 8)
   head = "scalar" if file == "rm" else "lm"
   cfg = ModelConfig.from_dict(load_config(f"{file}.py", arg).model)
-  leaves = jax.tree.leaves(abstract_params(cfg, head), is_leaf=_is_boxed)
+  leaves = jax.tree.leaves(abstract_params(cfg, head), is_leaf=is_boxed)
   split = sum(math.prod(x.value.shape) for x in leaves if "embed" in x.names)
   whole = sum(math.prod(x.value.shape) for x in leaves if "embed" not in x.names)
   assert split + whole == count_params(cfg, head)
@@ -427,12 +424,12 @@ def test_ppo_accelerator_config_validates(arg):
   config.policy_from, config.reward_from = "/runs/sft", "/runs/rm"
   if arg == "fsdp_ptx":
     with pytest.raises(ValueError, match="ptx.train_file"):
-      config_lib.validate_ppo(config, 8, process_count=1)
+      rl_config.validate_rl(config, 8, process_count=1)
     config.ptx.train_file = "/data/pretrain.jsonl"
   for data_parallel in (8, 64):
     shape = sharding.resolve_mesh_shape(config.mesh.shape, data_parallel)
     assert shape[0] * shape[1] == data_parallel  # act_batch -> ('data', 'fsdp').
-    config_lib.validate_ppo(config, data_parallel, process_count=1)
+    rl_config.validate_rl(config, data_parallel, process_count=1)
 
 
 def test_memory_benchmark_ppo():

@@ -10,6 +10,7 @@ import pytest
 
 from instruct import data
 from instruct.assets import make_assets
+from tests.conftest import write_lines
 from tests.test_data import DEMO_FILES, _assert_batches_equal, _take
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
@@ -19,11 +20,6 @@ PROMPT_FILES = {
     'validation': os.path.join(_ASSETS, 'prompts_validation.jsonl'),
 }
 PROMPT_LENGTH = 32  # Every shipped prompt fits (checked below).
-
-
-def _write(path, lines):
-  path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
-  return path
 
 
 def _prompt_batches(data_dir, tokenizer, split='train', files=None,
@@ -104,7 +100,7 @@ def test_collate_prompts_left_pads_with_dummy_rows():
 ])
 def test_bad_prompt_record_names_file_and_line(tmp_path, bad_line, fragment):
   good = json.dumps({'prompt': 'Say hi.\nAnswer:', 'completion': ' hi'})
-  path = _write(tmp_path / 'prompts.jsonl', [good, '', bad_line])
+  path = write_lines(tmp_path / 'prompts.jsonl', [good, '', bad_line])
   with pytest.raises(data.RecordError) as info:
     data.load_split('prompts', {'train': str(path)}, 'train',
                     str(tmp_path / 'tfds'))

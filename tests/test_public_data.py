@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from instruct import config_lib
+from instruct.rl import config as rl_config
 from instruct import data
 from instruct.data import builders
 from instruct.data import public
@@ -375,11 +376,11 @@ def test_config_validation_names_config_data_format():
       os.path.join(CONFIGS_DIR, 'ppo.py'), 'tiny')
   ppo.policy_from, ppo.reward_from = '/sft', '/rm'
   ppo.data.format = 'tldr'
-  config_lib.validate_ppo(ppo, 1, 1)
+  rl_config.validate_rl(ppo, 1, 1)
   ppo.data.format = 'summarize_from_feedback'
   with pytest.raises(ValueError, match=r"config\.data\.format=.*'prompts' "
-                     'records that PPO samples from'):
-    config_lib.validate_ppo(ppo, 1, 1)
+                     'records that RL samples from'):
+    rl_config.validate_rl(ppo, 1, 1)
 
 
 def test_directory_fingerprint_follows_its_files(tldr_dir):

@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from instruct.world import evaluate as ev
-from instruct.world import labelers as labelers_lib
-from instruct.world import report
+from experiments.world import evaluate as ev
+from experiments.world import labelers as labelers_lib
+from experiments.world import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
@@ -186,7 +186,7 @@ def make_run(root, calibration=True):
 def write_kl_config(root, stage, kl):
   """The part of a PPO run's saved config.json that the report reads."""
   with open(os.path.join(root, stage, "config.json"), "w") as f:
-    json.dump({"stage": "ppo", "kl": kl}, f)
+    json.dump({"stage": "rl", "algorithm": "ppo", "ppo": {"kl": kl}}, f)
 
 
 TIMINGS = {"world": 1.0, "pretrain": 20.5, "pretrain_large": 30.0, "sft": 10.0,
@@ -342,7 +342,7 @@ def test_kl_setting_is_read_from_the_ppo_runs_configs(tmp_path):
       "beta=0.05, target 6 nats, horizon 10000)")
 
 
-# --- wilson_interval() and win_rate() (instruct/world/evaluate.py). --------------------------
+# --- wilson_interval() and win_rate() (experiments/world/evaluate.py). -----------------------
 
 Z = 1.96  # evaluate.wilson_interval's default.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import results_table as rt
-from instruct.world import evaluate as ev
+from experiments.world import evaluate as ev
 
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
 

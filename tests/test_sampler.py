@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.world import evaluate as ev
 from instruct import sharding as shd
 from instruct.model import ModelConfig, Transformer, preset
 from instruct.data.tokenization import load_tokenizer
 from instruct.rl.sampler import (SamplingConfig, banned_token_ids, choose_tokens, filter_logits,
-                                 make_sampler, sequence_logprobs)
-from instruct.world import evaluate as ev
+                                 make_sampler)
+from instruct.rl.scoring import sequence_logprobs
 from tests.test_sharding import mesh_config
 
 EOS, PAD = 0, 1

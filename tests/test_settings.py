@@ -1,4 +1,4 @@
-"""`config_lib.validate_ppo` refuses settings that used to fail silently, naming the key.
+"""`rl.config.validate_rl` refuses settings that used to fail silently, naming the key.
 
 Each case starts from `configs/ppo.py:tiny` (prompt_length 32, max_new_tokens 16, ptx.length
 64), breaks one setting and expects a ValueError whose message names that key. Position-table
@@ -11,6 +11,7 @@ import re
 import pytest
 
 from instruct import config_lib
+from instruct.rl import config as rl_config
 from instruct.model import ModelConfig, preset
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -42,7 +43,7 @@ def _ptx(length):
   return apply
 
 
-# (key named in the error, how to break it, models passed to validate_ppo).
+# (key named in the error, how to break it, models passed to validate_rl).
 BAD = {
     "top_k_negative": ("config.sampling.top_k", _set("sampling.top_k", -1), {}),
     "top_p_zero": ("config.sampling.top_p", _set("sampling.top_p", 0.0), {}),
@@ -72,10 +73,10 @@ def test_validate_ppo_names_the_bad_key(case):
   key, breaks, models = BAD[case]
   config = ppo_config()
   if not models:
-    config_lib.validate_ppo(config, 1, 1)  # So the error below is the change's.
+    rl_config.validate_rl(config, 1, 1)  # So the error below is the change's.
   breaks(config)
   with pytest.raises(ValueError, match=re.escape(key)):
-    config_lib.validate_ppo(config, 1, 1, **models)
+    rl_config.validate_rl(config, 1, 1, **models)
 
 
 def test_valid_settings_pass():
@@ -83,16 +84,16 @@ def test_valid_settings_pass():
   rotary positions, and top-k / top-p once allowed by name (configs saved before the field
   existed read it as False)."""
   for arg in ("tiny", "tiny_ptx"):
-    config_lib.validate_ppo(ppo_config(arg), 1, 1, policy_model=model(64),
+    rl_config.validate_rl(ppo_config(arg), 1, 1, policy_model=model(64),
                             reward_model=model(48))
-  config_lib.validate_ppo(ppo_config("tiny_ptx"), 1, 1, policy_model=model(16, "rope"))
+  rl_config.validate_rl(ppo_config("tiny_ptx"), 1, 1, policy_model=model(16, "rope"))
   config = ppo_config()
   config.sampling.top_k, config.sampling.top_p = 20, 0.9
   config.sampling.allow_off_policy_filtering = True
-  config_lib.validate_ppo(config, 1, 1)
+  rl_config.validate_rl(config, 1, 1)
   del config.sampling["allow_off_policy_filtering"]  # An old saved config.
   with pytest.raises(ValueError, match="allow_off_policy_filtering"):
-    config_lib.validate_ppo(config, 1, 1)
+    rl_config.validate_rl(config, 1, 1)
 
 
 def test_validate_sampling_takes_a_prefix_and_refuses_non_integers():

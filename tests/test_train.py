@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from instruct import checkpoint as ckpt_lib
+from instruct import loop
 from instruct import metrics as metrics_lib
 from instruct import trainer
 from instruct.stages import sft
@@ -64,7 +65,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds
   config.optimizer.learning_rate = 1e30  # The first update blows the weights up.
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = 0.0
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 2\b.*last good checkpoint \(1\)"):
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 2\b.*last good checkpoint \(1\)"):
     trainer.train_and_evaluate(config, str(tmp_path))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   assert checkpointer.all_steps() == [1]

@@ -1,4 +1,4 @@
-"""Tests of the embedded world (`instruct.world`): language, tasks and judge, labelers, writer.
+"""Tests of the embedded world (`experiments.world`): language, tasks, judge, labelers, writer.
 
 Expectations are derived by hand from the module docs and templates (prompt forms, scoring
 rules, Plackett-Luce / Bradley-Terry formulas), never copied from a run of the code.
@@ -17,10 +17,10 @@ import random
 import numpy as np
 import pytest
 
-from instruct.world import generate as G
-from instruct.world import labelers as LB
-from instruct.world import language as L
-from instruct.world import tasks as T
+from experiments.world import generate as G
+from experiments.world import labelers as LB
+from experiments.world import language as L
+from experiments.world import tasks as T
 
 # Hand-made facts covering every animal (home, colour) and food (colour).
 FACTS = L.Facts(

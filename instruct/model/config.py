@@ -207,3 +207,30 @@ def preset(name: str, **overrides: Any) -> dict[str, Any]:
   fields.update(PRESETS[name])
   fields.update(overrides)
   return fields
+
+
+# Peak learning rates of the published architectures, per stage. Pretraining: the published
+# runs (GPT-3, Brown et al. 2020, Table 2.1, at the GPT-2 sizes; Pythia, Biderman et al. 2023;
+# for Llama, the Llama 1 and 2 papers' rate at 7B). SFT: 5e-5 up to 355M, 2e-5 at 774M, 1e-5
+# from 1B (larger models fine-tune at lower rates); starting points for a sweep, not tuned
+# values. A preset without an entry fails in `learning_rate`, naming this table.
+LEARNING_RATES: dict[str, dict[str, float]] = {
+    "gpt2": {"pretrain": 6e-4, "sft": 5e-5},
+    "gpt2_medium": {"pretrain": 3e-4, "sft": 5e-5},
+    "gpt2_large": {"pretrain": 2.5e-4, "sft": 2e-5},
+    "gpt2_xl": {"pretrain": 2e-4, "sft": 1e-5},
+    "pythia_1b": {"pretrain": 3e-4, "sft": 1e-5},
+    "pythia_2_8b": {"pretrain": 1.6e-4, "sft": 1e-5},
+    "pythia_6_9b": {"pretrain": 1.2e-4, "sft": 1e-5},
+    "llama_1b": {"pretrain": 3e-4, "sft": 1e-5},
+    "llama_8b": {"pretrain": 3e-4, "sft": 1e-5},
+}
+
+
+def learning_rate(name: str, stage: str) -> float:
+  """The peak learning rate of preset `name` for `stage` ('pretrain' or 'sft')."""
+  rate = LEARNING_RATES.get(name, {}).get(stage)
+  if rate is None:
+    raise ValueError(f"No {stage} learning rate for model preset {name!r}: add one to "
+                     "instruct.model.config.LEARNING_RATES.")
+  return rate

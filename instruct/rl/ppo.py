@@ -37,13 +37,17 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from instruct import config_lib
 from instruct import objectives
+from instruct import optim
+from instruct import reward as reward_lib
 from instruct.rl import algo
-from instruct.rl.sampler import sequence_logprobs
+from instruct.rl.scoring import response_values, reward_scores, sequence_logprobs
 from instruct.stages import common
-from instruct.state import TrainState
+from instruct.state import TrainState, init_params_fn, state_factory
 
 Array = jax.Array
 
@@ -141,16 +145,6 @@ def critic_from_reward_model(reward_params, gain, bias):
   return dict(reward_params, scalar_head=folded)
 
 
-def response_values(value_model, params, prompt_tokens, prompt_mask, response_tokens,
-                    response_mask) -> Array:
-  """[b, r] critic values V(s_t): the value at the position that predicts response token t."""
-  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
-  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-  p = prompt_tokens.shape[1]
-  values = value_model.apply({"params": params}, tokens, mask).values[:, p - 1:-1]
-  return values * response_mask
-
-
 def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
   """Returns pure `(params, samples, prompt_tokens, prompt_mask, beta) -> (Experience, metrics)`.
 
@@ -166,11 +160,6 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
     lp, logits = logprobs(params, *args)
     return lp, algo.token_entropy(logits)
 
-  def reward_scores(params, pt, pm, rt, rm):
-    full, full_mask = jnp.concatenate([pt, rt], axis=1), jnp.concatenate([pm, rm], axis=1)
-    return objectives.last_token_values(
-        reward_model.apply({"params": params}, full, full_mask).values, full_mask)
-
   def experience(params, samples, prompt_tokens, prompt_mask, beta):
     rt, rm = samples.response_tokens, samples.response_mask
     args = (prompt_tokens, prompt_mask, rt, rm)
@@ -178,8 +167,8 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
     old_lp, entropy_bt = chunked(policy_scores, params["policy"])
     ref_lp, _ = chunked(logprobs, params["reference"])
     values = chunked(lambda p, *a: response_values(value_model, p, *a), params["value"])
-    raw = chunked(reward_scores, params["reward"])
-    normalised = params["reward_gain"] * raw + params["reward_bias"]
+    raw = chunked(lambda p, *a: reward_scores(reward_model, p, *a), params["reward"])
+    normalised = reward_lib.normalize(raw, params["reward_gain"], params["reward_bias"])
     scores = normalised
     if cfg.no_eos_score is not None:
       scores = jnp.where(samples.ended_with_eos, normalised, cfg.no_eos_score)
@@ -297,3 +286,169 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
 def _apply(state: TrainState, grads, optimizer) -> TrainState:
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.ppo`: PPO's hyperparameters and its KL penalty (InstructGPT-style defaults)."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 4
+  c.num_minibatches = 4
+  c.clip_eps = 0.2
+  c.value_clip_eps = 0.2
+  c.gamma = 1.0
+  c.lam = 0.95
+  c.kl_estimator = "k1"          # 'k1' (log ratio) | 'k3' (always >= 0).
+  c.whiten_rewards = False
+  c.penalize_no_eos = True       # Responses without EOS get no_eos_score; False:
+  c.no_eos_score = -1.0          # score them as they are (truncated).
+  c.ptx_coef = 0.0               # PPO-ptx: the per-token pretraining loss's coefficient.
+  c.entropy_coef = 0.0
+  c.shared_value_head = False    # True: the critic is a zero-initialised value head on
+  c.vf_coef = 0.1                # the policy trunk (loss += vf_coef * value loss).
+  c.kl = ml_collections.ConfigDict()
+  c.kl.controller = "adaptive"   # 'fixed' | 'adaptive' (Ziegler et al. 2019).
+  c.kl.initial_beta = 0.05
+  c.kl.target = 6.0              # Nats per sequence.
+  c.kl.horizon = 10000
+  return c
+
+
+def validate(config, policy_model=None) -> None:
+  """PPO's own checks (after the RL stage's); ValueError naming the key."""
+  ppo = config.ppo
+  if config.train.global_batch_size % ppo.num_minibatches:
+    raise ValueError(f"config.train.global_batch_size={config.train.global_batch_size} is not "
+                     f"divisible by config.ppo.num_minibatches={ppo.num_minibatches}.")
+  if ppo.ptx_coef > 0:
+    config_lib.validate_ptx(config, f"config.ppo.ptx_coef={ppo.ptx_coef}",
+                            "config.ppo.num_minibatches", ppo.num_minibatches, policy_model)
+  if ppo.kl_estimator not in algo.KL_ESTIMATORS:
+    raise ValueError(f"config.ppo.kl_estimator={ppo.kl_estimator!r}; expected one of "
+                     f"{algo.KL_ESTIMATORS}.")
+  if ppo.kl.controller not in algo.KL_CONTROLLERS:
+    raise ValueError(f"config.ppo.kl.controller={ppo.kl.controller!r}; expected one of "
+                     f"{algo.KL_CONTROLLERS}.")
+
+
+def ppo_config(config, banned_ids: tuple[int, ...] = ()) -> PPOConfig:
+  """The static `PPOConfig` of an RL config's `config.ppo` and sampling temperature."""
+  fields = {k: v for k, v in config.ppo.items() if k not in ("penalize_no_eos", "kl")}
+  if not config.ppo.penalize_no_eos:
+    fields["no_eos_score"] = None
+  return PPOConfig(**fields, temperature=config.sampling.temperature, banned_ids=banned_ids)
+
+
+def critic_kind(config) -> str:
+  """The critic role PPO needs (`instruct.rl.roles.build_roles`)."""
+  return "shared" if config.ppo.shared_value_head else "separate"
+
+
+class PPO:
+  """PPO / PPO-ptx on the algorithm seam (`instruct.rl.algorithms`).
+
+  State: `{"policy": TrainState, "value": TrainState (separate critic only), "kl":
+  KLControllerState}`. Built from roles alone; `init_state(frozen)` starts it from the
+  frozen parameters (the policy from the reference, the critic from the reward model with its
+  normalisation folded in).
+  """
+
+  def __init__(self, config, roles, banned_ids: tuple[int, ...] = ()):
+    self.config, self.roles = config, roles
+    self.cfg = ppo_config(config, banned_ids)
+    self.updates_per_iteration = self.cfg.epochs * self.cfg.num_minibatches
+    updates = config.train.num_steps * self.updates_per_iteration
+    self.policy_opt = optim.make_optimizer(config.optimizer, updates)
+    self.value_opt = optim.make_optimizer(config.value_optimizer, updates)
+    mesh, rules = roles.mesh, roles.rules
+    with jax.set_mesh(mesh):
+      self.policy_factory = state_factory(init_params_fn(roles.policy.model), self.policy_opt,
+                                          mesh, rules)
+      self.value_factory = None if roles.critic is None else state_factory(
+          init_params_fn(roles.critic.model), self.value_opt, mesh, rules)
+
+  @property
+  def ptx_rows(self) -> int:
+    """Pretraining rows per iteration: `ptx.batch_size` per epoch, fresh every epoch."""
+    return self.config.ptx.batch_size * self.cfg.epochs if self.cfg.ptx_coef > 0 else 0
+
+  def abstract_state(self) -> dict:
+    kl = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.roles.replicated),
+        jax.eval_shape(algo.init_kl_controller, 0.0))
+    state = {"policy": self.policy_factory.abstract, "kl": kl}
+    if self.value_factory is not None:
+      state["value"] = self.value_factory.abstract
+    return state
+
+  def init_state(self, frozen: dict) -> dict:
+    state = {"policy": self.policy_factory.from_params(frozen["reference"]),
+             "kl": algo.init_kl_controller(self.config.ppo.kl.initial_beta)}
+    if self.value_factory is not None:
+      state["value"] = self.value_factory.from_params(critic_from_reward_model(
+          frozen["reward"], frozen["reward_gain"], frozen["reward_bias"]))
+    return state
+
+  def iterations_done(self, state) -> int:
+    return int(state["policy"].step) // self.updates_per_iteration
+
+  def policy_params(self, state):
+    return state["policy"].params
+
+  def make_experience_fn(self):
+    """The jitted `(state, frozen, samples, prompt_tokens, prompt_mask) -> (experience,
+    metrics)`."""
+    roles, batch, repl = self.roles, self.roles.batch_sharding, self.roles.replicated
+    critic = roles.critic or roles.policy
+    frozen_sh = {"policy": roles.policy.shardings, "reference": roles.reference.shardings,
+                 "value": critic.shardings, "reward": roles.reward.shardings,
+                 "reward_gain": repl, "reward_bias": repl}
+    experience = jax.jit(
+        make_experience_fn(roles.policy.model, critic.model, roles.reward.model, self.cfg),
+        in_shardings=(frozen_sh, roles.samples_sharding, batch, batch, repl))
+
+    def run(state, frozen, samples, prompt_tokens, prompt_mask):
+      critic_state = state.get("value", state["policy"])
+      params = dict(frozen, policy=state["policy"].params, value=critic_state.params)
+      return experience(params, samples, prompt_tokens, prompt_mask, state["kl"].beta)
+
+    run.jitted = experience  # For compile-cache checks (benchmarks/rollout.py).
+    return run
+
+  def make_update_fn(self):
+    """`(state, experience, experience metrics, ptx batch, rng) -> (state, metrics)`: the
+    jitted update (state donated), then the KL controller."""
+    pol_sh = self.policy_factory.shardings
+    val_sh = None if self.value_factory is None else self.value_factory.shardings
+    critic_model = (self.roles.critic or self.roles.policy).model
+    update = jax.jit(
+        make_update_fn(self.roles.policy.model, critic_model, self.policy_opt, self.value_opt,
+                       self.cfg),
+        in_shardings=(pol_sh, val_sh, None, None, self.roles.replicated),
+        out_shardings=(pol_sh, val_sh, self.roles.replicated), donate_argnums=(0, 1))
+    kl, batch_size = self.config.ppo.kl, self.config.train.global_batch_size
+
+    def run(state, experience, metrics, ptx_batch, rng):
+      policy, value, update_metrics = update(state["policy"], state.get("value"), experience,
+                                             ptx_batch, rng)
+      kl_state = algo.update_kl_controller(
+          state["kl"], metrics[f"kl_{self.cfg.kl_estimator}"], batch_size, kl.target,
+          kl.horizon, kl.controller)
+      state = {"policy": policy, "kl": kl_state, **({"value": value} if value else {})}
+      return state, dict(update_metrics,
+                         kl_estimator_is_k3=float(self.cfg.kl_estimator == "k3"))
+
+    run.jitted = update
+    return run
+
+  def log_line(self, summary: dict) -> str:
+    kl_name = f"kl_{self.cfg.kl_estimator}"
+    return (f"score {summary['score']:.3f} | {kl_name} {summary[kl_name]:.3f} | "
+            f"beta {summary['beta']:.4f} | eos {summary['eos_fraction']:.2f} | "
+            f"len {summary['response_length']:.1f} | rollout {summary['rollout_seconds']:.2f}s "
+            f"scoring {summary['scoring_seconds']:.2f}s update {summary['update_seconds']:.2f}s")
+
+
+ALGORITHM = PPO

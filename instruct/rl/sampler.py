@@ -15,9 +15,9 @@ tokens other than EOS: pad, unk, BOS, ...; see `banned_token_ids`) to the float3
 they have probability exactly 0 and the others are renormalised. Banning pad matters for RLHF:
 a policy that can emit pad mid-answer has a channel that the reward model scores but a judge
 or decoder strips (reward hacking). The returned log-probabilities are log pi of the chosen
-tokens: the quantity PPO's ratio and KL need, recomputed identically by `sequence_logprobs`
+tokens: the quantity PPO's ratio and KL need, recomputed identically by `scoring.sequence_logprobs`
 given the same temperature and `banned_ids`. top-k / top-p filter pi further before the draw
-but are NOT in the returned log-probs (PPO with them is off-policy; `config_lib.validate_ppo`
+but are NOT in the returned log-probs (PPO with them is off-policy; `rl.config.validate_rl`
 refuses that unless asked). temperature == 0 means greedy decoding (its log-probs use T = 1).
 """
 
@@ -197,28 +197,3 @@ def make_sampler(model: Transformer, cfg: SamplingConfig):
                    num_decode_steps=final["step"])
 
   return sample
-
-
-def sequence_logprobs(model: Transformer, params: Any, prompt_tokens_bp: Array,
-                      prompt_mask_bp: Array, response_tokens_br: Array,
-                      response_mask_br: Array, temperature: float = 1.0, *,
-                      banned_ids: tuple[int, ...] = ()):
-  """Log-probs of the response tokens by one full forward pass, as the sampler computes them.
-
-    logits_t = mask_banned(logits(prefix_{<t}) / T, banned_ids);
-    logp_t = log_softmax(logits_t)[response_t] * response_mask_t
-
-  Pass the sampler's temperature and `banned_ids` (its `SamplingConfig`'s): then logp is
-  log pi of the distribution actually sampled from (bar top-k / top-p), as PPO's ratio and KL
-  need; the default () scores under the unmasked model. Returns ([b, r] logp, zero where
-  masked; [b, r, v] the tempered, masked logits of the response positions). The prediction
-  for response token t comes from the position before it.
-  """
-  tokens = jnp.concatenate([prompt_tokens_bp, response_tokens_br], axis=1)
-  mask = jnp.concatenate([prompt_mask_bp, response_mask_br], axis=1)
-  p = prompt_tokens_bp.shape[1]
-  logits = model.apply({"params": params}, tokens, mask, logits_from=p - 1).logits[:, :-1]
-  logits = mask_banned(logits / (temperature if temperature > 0 else 1.0), tuple(banned_ids))
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  chosen = jnp.take_along_axis(log_probs, response_tokens_br[..., None], axis=-1)[..., 0]
-  return chosen * response_mask_br, logits

@@ -1,6 +1,6 @@
 """Writes the embedded world to a directory: tokenizer, corpus, prompts and demonstrations.
 
-  python -m instruct.world.generate --out=/tmp/world [--seed=0]
+  python -m experiments.world.generate --out=/tmp/world [--seed=0]
 
 Everything is drawn from `WorldConfig.seed`, so the same seed writes byte-identical files.
 The files are in the formats the data builders read, so the world is one more dataset:
@@ -39,8 +39,8 @@ import random
 
 from absl import app, flags
 
-from instruct.world import language as L
-from instruct.world import tasks as T
+from experiments.world import language as L
+from experiments.world import tasks as T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def draw_task(rng: random.Random, facts: L.Facts, seed: int, splits: tuple[str, 
   raise ValueError(
       f"No new {category!r} prompt of split {'/'.join(splits)} in {MAX_TRIES} draws{found}: "
       "the split has run out of distinct prompts of that category. Draw fewer, or grow the "
-      "category's prompt space in instruct/world/tasks.py.")
+      "category's prompt space in experiments/world/tasks.py.")
 
 
 # --- Pretraining text. ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ on a laptop CPU.
 
 Facts (where each animal lives, the colour of each animal and food) are drawn from the world's
 seed by `make_facts`; the pretraining corpus states them, open-QA prompts ask about them, and
-the judge (`instruct.world.tasks`) checks answers against them.
+the judge (`experiments.world.tasks`) checks answers against them.
 """
 
 from __future__ import annotations

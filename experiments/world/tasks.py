@@ -27,7 +27,7 @@ import dataclasses
 import random
 from typing import Callable
 
-from instruct.world import language as L
+from experiments.world import language as L
 
 CATEGORIES = ("generation", "open_qa", "brainstorming", "rewrite", "summarization",
               "classification", "extraction", "closed_qa", "harmful", "respectful")
@@ -61,7 +61,7 @@ class Task:
 # --- Prompt makers: each returns (body words, ideal answer words). -------------------------
 #
 # Every category's prompt space holds at least 820 distinct prompts (generation; the others
-# thousands), so that `instruct.world.generate` can split it by prompt text into disjoint
+# thousands), so that `experiments.world.generate` can split it by prompt text into disjoint
 # training, validation and evaluation sets and still leave ~200 or more distinct prompts per
 # category in the evaluation split. The optional words that make the spaces large are details
 # a labeler would also ignore or use (a mood, a place, what the animal does); they never change

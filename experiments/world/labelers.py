@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from instruct.world.tasks import COMPONENTS
+from experiments.world.tasks import COMPONENTS
 
 BASE_WEIGHTS = {"help": 1.0, "honest": 0.8, "harmless": 1.0, "format": 0.5}
 

@@ -15,21 +15,18 @@ import functools
 import math
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instruct import checkpoint as ckpt_lib
+from experiments.world import labelers as labelers_lib
+from experiments.world import tasks as T
 from instruct import config_lib
+from instruct import run as run_lib
 from instruct.data import tokenization
-from instruct.model.config import ModelConfig
 from instruct.model.transformer import Transformer
-from instruct.rl.sampler import (SamplingConfig, banned_token_ids, make_sampler,
-                                 sequence_logprobs)
-from instruct.trainer import init_params_fn
-from instruct.world import labelers as labelers_lib
-from instruct.world import tasks as T
+from instruct.rl.sampler import SamplingConfig, banned_token_ids, make_sampler
+from instruct.rl.scoring import sequence_logprobs
 
 
 @dataclasses.dataclass
@@ -41,36 +38,19 @@ class Policy:
   step: int
 
 
-def _lm_config(workdir: str) -> tuple[dict, ModelConfig]:
-  config = ckpt_lib.read_config(workdir)
-  if config["stage"] == "ppo":  # The policy's architecture is the SFT run's.
-    return config, ModelConfig.from_dict(ckpt_lib.read_config(config["policy_from"])["model"])
-  return config, ModelConfig.from_dict(config["model"])
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  steps = checkpointer.all_steps()
-  checkpointer.close()
-  return steps
+  return run_lib.checkpoint_steps(workdir)
 
 
 def load_policy(workdir: str, step: Optional[int] = None) -> Policy:
-  """The LM of a pretrain / sft / ppo run at `step` (default: the latest checkpoint)."""
-  config, model_config = _lm_config(workdir)
-  model = Transformer(model_config, head="lm")
-  abstract = nn.meta.unbox(jax.eval_shape(init_params_fn(model), jax.random.key(0)))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}.")
-  if config["stage"] == "ppo":
-    params = checkpointer.restore_partial(step, {"policy": {"params": abstract}})
-    params = params["policy"]["params"]
-  else:
-    params = checkpointer.restore_params(step, abstract)
-  checkpointer.close()
-  return Policy(model, params, workdir, step)
+  """The LM of a run whose stage makes a policy (pretrain, sft, rl) at `step` (default: the
+  latest checkpoint), read through the run layer."""
+  info = run_lib.describe(workdir)
+  if info.stage.head != "lm":
+    raise ValueError(f"{workdir} is a {info.stage.name!r} run; it has no language model.")
+  model = Transformer(info.model_config, head="lm")
+  run = run_lib.load_run(workdir, step, abstract=run_lib.abstract_params(model))
+  return Policy(model, run.params, workdir, run.step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -214,7 +214,9 @@ def kl_setting(root: str) -> Optional[str]:
     path = os.path.join(root, stage, "config.json")
     if os.path.exists(path):
       with open(path) as f:
-        kl = json.load(f).get("kl")
+        saved = json.load(f)
+      # The algorithm's section holds its KL settings; runs saved before had them at the top.
+      kl = (saved.get(saved.get("algorithm", "")) or {}).get("kl", saved.get("kl"))
       if isinstance(kl, Mapping) and finite(kl.get("initial_beta")):
         phrases[stage] = _kl_phrase(kl)
   if not phrases:

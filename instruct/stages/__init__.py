@@ -1,0 +1,1 @@
+"""Stages: the supervised tasks (pretraining, SFT, reward model) and the stage table."""
