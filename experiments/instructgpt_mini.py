@@ -59,9 +59,10 @@ from experiments.world import generate as world_lib
 from experiments.world import labelers as labelers_lib
 from experiments.world import report as report_lib
 from experiments.world import tasks as T
-from instruct import checkpoint as ckpt_lib
 from instruct import cli
 from instruct import config_lib
+from instruct import metrics as metrics_lib
+from instruct import run as run_lib
 from instruct.data import tokenization
 from instruct.stages import table
 
@@ -243,10 +244,7 @@ def stage_config(stage: str, preset: Preset, root: str):
 def _finished(workdir: str, num_steps: int) -> bool:
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return False
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  done = checkpointer.latest_step() == num_steps
-  checkpointer.close()
-  return done
+  return run_lib.latest_step(workdir) == num_steps
 
 
 def train_stage(stage: str, preset: Preset, root: str) -> None:
@@ -425,7 +423,6 @@ def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) ->
 
 
 def _rm_summary(root) -> dict:
-  from instruct import metrics as metrics_lib
   evals = [r for r in metrics_lib.read_metrics(os.path.join(root, "rm")) if "val_loss" in r]
   last = evals[-1] if evals else {}
   with open(os.path.join(root, "comparisons", "stats.json")) as f:

@@ -24,7 +24,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from instruct import config_lib
 from instruct import hf as hf_lib
 from instruct import loop as loop_lib
 from instruct import optim

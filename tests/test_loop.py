@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from instruct import checkpoint as ckpt_lib
 from instruct import config_lib
 from instruct import loop as loop_lib
 from instruct import metrics as metrics_lib

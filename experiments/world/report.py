@@ -212,13 +212,14 @@ def kl_setting(root: str) -> Optional[str]:
   phrases = {}
   for stage in ("ppo", "ppo_ptx"):
     path = os.path.join(root, stage, "config.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
-      # The algorithm's section holds its KL settings; runs saved before had them at the top.
-      kl = (saved.get(saved.get("algorithm", "")) or {}).get("kl", saved.get("kl"))
-      if isinstance(kl, Mapping) and finite(kl.get("initial_beta")):
-        phrases[stage] = _kl_phrase(kl)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      saved = json.load(f)
+    # The algorithm's section holds its KL settings; runs saved before had them at the top.
+    kl = (saved.get(saved.get("algorithm", "")) or {}).get("kl", saved.get("kl"))
+    if isinstance(kl, Mapping) and finite(kl.get("initial_beta")):
+      phrases[stage] = _kl_phrase(kl)
   if not phrases:
     return None
   if len(set(phrases.values())) == 1:

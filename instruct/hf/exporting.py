@@ -19,9 +19,7 @@ import shutil
 import tempfile
 from typing import Iterable, Iterator, Optional, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
