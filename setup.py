@@ -25,9 +25,13 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        # nbclient + ipykernel run colabs/*.ipynb in a `python3` kernel (tests/test_colabs.py).
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<1",
-                 "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+        # nbclient + ipykernel run colabs/*.ipynb in a `python3` kernel (tests/test_colabs.py);
+        # yapf, pinned (its output changes between versions), checks the formatting
+        # (tests/test_format.py; settings in pyproject.toml).
+        "test": [
+            "pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8", "yapf==0.43.0"
+        ],
         # PyTorch (the CPU wheel) for the parity tests against transformers' PyTorch models
         # (tests/test_hf.py); pinned: a looser range pulls the newest, multi-GB CUDA build.
         "torch": ["torch==2.13.0"],

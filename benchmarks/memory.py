@@ -117,8 +117,8 @@ def _fake_cpu_devices(argv) -> int:
   p.add_argument("--compile_devices", type=int, default=0)
   n = p.parse_known_args(argv)[0].compile_devices
   if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={n}").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n}").strip()
   return n
 
 
@@ -160,13 +160,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="Override config.train.grad_accum_steps (0: the config's).")
   p.add_argument("--ppo_preset", default=PPO_PRESET, choices=PPO_PRESETS,
                  help="The configs/ppo.py preset of the PPO estimate (fsdp_ptx: the heavier).")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="Override a config field (a Python literal) in every stage whose config "
-                      "has it, PPO's included, as --config.KEY=VALUE would; e.g. "
-                      "rm.max_responses=2. Repeatable.")
-  p.add_argument("--compile_devices", type=int, default=0,
-                 help="Also compile each train step for this many fake CPU devices and report "
-                      "XLA's buffer assignment (0: off).")
+  p.add_argument(
+      "--set", action="append", default=[], metavar="KEY=VALUE",
+      help="Override a config field (a Python literal) in every stage whose config "
+      "has it, PPO's included, as --config.KEY=VALUE would; e.g. "
+      "rm.max_responses=2. Repeatable.")
+  p.add_argument(
+      "--compile_devices", type=int, default=0,
+      help="Also compile each train step for this many fake CPU devices and report "
+      "XLA's buffer assignment (0: off).")
   p.add_argument("--json_out", default="", help="Write every number as JSON to this path.")
   return p.parse_args(argv)
 
@@ -218,9 +220,8 @@ def state_bytes(config, head: str, num_devices: int) -> dict[str, int]:
   factory = state_lib.state_factory(state_lib.init_params_fn(Transformer(cfg, head)), optimizer,
                                     mesh, rules)
   params = sharded_bytes(factory.abstract.params)
-  return dict(params=params, opt_state=sharded_bytes(factory.abstract.opt_state),
-              grads=params, data_parallel=shd.data_parallel_size(mesh, rules),
-              mesh=tuple(mesh.axis_sizes))
+  return dict(params=params, opt_state=sharded_bytes(factory.abstract.opt_state), grads=params,
+              data_parallel=shd.data_parallel_size(mesh, rules), mesh=tuple(mesh.axis_sizes))
 
 
 def layer_bytes(cfg: ModelConfig, rows: int, length: int, c: int) -> int:
@@ -278,12 +279,11 @@ def kv_cache_bytes(cfg: ModelConfig, mesh: AbstractMesh, rules, batch: int, leng
   global batch of `batch` rows, sharded as the sampler constrains them (`CACHE_KV_AXES`)."""
   cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, length))
   sharding = shd.logical_sharding(mesh, rules, CACHE_KV_AXES)
-  return sum(math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in (cache.k, cache.v))
+  return sum(
+      math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in (cache.k, cache.v))
 
 
-def measure(preset: str, stage: str, num_devices: int, grad_accum: int = 0,
-            overrides=()) -> dict:
+def measure(preset: str, stage: str, num_devices: int, grad_accum: int = 0, overrides=()) -> dict:
   config = load_config(stage, preset, grad_accum, overrides)
   head = table.get(config.stage).head
   cfg = ModelConfig.from_dict(config.model)
@@ -302,12 +302,10 @@ def measure(preset: str, stage: str, num_devices: int, grad_accum: int = 0,
               num_params=count_params(cfg, head), global_batch=t.global_batch_size,
               grad_accum_steps=t.grad_accum_steps, rows_per_device=rows, length=length,
               remat=cfg.remat, params=sizes["params"], opt_state=sizes["opt_state"],
-              grads=sizes["grads"], state=state, activations=activations,
-              total=state + activations)
+              grads=sizes["grads"], state=state, activations=activations, total=state + activations)
 
 
-def compiled_bytes(preset: str, stage: str, devices, grad_accum: int = 0,
-                   overrides=()) -> dict:
+def compiled_bytes(preset: str, stage: str, devices, grad_accum: int = 0, overrides=()) -> dict:
   """XLA's per-device buffer assignment for the stage's train step on `devices` (CPU)."""
   config = load_config(stage, preset, grad_accum, overrides)
   built = trainer.build(config, None, devices)
@@ -342,8 +340,7 @@ def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET,
-               overrides=()) -> dict:
+def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET, overrides=()) -> dict:
   """The PPO estimate of the module docstring: the four models' state on configs/ppo.py's mesh
   and optimisers, and the peaks of the sampler, the scoring and the update."""
   config = load_config("ppo", ppo_preset, overrides=overrides)
@@ -352,8 +349,8 @@ def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET,
     raise ValueError("ppo.shared_value_head=True: the estimate assumes a separate critic.")
   updates = config.train.num_steps * ppo.epochs * ppo.num_minibatches
   sizes, cfgs = {}, {}
-  for stage, head, optimizer in (("sft", "lm", config.optimizer),
-                                 ("rm", "scalar", config.value_optimizer)):
+  for stage, head, optimizer in (("sft", "lm", config.optimizer), ("rm", "scalar",
+                                                                   config.value_optimizer)):
     source = load_config(stage, preset, overrides=overrides)
     source.mesh, source.optimizer = config.mesh, optimizer
     source.train.num_steps = updates
@@ -379,10 +376,9 @@ def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET,
                                           logit_positions=1)
   scoring = rows * new * vocab * 4 + max(
       forward_bytes(policy, "lm", minibatch_rows, length, logit_positions=new + 1)
-      + 2 * minibatch_rows * new * vocab * 4,
-      forward_bytes(critic, "scalar", rows, length))
-  update = (activation_bytes(policy, "lm", minibatch_rows, length, logit_positions=new + 1)
-            + (activation_bytes(policy, "lm", ptx_rows, config.ptx.length) if ptx_rows else 0)
+      + 2 * minibatch_rows * new * vocab * 4, forward_bytes(critic, "scalar", rows, length))
+  update = (activation_bytes(policy, "lm", minibatch_rows, length, logit_positions=new + 1) +
+            (activation_bytes(policy, "lm", ptx_rows, config.ptx.length) if ptx_rows else 0)
             + activation_bytes(critic, "scalar", minibatch_rows, length))
   state = trained + frozen
   return dict(preset=preset, ppo_preset=ppo_preset, devices=num_devices, mesh=sizes["lm"]["mesh"],
@@ -390,9 +386,9 @@ def ppo_memory(preset: str, num_devices: int, ppo_preset: str = PPO_PRESET,
               ptx_rows_per_iteration=config.ptx.batch_size if ptx_rows else 0,
               ptx_length=config.ptx.length, rows_per_device=rows,
               minibatch_rows_per_device=minibatch_rows, ptx_rows_per_device=ptx_rows,
-              trained=trained, frozen=frozen, state=state, kv_cache=kv_cache,
-              sampling=sampling, scoring=scoring, rollout=max(sampling, scoring),
-              update=update, total=state + max(sampling, scoring, update))
+              trained=trained, frozen=frozen, state=state, kv_cache=kv_cache, sampling=sampling,
+              scoring=scoring, rollout=max(sampling, scoring), update=update,
+              total=state + max(sampling, scoring, update))
 
 
 def gib(n: int) -> str:
@@ -416,8 +412,7 @@ def main(argv=None) -> None:
       for stage in stages:
         row = measure(preset, stage, num_devices, args.grad_accum, args.set)
         if num_devices == args.compile_devices:
-          row["xla_cpu"] = compiled_bytes(preset, stage, cpu_devices, args.grad_accum,
-                                          args.set)
+          row["xla_cpu"] = compiled_bytes(preset, stage, cpu_devices, args.grad_accum, args.set)
         rows.append(row)
       ppo.append(ppo_memory(preset, num_devices, args.ppo_preset, args.set))
 
@@ -437,18 +432,21 @@ def main(argv=None) -> None:
           f"| {gib(r['state'])} | {gib(r['activations'])} | **{gib(r['total'])}** | {xla} |")
   print("\nSummary, total per device (state + estimated activations; PPO: "
         f"configs/ppo.py:{args.ppo_preset}, state + its largest phase), GiB"
-        + (f"; in brackets the XLA CPU plan at {args.compile_devices} devices"
-           if args.compile_devices else "") + ":\n")
+        + (f"; in brackets the XLA CPU plan at {args.compile_devices} devices" if args.
+           compile_devices else "") + ":\n")
   stage_devices = [(s, n) for n in devices for s in stages]
   print("| preset | " + " | ".join(f"{s} @{n}" for s, n in stage_devices) + " | "
         + " | ".join(f"PPO @{n}" for n in devices) + " |")
   print("|---|" + "---|" * (len(stage_devices) + len(devices)))
   for preset in presets:
-    cells = [gib(r["total"]) + (f" ({gib(r['xla_cpu']['total'])})" if "xla_cpu" in r else "")
-             for s, n in stage_devices for r in rows
-             if (r["preset"], r["stage"], r["devices"]) == (preset, s, n)]
-    cells += [gib(r["total"]) for n in devices for r in ppo
-              if (r["preset"], r["devices"]) == (preset, n)]
+    cells = [
+        gib(r["total"]) + (f" ({gib(r['xla_cpu']['total'])})" if "xla_cpu" in r else "")
+        for s, n in stage_devices for r in rows
+        if (r["preset"], r["stage"], r["devices"]) == (preset, s, n)
+    ]
+    cells += [
+        gib(r["total"]) for n in devices for r in ppo if (r["preset"], r["devices"]) == (preset, n)
+    ]
     print(f"| {preset} | " + " | ".join(cells) + " |")
   print(f"\nPPO, configs/ppo.py:{args.ppo_preset} (policy and critic trained, reference and "
         "reward model frozen; rows per device: rollout / minibatch / PPO-ptx; state exact, "
@@ -464,10 +462,11 @@ def main(argv=None) -> None:
           f"| {gib(r['update'])} | **{gib(r['total'])}** |")
   if args.json_out:
     with open(args.json_out, "w") as f:
-      json.dump(dict(rows=rows, ppo=ppo, overrides=args.set, jax=jax.__version__,
-                     date=str(datetime.date.today()),
-                     machine=dict(cpu=cpu_model(), platform=platform.platform())), f,
-                indent=1, default=list)
+      json.dump(
+          dict(rows=rows, ppo=ppo, overrides=args.set, jax=jax.__version__,
+               date=str(datetime.date.today()), machine=dict(cpu=cpu_model(),
+                                                             platform=platform.platform())), f,
+          indent=1, default=list)
 
 
 if __name__ == "__main__":

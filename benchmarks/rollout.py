@@ -28,7 +28,8 @@ algorithm (`instruct.rl.ppo.PPO`) as an RL run builds them (`instruct.rl.driver.
    lowering and XLA compilation, which carry the function name) are recorded for the whole
    run, and the jit cache size (`_cache_size()`) of the sampler, experience and update
    functions (the algorithm's jitted programs) is read after iteration 0 and after the last
-   one. "Recompiled after the first iteration" is "yes" if any XLA compilation happened after iteration 0 or a cache grew.
+   one. "Recompiled after the first iteration" is "yes" if any XLA compilation happened
+   after iteration 0 or a cache grew.
 
 Compile time is the sum of the trace, lowering and XLA compile durations recorded during a
 function's first call.
@@ -60,12 +61,14 @@ from instruct.rl.sampler import SamplingConfig
 # Per preset: batch, prompt length, new tokens, timed PPO iterations, timed sampler calls,
 # PPO epochs, minibatches. The small_100m update dominates the run time (26-38 s an
 # iteration here); --epochs=1 cuts it by about 4x.
-DEFAULTS = {"tiny": dict(batch=16, prompt_length=32, new_tokens=32, iterations=5,
-                         sampler_reps=10, epochs=4, num_minibatches=4),
-            "small_100m": dict(batch=4, prompt_length=64, new_tokens=32, iterations=2,
-                               sampler_reps=3, epochs=4, num_minibatches=4)}
-FALLBACK = dict(batch=4, prompt_length=32, new_tokens=32, iterations=2, sampler_reps=3,
-                epochs=1, num_minibatches=4)
+DEFAULTS = {
+    "tiny": dict(batch=16, prompt_length=32, new_tokens=32, iterations=5, sampler_reps=10, epochs=4,
+                 num_minibatches=4),
+    "small_100m": dict(batch=4, prompt_length=64, new_tokens=32, iterations=2, sampler_reps=3,
+                       epochs=4, num_minibatches=4)
+}
+FALLBACK = dict(batch=4, prompt_length=32, new_tokens=32, iterations=2, sampler_reps=3, epochs=1,
+                num_minibatches=4)
 PAD_ID, NEVER_EOS = 0, -1
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -128,8 +131,7 @@ def build(name: str, s: dict) -> dict:
   """Roles, algorithm and sampler built by the library as an RL run builds them
   (`instruct.rl.driver.build`), from architectures and random parameters instead of runs."""
   config = rl_config.base_config("ppo")
-  config.ppo.update(epochs=s["epochs"], num_minibatches=s["num_minibatches"],
-                    penalize_no_eos=False)
+  config.ppo.update(epochs=s["epochs"], num_minibatches=s["num_minibatches"], penalize_no_eos=False)
   config.ppo.kl.update(controller="fixed", initial_beta=0.02)
   config.train.global_batch_size = s["batch"]
   assert tuple(config.mesh.shape) == (-1, 1, 1), config.mesh.shape
@@ -138,16 +140,17 @@ def build(name: str, s: dict) -> dict:
   roles = build_roles(cfg, cfg, mesh, rules, critic=ppo.critic_kind(config))
   algorithm = ppo.ALGORITHM(config, roles)
   with jax.set_mesh(mesh):
-    frozen = {"reference": algorithm.policy_factory.init(jax.random.key(0)).params,
-              "reward": algorithm.value_factory.init(jax.random.key(1)).params,
-              "reward_gain": jnp.float32(1.0), "reward_bias": jnp.float32(0.0)}
+    frozen = {
+        "reference": algorithm.policy_factory.init(jax.random.key(0)).params,
+        "reward": algorithm.value_factory.init(jax.random.key(1)).params,
+        "reward_gain": jnp.float32(1.0), "reward_bias": jnp.float32(0.0)
+    }
     state = algorithm.init_state(frozen)
   sampler = lambda new_tokens: roles.sampler(
       SamplingConfig(new_tokens, NEVER_EOS, PAD_ID, temperature=1.0))
-  return dict(cfg=cfg, mesh=mesh, rules=rules, batch_sharding=roles.batch_sharding,
-              state=state, frozen=frozen, sample=sampler(s["new_tokens"]),
-              sample_one=sampler(1), experience=algorithm.make_experience_fn(),
-              update=algorithm.make_update_fn())
+  return dict(cfg=cfg, mesh=mesh, rules=rules, batch_sharding=roles.batch_sharding, state=state,
+              frozen=frozen, sample=sampler(s["new_tokens"]), sample_one=sampler(1),
+              experience=algorithm.make_experience_fn(), update=algorithm.make_update_fn())
 
 
 def prompt_batch(run: dict, s: dict, seed: int) -> dict:
@@ -180,16 +183,16 @@ def bench_sampler(run: dict, s: dict, log: CompileLog) -> dict:
   if int(out.num_decode_steps) != r or int(out.response_mask.sum()) != b * r:
     raise AssertionError(f"Not full-length decoding: {int(out.num_decode_steps)} steps, "
                          f"{int(out.response_mask.sum())} of {b * r} tokens.")
-  one_compile_s, _, one_times, _ = time_calls(run["sample_one"], args_fn, s["sampler_reps"],
-                                              log)
+  one_compile_s, _, one_times, _ = time_calls(run["sample_one"], args_fn, s["sampler_reps"], log)
   call_s, one_s = statistics.median(times), statistics.median(one_times)
   decode_s = (call_s - one_s) / (r - 1) if r > 1 else float("nan")
-  return {"sampler_compile_s": compile_s, "sampler_first_call_s": first_s,
-          "sampler_call_s": call_s, "sampler_call_s_min": min(times),
-          "sampler_call_s_max": max(times), "generated_tokens_per_s": b * r / call_s,
-          "sampler_1_token_call_s": one_s, "sampler_1_token_compile_s": one_compile_s,
-          "decode_s_per_token": decode_s, "prefill_s": one_s - decode_s,
-          "decode_fraction": decode_s * r / call_s}
+  return {
+      "sampler_compile_s": compile_s, "sampler_first_call_s": first_s, "sampler_call_s": call_s,
+      "sampler_call_s_min": min(times), "sampler_call_s_max": max(times),
+      "generated_tokens_per_s": b * r / call_s, "sampler_1_token_call_s": one_s,
+      "sampler_1_token_compile_s": one_compile_s, "decode_s_per_token": decode_s,
+      "prefill_s": one_s - decode_s, "decode_fraction": decode_s * r / call_s
+  }
 
 
 def ppo_iteration(run: dict, state: dict, prompts: dict, rng) -> tuple[dict, dict, list]:
@@ -199,18 +202,20 @@ def ppo_iteration(run: dict, state: dict, prompts: dict, rng) -> tuple[dict, dic
   samples = jax.block_until_ready(run["sample"](state["policy"].params, pt, pm,
                                                 jax.random.fold_in(rng, 0)))
   rollout_s, timer = time.perf_counter() - timer, time.perf_counter()
-  experience, metrics = jax.block_until_ready(run["experience"](state, run["frozen"], samples,
-                                                                pt, pm))
+  experience, metrics = jax.block_until_ready(run["experience"](state, run["frozen"], samples, pt,
+                                                                pm))
   scoring_s, timer = time.perf_counter() - timer, time.perf_counter()
-  state, update_metrics = jax.block_until_ready(run["update"](
-      state, experience, metrics, {}, jax.random.fold_in(rng, 1)))
+  state, update_metrics = jax.block_until_ready(run["update"](state, experience, metrics, {},
+                                                              jax.random.fold_in(rng, 1)))
   update_s = time.perf_counter() - timer
   return state, dict(metrics, **update_metrics), [rollout_s, scoring_s, update_s]
 
 
 def cache_sizes(run: dict) -> dict:
-  return {"sample": run["sample"]._cache_size(),
-          **{k: run[k].jitted._cache_size() for k in ("experience", "update")}}
+  return {
+      "sample": run["sample"]._cache_size(),
+      **{k: run[k].jitted._cache_size() for k in ("experience", "update")}
+  }
 
 
 def bench_ppo(run: dict, s: dict, log: CompileLog) -> dict:
@@ -231,14 +236,14 @@ def bench_ppo(run: dict, s: dict, log: CompileLog) -> dict:
     raise FloatingPointError(f"Non-finite PPO metrics {bad}.")
   med = [statistics.median(p[j] for p in phases) for j in range(3)]
   total = statistics.median(sum(p) for p in phases)
-  return {"iteration_0_s": sum(first), "iteration_0_phases_s": first,
-          "iteration_0_compile_s": first_compile_s, "iteration_phases_s": phases,
-          "rollout_s": med[0], "scoring_s": med[1], "update_s": med[2], "iteration_s": total,
-          "fractions": [m / sum(med) for m in med],
-          "cache_sizes_after_iteration_0": after_first, "cache_sizes_after_last": after_last,
-          "compiled_after_iteration_0": compiled,
-          "recompiled": bool(compiled) or after_first != after_last,
-          "final_metrics": record}
+  return {
+      "iteration_0_s": sum(first), "iteration_0_phases_s": first,
+      "iteration_0_compile_s": first_compile_s, "iteration_phases_s": phases, "rollout_s": med[0],
+      "scoring_s": med[1], "update_s": med[2], "iteration_s": total,
+      "fractions": [m / sum(med) for m in med], "cache_sizes_after_iteration_0": after_first,
+      "cache_sizes_after_last": after_last, "compiled_after_iteration_0": compiled,
+      "recompiled": bool(compiled) or after_first != after_last, "final_metrics": record
+  }
 
 
 def bench_preset(name: str, args: argparse.Namespace, log: CompileLog) -> dict:
@@ -312,10 +317,15 @@ def write_json(args: argparse.Namespace, results: list[dict]) -> None:
   devices = jax.devices()
   out = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__, "platform": devices[0].platform,
-      "device_kind": devices[0].device_kind, "device_count": len(devices),
-      "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-      "load_average": list(os.getloadavg()), "args": vars(args), "results": results,
+      "jax_version": jax.__version__,
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "load_average": list(os.getloadavg()),
+      "args": vars(args),
+      "results": results,
   }
   with open(args.json_out, "w") as f:
     json.dump(out, f, indent=2)

@@ -117,8 +117,9 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> 
   tokens = rng.integers(0, vocab_size, (batch, length), dtype=np.int32)
   loss_mask = np.zeros((batch, length), np.int32)
   loss_mask[:, length // 2:] = 1
-  return {"tokens": tokens, "loss_mask": loss_mask,
-          "attention_mask": np.ones((batch, length), np.int32)}
+  return {
+      "tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones((batch, length), np.int32)
+  }
 
 
 def build(config, num_steps: int):
@@ -161,11 +162,21 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
   step_s = statistics.median(times)
   flops = flops_per_step(cfg, batch, length)
   return {
-      "preset": preset, "params": count_params(cfg), "matmul_params": matmul_params(cfg),
-      "batch": batch, "length": length, "timed_steps": steps, "warmup_steps": args.warmup,
-      "compile_s": compile_s, "step_s": step_s, "step_s_min": min(times),
-      "step_s_max": max(times), "tokens_per_s": batch * length / step_s,
-      "flops_per_step": flops, "achieved_flops": flops / step_s, "final_loss": loss,
+      "preset": preset,
+      "params": count_params(cfg),
+      "matmul_params": matmul_params(cfg),
+      "batch": batch,
+      "length": length,
+      "timed_steps": steps,
+      "warmup_steps": args.warmup,
+      "compile_s": compile_s,
+      "step_s": step_s,
+      "step_s_min": min(times),
+      "step_s_max": max(times),
+      "tokens_per_s": batch * length / step_s,
+      "flops_per_step": flops,
+      "achieved_flops": flops / step_s,
+      "final_loss": loss,
   }
 
 
@@ -209,12 +220,17 @@ def write_json(args: argparse.Namespace, results: list[dict], peaks: list[float]
   devices = jax.devices()
   out = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__, "platform": devices[0].platform,
-      "device_kind": devices[0].device_kind, "device_count": len(devices),
-      "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+      "jax_version": jax.__version__,
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()),
-      "peak": {"matmul_size": args.peak_size, "reps": args.peak_reps, "flops": max(peaks),
-               "measurements": peaks},
+      "peak": {
+          "matmul_size": args.peak_size, "reps": args.peak_reps, "flops": max(peaks),
+          "measurements": peaks
+      },
       "results": results,
   }
   with open(args.json_out, "w") as f:

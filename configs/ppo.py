@@ -58,7 +58,6 @@ Prompts longer than `data.prompt_length` tokens keep their end. With PPO-ptx, po
 
 from instruct.rl import config as rl_config
 
-
 PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
 
 

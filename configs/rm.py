@@ -52,6 +52,7 @@ few devices `--config.train.grad_accum_steps` splits them (benchmarks/memory.py)
 from instruct import config_lib
 
 
+# yapf: disable
 def get_config(arg: str = "tiny"):
   """The reward-model config for a preset name."""
   config = config_lib.base_config()
@@ -78,7 +79,8 @@ def get_config(arg: str = "tiny"):
     config.data.buckets = (512, 1024)
     config.train.global_batch_size = 64
     config.train.num_steps = 1000           # Set to one epoch of your comparisons: records /
-                                            # global_batch_size (InstructGPT: one epoch).
+    # global_batch_size (InstructGPT: one epoch).
     config.optimizer.learning_rate = 9e-6
     config.optimizer.warmup_steps = 50
   return config
+# yapf: enable

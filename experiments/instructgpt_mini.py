@@ -67,18 +67,20 @@ from instruct.data import tokenization
 from instruct.stages import table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the pipeline's runs.")
-_PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full", "test"],
-                            "Pipeline size: quick (the default, ~10 min on a 2-core CPU), "
-                            "full (the report's targets), test (CI smoke run, ~1 min).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seeds the world, every stage and the evaluation "
-                             "(the labelers stay the same); one workdir per seed.")
+_PRESET = flags.DEFINE_enum(
+    "preset", "quick", ["quick", "full", "test"],
+    "Pipeline size: quick (the default, ~10 min on a 2-core CPU), "
+    "full (the report's targets), test (CI smoke run, ~1 min).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seeds the world, every stage and the evaluation "
+    "(the labelers stay the same); one workdir per seed.")
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STAGES = ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo", "ppo_ptx",
           "evaluate", "report")
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """Sizes of one pipeline preset."""
@@ -100,15 +102,16 @@ class Preset:
   checkpoint_every: int = 10        # PPO: the over-optimisation curve's resolution.
   seed: int = 0
   labelers: labelers_lib.LabelerConfig = labelers_lib.LabelerConfig()
+# yapf: enable
 
 
 def _arch(d: int, layers: int, heads: int, head_dim: int, d_ff: int) -> dict:
-  return dict(vocab_size=144, d_model=d, num_layers=layers, num_heads=heads,
-              num_kv_heads=heads, head_dim=head_dim, d_ff=d_ff, max_length=160,
-              norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=True,
-              use_bias=False)
+  return dict(vocab_size=144, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+              head_dim=head_dim, d_ff=d_ff, max_length=160, norm="rmsnorm", mlp="swiglu",
+              position="rope", tie_embeddings=True, use_bias=False)
 
 
+# yapf: disable
 PRESETS = {
     # Sizes: small 106k non-embedding parameters; the larger base model 426k (4.0x) in
     # `quick`, 1.11M (10.4x) in `full`.
@@ -135,12 +138,12 @@ PRESETS = {
                    ppo_iterations=16, ppo_batch=16, ppo_learning_rate=1e-3,
                    checkpoint_every=8),
 }
+# yapf: enable
 
 
 def with_seed(preset: Preset, seed: int) -> Preset:
   """The preset with `seed` for its stages and its world (the labelers stay the same)."""
-  return dataclasses.replace(preset, seed=seed,
-                             world=dataclasses.replace(preset.world, seed=seed))
+  return dataclasses.replace(preset, seed=seed, world=dataclasses.replace(preset.world, seed=seed))
 
 
 def _non_embedding_params(arch: dict) -> int:
@@ -173,10 +176,10 @@ def stage_config(stage: str, preset: Preset, root: str):
   files = world_lib.files(os.path.join(root, "world"))
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
-    c.model = config_lib.ml_collections.ConfigDict(
-        preset.small if stage == "pretrain" else preset.large)
-    c.data.train_file, c.data.validation_file = files["pretrain"]["train"], files[
-        "pretrain"]["validation"]
+    c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
+                                                   "pretrain" else preset.large)
+    c.data.train_file, c.data.validation_file = files["pretrain"]["train"], files["pretrain"][
+        "validation"]
     c.data.buckets = (64, 128)
     c.train.num_steps = preset.pretrain_steps if stage == "pretrain" else (
         preset.pretrain_large_steps)
@@ -187,8 +190,7 @@ def stage_config(stage: str, preset: Preset, root: str):
     c = _config("sft.py", "tiny")
     c.init_from = os.path.join(root, "pretrain")
     c.model = config_lib.ml_collections.ConfigDict(preset.small)
-    c.data.train_file, c.data.validation_file = files["sft"]["train"], files["sft"][
-        "validation"]
+    c.data.train_file, c.data.validation_file = files["sft"]["train"], files["sft"]["validation"]
     c.data.buckets = (64,)
     c.train.num_steps = preset.sft_steps
     c.train.global_batch_size = 32
@@ -211,8 +213,8 @@ def stage_config(stage: str, preset: Preset, root: str):
   elif stage in ("ppo", "ppo_ptx"):
     c = _config("ppo.py", "tiny_ptx" if stage == "ppo_ptx" else "tiny")
     c.policy_from, c.reward_from = os.path.join(root, "sft"), os.path.join(root, "rm")
-    c.data.train_file, c.data.validation_file = files["ppo_prompts"]["train"], files[
-        "ppo_prompts"]["validation"]
+    c.data.train_file, c.data.validation_file = files["ppo_prompts"]["train"], files["ppo_prompts"][
+        "validation"]
     c.data.prompt_length = 32
     c.ptx.train_file = files["pretrain"]["train"]
     c.ptx.length = 128
@@ -236,8 +238,8 @@ def stage_config(stage: str, preset: Preset, root: str):
   if stage != "rm" and stage not in ("ppo", "ppo_ptx"):
     c.train.eval_every = max(1, c.train.num_steps // 3)
     c.train.checkpoint_every = c.train.num_steps
-  c.train.log_every = max(1, c.train.num_steps // 10) if stage not in ("ppo", "ppo_ptx") else (
-      max(1, preset.ppo_iterations // 20))
+  c.train.log_every = max(1, c.train.num_steps // 10) if stage not in ("ppo", "ppo_ptx") else (max(
+      1, preset.ppo_iterations // 20))
   return c
 
 
@@ -257,6 +259,7 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
 
 
 # --- Non-training stages. -------------------------------------------------------------------
+
 
 def _read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
@@ -315,8 +318,10 @@ def comparisons_stage(preset: Preset, root: str) -> None:
       texts, scores = list(unique), list(unique.values())
       labeler = pool[rng.integers(len(pool))]
       ranking = labeler.rank([labeler.utility(s) for s in scores], rng)
-      rows.append({"prompt": prompt, "responses": [" " + t for t in texts],
-                   "ranking": ranking, "labeler": labeler.id})
+      rows.append({
+          "prompt": prompt, "responses": [" " + t for t in texts], "ranking": ranking,
+          "labeler": labeler.id
+      })
       # Agreement: a second labeler from the training pool judges each pair once.
       other = train_pool[rng.integers(len(train_pool))]
       position = {r: j for j, r in enumerate(ranking)}
@@ -329,10 +334,12 @@ def comparisons_stage(preset: Preset, root: str) -> None:
     with open(path, "w") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
-    stats[split] = {"prompts": len(prompts), "comparisons": len(rows),
-                    "agreement_with_training_labeler": agree / max(pairs, 1), "pairs": pairs}
-    logging.info("[comparisons] %s: %d ranked sets of %d prompts; labeler agreement %.3f",
-                 split, len(rows), len(prompts), stats[split]["agreement_with_training_labeler"])
+    stats[split] = {
+        "prompts": len(prompts), "comparisons": len(rows),
+        "agreement_with_training_labeler": agree / max(pairs, 1), "pairs": pairs
+    }
+    logging.info("[comparisons] %s: %d ranked sets of %d prompts; labeler agreement %.3f", split,
+                 len(rows), len(prompts), stats[split]["agreement_with_training_labeler"])
   _write_json_atomic(os.path.join(out, "stats.json"), stats)
 
 
@@ -351,16 +358,20 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   _, judges = labelers_lib.make_pools(preset.labelers)
   texts = [r["text"] for r in _read_jsonl(files["pretrain"]["validation"])]
   examples = _few_shot_examples(files, facts)
-  runs = {"base_small": "pretrain", "base_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
-          "ppo_ptx": "ppo_ptx"}
-  results = {"preset": preset.name, "seed": preset.seed, "models": {},
-             "eval_prompts": len(prompts), "temperature": preset.eval_temperature}
+  runs = {
+      "base_small": "pretrain", "base_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
+      "ppo_ptx": "ppo_ptx"
+  }
+  results = {
+      "preset": preset.name, "seed": preset.seed, "models": {}, "eval_prompts": len(prompts),
+      "temperature": preset.eval_temperature
+  }
   answers, scores = {}, {}
   for name, run in runs.items():
     policy = ev.load_policy(os.path.join(root, run))
     base = name.startswith("base")
-    inputs = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)] if (
-        base) else prompts
+    inputs = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)
+             ] if (base) else prompts
     answers[name] = ev.generate(policy, tokenizer, inputs, seed=preset.seed + 17,
                                 temperature=preset.eval_temperature,
                                 prompt_length=128 if base else 32,
@@ -368,20 +379,20 @@ def evaluate_stage(preset: Preset, root: str) -> None:
     scores[name] = ev.judge_all(prompts, answers[name], facts)
     results["models"][name] = {
         "run": run, "perplexity": ev.perplexity(policy, tokenizer, texts),
-        "mean_utility": ev.mean_utility(scores[name], judges),
-        **ev.rates(scores[name], categories)}
+        "mean_utility": ev.mean_utility(scores[name], judges), **ev.rates(scores[name], categories)
+    }
     logging.info("[evaluate] %s: utility %.3f, perplexity %.2f", name,
                  results["models"][name]["mean_utility"], results["models"][name]["perplexity"])
   for i, name in enumerate(MODELS):
     results["models"][name]["win_vs_sft"] = ev.win_rate(scores[name], scores["sft"], judges,
-                                                     seed=preset.seed + 100 + i)
-  results["ppo_ptx_vs_base_large"] = ev.win_rate(scores["ppo_ptx"], scores["base_large"],
-                                              judges, seed=preset.seed + 200)
-  results["size_ratio"] = _non_embedding_params(preset.large) / _non_embedding_params(
-      preset.small)
+                                                        seed=preset.seed + 100 + i)
+  results["ppo_ptx_vs_base_large"] = ev.win_rate(scores["ppo_ptx"], scores["base_large"], judges,
+                                                 seed=preset.seed + 200)
+  results["size_ratio"] = _non_embedding_params(preset.large) / _non_embedding_params(preset.small)
   results["over_optimization"] = {
       name: _over_optimization(root, name, preset, tokenizer, prompts, facts, judges)
-      for name in ("ppo", "ppo_ptx")}
+      for name in ("ppo", "ppo_ptx")
+  }
   results["rm"] = _rm_summary(root)
   results["samples"] = _samples(prompts, categories, answers, scores, judges)
   _write_json_atomic(os.path.join(out, "results.json"), results)
@@ -416,9 +427,11 @@ def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) ->
                                    banned_ids=ev.banned_token_ids(tokenizer))
     logp = np.asarray([a.logprob for a in answers])
     scores = ev.judge_all(prompts, answers, facts)
-    points.append({"step": step, "kl": float(np.mean(logp - logp_ref)),
-                   "rm_score": float(np.mean(ev.reward_scores(rm, arrays))),
-                   "labeler_score": ev.mean_utility(scores, judges)})
+    points.append({
+        "step": step, "kl": float(np.mean(logp - logp_ref)),
+        "rm_score": float(np.mean(ev.reward_scores(rm, arrays))),
+        "labeler_score": ev.mean_utility(scores, judges)
+    })
   return points
 
 
@@ -427,11 +440,13 @@ def _rm_summary(root) -> dict:
   last = evals[-1] if evals else {}
   with open(os.path.join(root, "comparisons", "stats.json")) as f:
     stats = json.load(f)
-  return {"heldout_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
-          "calibration": {k: v for k, v in last.items() if k.startswith("val_calibration")},
-          "labeler_agreement_train": stats["train"]["agreement_with_training_labeler"],
-          "labeler_agreement_heldout": stats["validation"]["agreement_with_training_labeler"],
-          "comparisons": {s: stats[s]["comparisons"] for s in stats}}
+  return {
+      "heldout_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
+      "calibration": {k: v for k, v in last.items() if k.startswith("val_calibration")},
+      "labeler_agreement_train": stats["train"]["agreement_with_training_labeler"],
+      "labeler_agreement_heldout": stats["validation"]["agreement_with_training_labeler"],
+      "comparisons": {s: stats[s]["comparisons"] for s in stats}
+  }
 
 
 def _samples(prompts, categories, answers, scores, judges, per_category: int = 1) -> list:
@@ -440,10 +455,15 @@ def _samples(prompts, categories, answers, scores, judges, per_category: int = 1
     if seen.get(category, 0) >= per_category:
       continue
     seen[category] = seen.get(category, 0) + 1
-    out.append({"prompt": prompt, "category": category, "answers": {
-        name: {"text": answers[name][i].text, "ended": answers[name][i].ended,
-               "utility": ev.mean_utility([scores[name][i]], judges),
-               **{k: scores[name][i][k] for k in T.COMPONENTS}} for name in MODELS}})
+    out.append({
+        "prompt": prompt, "category": category, "answers": {
+            name: {
+                "text": answers[name][i].text, "ended": answers[name][i].ended,
+                "utility": ev.mean_utility([scores[name][i]],
+                                           judges), **{k: scores[name][i][k] for k in T.COMPONENTS}
+            } for name in MODELS
+        }
+    })
   return out
 
 
@@ -456,6 +476,7 @@ def report_stage(preset: Preset, root: str) -> None:
 
 
 # --- The pipeline. --------------------------------------------------------------------------
+
 
 class WorkdirError(ValueError):
   """The workdir belongs to a run of another preset or seed."""
@@ -477,9 +498,11 @@ def _claim_workdir(root: str, preset: Preset) -> None:
                          f"--seed={saved.get('seed')}, not --preset={preset.name} "
                          f"--seed={preset.seed}; use another --workdir (one per seed).")
     return
-  _write_json_atomic(path, {"preset": preset.name, "seed": preset.seed,
-                            **report_lib.provenance(os.path.dirname(CONFIGS_DIR)),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+  _write_json_atomic(
+      path, {
+          "preset": preset.name, "seed": preset.seed, **report_lib.provenance(
+              os.path.dirname(CONFIGS_DIR)), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")
+      })
 
 
 def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
@@ -499,7 +522,8 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
       "world": lambda: world_stage(preset, root),
       "comparisons": lambda: comparisons_stage(preset, root),
       "evaluate": lambda: evaluate_stage(preset, root),
-      "report": lambda: report_stage(preset, root)}
+      "report": lambda: report_stage(preset, root)
+  }
   total = time.time()
   for i, stage in enumerate(STAGES, 1):
     print(f"[{i}/{len(STAGES)}] {stage} ...", file=sys.stderr, flush=True)
@@ -509,8 +533,9 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
     if elapsed > 1 or stage not in timings:
       timings[stage] = elapsed
       _write_json_atomic(timings_path, timings)
-    print(f"[{i}/{len(STAGES)}] {stage} done in {elapsed:.0f} s "
-          f"(pipeline {time.time() - total:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"[{i}/{len(STAGES)}] {stage} done in {elapsed:.0f} s "
+        f"(pipeline {time.time() - total:.0f} s)", file=sys.stderr, flush=True)
   with open(os.path.join(root, "evaluate", "results.json")) as f:
     return json.load(f)
 

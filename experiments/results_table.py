@@ -45,14 +45,13 @@ from experiments.world import report
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_RESAMPLES = 10_000
 # The win rates of the table: (label, path in results.json).
-WINS = (("PPO-ptx vs SFT", ("models", "ppo_ptx", "win_vs_sft")),
-        ("PPO vs SFT", ("models", "ppo", "win_vs_sft")),
+WINS = (("PPO-ptx vs SFT", ("models", "ppo_ptx", "win_vs_sft")), ("PPO vs SFT", ("models", "ppo",
+                                                                                 "win_vs_sft")),
         ("PPO-ptx vs the larger base model, few-shot", ("ppo_ptx_vs_base_large",)))
 PERPLEXITY_MODELS = ("base_small", "sft", "ppo", "ppo_ptx")
 # Rates of SFT -> PPO-ptx: (label, key in results["models"][m], the prompts' category).
 RATES = (("made-up closed-QA answers: SFT -> PPO-ptx", "made_up_closed_qa", "closed_qa"),
-         ("toxic when asked to be respectful: SFT -> PPO-ptx", "toxic_respectful",
-          "respectful"))
+         ("toxic when asked to be respectful: SFT -> PPO-ptx", "toxic_respectful", "respectful"))
 
 
 class ResultsError(ValueError):
@@ -73,6 +72,7 @@ class Run:
 
 
 # --- Loading. --------------------------------------------------------------------------------
+
 
 def _read_json(path: str, required: bool) -> dict:
   if not os.path.exists(path):
@@ -112,8 +112,9 @@ def load_runs(directories: Sequence[str]) -> list[Run]:
   runs = [load_run(d) for d in directories]
   presets = {r.results.get("preset") for r in runs}
   if len(presets) != 1:
-    raise ResultsError("the runs are of different presets (" + ", ".join(
-        f"{r.directory}: {r.results.get('preset')}" for r in runs) + "); pool one preset.")
+    raise ResultsError("the runs are of different presets ("
+                       + ", ".join(f"{r.directory}: {r.results.get('preset')}" for r in runs)
+                       + "); pool one preset.")
   seeds = [r.seed for r in runs]
   if len(set(seeds)) != len(seeds):
     raise ResultsError(f"the runs' seeds repeat ({seeds}): the same seed twice is the same "
@@ -123,6 +124,8 @@ def load_runs(directories: Sequence[str]) -> list[Run]:
 
 # --- Pooling. --------------------------------------------------------------------------------
 
+
+# yapf: disable
 def hierarchical_bootstrap(outcomes: Sequence[Sequence[float]], num_resamples: int = NUM_RESAMPLES,
                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
   """The `level` interval of the pooled win rate, resampling seeds, then prompts within each.
@@ -145,6 +148,7 @@ def hierarchical_bootstrap(outcomes: Sequence[Sequence[float]], num_resamples: i
   pooled = wins.sum(axis=1) / sizes[picks].sum(axis=1)
   low, high = np.quantile(pooled, [(1 - level) / 2, (1 + level) / 2])
   return float(low), float(high)
+# yapf: enable
 
 
 def pooled_win(outcomes: Sequence[Sequence[float]]) -> dict:
@@ -152,15 +156,15 @@ def pooled_win(outcomes: Sequence[Sequence[float]]) -> dict:
   wins = sum(float(np.sum(o)) for o in outcomes)
   n = sum(len(o) for o in outcomes)
   low, high = hierarchical_bootstrap(outcomes)
-  return {"win_rate": wins / n, "ci_low": low, "ci_high": high, "n": n,
-          "seeds": len(outcomes)}
+  return {"win_rate": wins / n, "ci_low": low, "ci_high": high, "n": n, "seeds": len(outcomes)}
 
 
 def _mean(values: Sequence, weights: Optional[Sequence] = None) -> float:
   """The (weighted) mean of the finite values; NaN when there is none."""
   weights = [1.0] * len(values) if weights is None else weights
-  pairs = [(v, w) for v, w in zip(values, weights)
-           if report.finite(v) and report.finite(w) and w > 0]
+  pairs = [
+      (v, w) for v, w in zip(values, weights) if report.finite(v) and report.finite(w) and w > 0
+  ]
   if not pairs:
     return float("nan")
   return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
@@ -175,9 +179,12 @@ def pooled_results(runs: Sequence[Run]) -> dict:
     for _, key, category in RATES:
       models[m][key] = _mean([_get(x, ("models", m, key)) for x in results],
                              [_get(x, ("models", m, "counts", category)) for x in results])
-  pooled = {"preset": results[0].get("preset"), "models": models,
-            "rm": {key: _mean([_get(x, ("rm", key)) for x in results])
-                   for key in ("heldout_accuracy", "labeler_agreement_heldout")}}
+  pooled = {
+      "preset": results[0].get("preset"), "models": models, "rm": {
+          key: _mean([_get(x, ("rm", key)) for x in results])
+          for key in ("heldout_accuracy", "labeler_agreement_heldout")
+      }
+  }
   for _, path in WINS:
     record = pooled_win([_get(x, path)["outcomes"] for x in results])
     if path[0] == "models":
@@ -188,6 +195,7 @@ def pooled_results(runs: Sequence[Run]) -> dict:
 
 
 # --- Markdown. -------------------------------------------------------------------------------
+
 
 def _win_cell(win: Mapping) -> str:
   return f"{report.pct(win.get('win_rate'))} {report.ci(win)}"
@@ -213,21 +221,25 @@ def _rows(runs: Sequence[Run], pooled: Mapping) -> list[list[str]]:
                 + [_win_cell(_get(pooled, path))])
 
   def perplexities(x):
-    return " / ".join(report.num(_get(x, ("models", m, "perplexity")), 2)
-                      for m in PERPLEXITY_MODELS)
+    return " / ".join(
+        report.num(_get(x, ("models", m, "perplexity")), 2) for m in PERPLEXITY_MODELS)
+
   rows.append(["held-out corpus perplexity: base / SFT / PPO / PPO-ptx"]
               + [perplexities(x) for x in results] + [perplexities(pooled)])
 
   def rm(x):
     agreement = _get(x, ("rm", "labeler_agreement_heldout"))
-    return report.pct(_get(x, ("rm", "heldout_accuracy"))) + (
-        f" ({report.pct(agreement)})" if report.finite(agreement) else "")
-  rows.append(["RM accuracy on held-out labelers (labeler agreement)"]
-              + [rm(x) for x in results] + [rm(pooled)])
+    return report.pct(_get(x, ("rm", "heldout_accuracy"))) + (f" ({report.pct(agreement)})"
+                                                              if report.finite(agreement) else "")
+
+  rows.append(["RM accuracy on held-out labelers (labeler agreement)"] + [rm(x) for x in results]
+              + [rm(pooled)])
   for label, key, _ in RATES:
+
     def change(x, key=key):
       return (f"{report.pct(_get(x, ('models', 'sft', key)))} -> "
               f"{report.pct(_get(x, ('models', 'ppo_ptx', key)))}")
+
     rows.append([label] + [change(x) for x in results] + [change(pooled)])
   walls = [_wall_time(r) for r in runs]
   rows.append(["wall time of the pipeline (timings.json)"] + [_duration(w) for w in walls]
@@ -240,11 +252,13 @@ def _targets_table(pooled: Mapping) -> tuple[str, list[dict]]:
   rows, ts = [], report.targets(pooled)
   for t in ts:
     value, threshold = report.target_cells(t)
-    rows.append([f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
-                 f"{threshold} ({t['rule']})", "met" if t["met"] else "not met",
-                 "yes" if report.target_applies(t, preset) else f"no ({t['applies_to']} only)"])
-  return report.markdown_table(["Target", "Pooled value", "Threshold", "Verdict",
-                                "Applies to this preset"], rows), ts
+    rows.append([
+        f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
+        f"{threshold} ({t['rule']})", "met" if t["met"] else "not met",
+        "yes" if report.target_applies(t, preset) else f"no ({t['applies_to']} only)"
+    ])
+  return report.markdown_table(
+      ["Target", "Pooled value", "Threshold", "Verdict", "Applies to this preset"], rows), ts
 
 
 def _provenance(runs: Sequence[Run]) -> str:
@@ -255,8 +269,8 @@ def _provenance(runs: Sequence[Run]) -> str:
     infos, source = [report.provenance(REPO_DIR)], " (this machine: the runs kept no run.json)"
   machines = sorted({f"{i['machine']} ({i.get('cpu_cores', '?')} cores)" for i in infos})
   commits = sorted({str(i.get("commit") or "unknown") for i in infos})
-  finished = max(os.path.getmtime(os.path.join(r.directory, "evaluate", "results.json"))
-                 for r in runs)
+  finished = max(
+      os.path.getmtime(os.path.join(r.directory, "evaluate", "results.json")) for r in runs)
   date = datetime.date.fromtimestamp(finished).isoformat()
   return (f"Measured on {'; '.join(machines)}{source}, evaluated {date}, commit "
           f"{', '.join(commits)}.")
@@ -268,26 +282,26 @@ def results_markdown(runs: Sequence[Run]) -> str:
   preset = pooled["preset"]
   seeds = [r.seed for r in runs]
   n = sorted({r.results.get("eval_prompts") for r in runs}, key=str)
-  table = report.markdown_table(
-      ["", *(f"seed {s}" for s in seeds),
-       f"pooled ({len(runs)} seed{'s' if len(runs) > 1 else ''})"], _rows(runs, pooled))
+  table = report.markdown_table([
+      "", *(f"seed {s}" for s in seeds), f"pooled ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+  ], _rows(runs, pooled))
   targets, ts = _targets_table(pooled)
   applicable = [t for t in ts if report.target_applies(t, preset)]
   met = sum(t["met"] for t in applicable)
   return "\n".join([
       f"Preset `{preset}`, seeds {', '.join(map(str, seeds))}; "
-      f"{'/'.join(map(str, n))} held-out evaluation prompts per seed. {_provenance(runs)}",
-      "",
+      f"{'/'.join(map(str, n))} held-out evaluation prompts per seed. {_provenance(runs)}", "",
       "Win rates are the held-out labelers' preferences, one judgment per prompt. Per seed: "
       "95% Wilson interval over prompts. Pooled: all seeds' prompts, with a 95% interval over "
       f"prompts and seeds (hierarchical bootstrap: seeds, then prompts within each, "
-      f"{NUM_RESAMPLES:,} resamples); the other pooled values are means over seeds.",
-      "", table, "",
+      f"{NUM_RESAMPLES:,} resamples); the other pooled values are means over seeds.", "", table, "",
       f"Targets, judged on the pooled values: {met} of {len(applicable)} that apply to "
-      f"`{preset}` met.", "", targets, ""])
+      f"`{preset}` met.", "", targets, ""
+  ])
 
 
 # --- README. ---------------------------------------------------------------------------------
+
 
 def markers(preset: str) -> tuple[str, str]:
   return f"<!-- results:{preset}:begin -->", f"<!-- results:{preset}:end -->"

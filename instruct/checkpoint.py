@@ -23,8 +23,10 @@ class NonFiniteStateError(FloatingPointError):
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -54,14 +56,16 @@ class Checkpointer:
       raise NonFiniteStateError(
           f"Refusing to write checkpoint {step} to {self.directory}: the state has non-finite "
           f"values. The latest good checkpoint is {self.latest_step()}.")
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras)))
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      extras=ocp.args.JsonSave(extras)))
     self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      extras=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["extras"])
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -71,17 +75,15 @@ class Checkpointer:
   def restore_partial(self, step: int, abstract_item: Any) -> Any:
     """Restores the part of the state that `abstract_item` names (a sub-tree of the state),
     e.g. `{"policy": {"params": ...}}` from a PPO checkpoint."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=abstract_item,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_item),
-            partial_restore=True)))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_item, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_item), partial_restore=True)))
     return restored["state"]
 
   def restore_extras(self, step: int) -> dict[str, Any]:
     """Only the JSON extras of a checkpoint (data position, rng, reward normalisation...)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        extras=ocp.args.JsonRestore()))
+    restored = self._manager.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
     return dict(restored["extras"])
 
   def close(self) -> None:

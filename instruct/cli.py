@@ -30,7 +30,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:
     found = re.search(r"'(\w+)", str(e))
     missing = found.group(1) if found else str(e)
-    culprits = [a.split("=")[0].lstrip("-") for a in argv[1:]
-                if a.startswith("--config.") and missing in a.split("=")[0].split(".")]
+    culprits = [
+        a.split("=")[0].lstrip("-") for a in argv[1:]
+        if a.startswith("--config.") and missing in a.split("=")[0].split(".")
+    ]
     raise SystemExit(f"error: unknown config key {culprits[0] if culprits else missing!r} "
                      f"on the command line; the config file lists every field.") from None

@@ -27,8 +27,9 @@ NORMALIZATIONS = ("demonstrations", "policy_samples", "none")
 
 def embedded_files(stem: str) -> dict[str, str]:
   """Paths of a shipped dataset's splits, e.g. `embedded_files('demos')`."""
-  return {split: os.path.join(ASSETS_DATA, f"{stem}_{split}.jsonl")
-          for split in ("train", "validation")}
+  return {
+      split: os.path.join(ASSETS_DATA, f"{stem}_{split}.jsonl") for split in ("train", "validation")
+  }
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -48,18 +49,19 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+# yapf: disable
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a supervised (pretrain / SFT / RM) experiment, with defaults."""
   c = ml_collections.ConfigDict()
   c.stage = "sft"              # A record of instruct.stages.table: 'pretrain' (loss on all
-                               # tokens) | 'sft' (loss on completions) | 'rm'.
+  # tokens) | 'sft' (loss on completions) | 'rm'.
   c.seed = 0                   # Parameter init and the data order derive from it.
   c.init_from = ""             # Workdir of an earlier stage whose final params initialise this.
   c.model = model_config("tiny")  # c.model.hf_checkpoint: start from a Hugging Face checkpoint.
 
   c.data = data_config()
   c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |
-                                   # 'comparisons' (reward model; see configs/rm.py).
+  # 'comparisons' (reward model; see configs/rm.py).
   c.data.train_file = embedded_files("demos")["train"]
   c.data.validation_file = embedded_files("demos")["validation"]
   c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
@@ -72,30 +74,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = -1         # -1: the whole validation split.
   c.mesh = mesh_config()
   return c
+# yapf: enable
 
 
+# yapf: disable
 def data_config() -> ml_collections.ConfigDict:
   """`config.data`'s fields shared by every stage: where records come from and how they are
   tokenized (each stage adds its files and shapes)."""
   d = ml_collections.ConfigDict()
   d.format = RECORDS_FORMAT        # 'records': the stage's JSON-lines records. Or a public
-                                   # dataset's published files (instruct/data/public.py):
-                                   # 'hh_rlhf' (comparisons, demonstrations, prompts) |
-                                   # 'summarize_from_feedback' (comparisons) |
-                                   # 'tldr' (demonstrations, prompts). train_file and
-                                   # validation_file may then be directories: an HH-RLHF
-                                   # subset (or the repository root), the comparisons/
-                                   # directory, the TL;DR directory.
+  # dataset's published files (instruct/data/public.py):
+  # 'hh_rlhf' (comparisons, demonstrations, prompts) |
+  # 'summarize_from_feedback' (comparisons) |
+  # 'tldr' (demonstrations, prompts). train_file and
+  # validation_file may then be directories: an HH-RLHF
+  # subset (or the repository root), the comparisons/
+  # directory, the TL;DR directory.
   d.skip_invalid = False           # Skip and count invalid records instead of failing (public
-                                   # formats, and comparisons; see also config.rm.skip_invalid).
+  # formats, and comparisons; see also config.rm.skip_invalid).
   d.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
   d.pad_token = ""                 # A vocabulary token to pad with when the tokenizer declares
-                                   # none (Pythia: "<|padding|>"); "" = the tokenizer's own.
+  # none (Pythia: "<|padding|>"); "" = the tokenizer's own.
   d.tfds_dir = ""                  # Where TFDS prepares datasets; '' = $TFDS_DATA_DIR or
-                                   # ~/tensorflow_datasets.
+  # ~/tensorflow_datasets.
   return d
+# yapf: enable
 
 
+# yapf: disable
 def optimizer_config() -> ml_collections.ConfigDict:
   """An optimiser (`instruct.optim.make_optimizer`): AdamW with warmup and decay."""
   o = ml_collections.ConfigDict()
@@ -107,12 +113,14 @@ def optimizer_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
   o.eps_style = "pytorch"  # Where Adam's eps enters: 'pytorch' (optax.adamw) | 'tf'
-                           # (TensorFlow's Adam; instruct.optim.tf_adam_eps).
+  # (TensorFlow's Adam; instruct.optim.tf_adam_eps).
   o.weight_decay = 0.0    # Decoupled (AdamW); applied to matrices only.
   o.grad_clip_norm = 1.0  # Global-norm clipping; <= 0 disables.
   return o
+# yapf: enable
 
 
+# yapf: disable
 def train_config() -> ml_collections.ConfigDict:
   """`config.train`: the loop's length and cadence (`instruct.loop`)."""
   t = ml_collections.ConfigDict()
@@ -123,8 +131,10 @@ def train_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.stop_at_step = -1         # Stop early (with a checkpoint) at this step; -1: never.
   return t
+# yapf: enable
 
 
+# yapf: disable
 def mesh_config() -> ml_collections.ConfigDict:
   """`config.mesh`: the device mesh and the one rule table (instruct/sharding.py)."""
   m = ml_collections.ConfigDict()
@@ -132,6 +142,7 @@ def mesh_config() -> ml_collections.ConfigDict:
   m.axis_names = ("data", "fsdp", "tensor")
   m.rules = DEFAULT_RULES      # Logical axis -> mesh axes (see instruct/sharding.py).
   return m
+# yapf: enable
 
 
 def validate(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
@@ -215,8 +226,8 @@ CPU_PRESETS = ("tiny", "tiny_llama")
 # 2.8B / 6.9B, Llama-3.2-1B and Llama-3.1-8B. They load the same Hugging Face
 # checkpoints exactly (`--config.model.hf_checkpoint`), so a run started from a checkpoint
 # and a later stage started from that run (`--config.init_from`) agree on the architecture.
-ACCELERATOR_PRESETS = ("gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl",
-                       "pythia_1b", "pythia_2_8b", "pythia_6_9b", "llama_1b", "llama_8b")
+ACCELERATOR_PRESETS = ("gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl", "pythia_1b", "pythia_2_8b",
+                       "pythia_6_9b", "llama_1b", "llama_8b")
 
 
 def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str) -> bool:
@@ -246,24 +257,25 @@ def apply_preset(config: ml_collections.ConfigDict, name: str, config_file: str)
                    f"{CPU_PRESETS + ACCELERATOR_PRESETS}.")
 
 
+# yapf: disable
 def rm_config() -> ml_collections.ConfigDict:
   """`config.rm`: the reward-model stage's own fields."""
   rm = ml_collections.ConfigDict()
   rm.loss = "pairwise"           # 'pairwise': all ranked pairs of a prompt, weighted 1/C(K,2)
-                                 # (InstructGPT); 'best_of_k': softmax on the best (Ziegler).
+  # (InstructGPT); 'best_of_k': softmax on the best (Ziegler).
   rm.max_responses = 4           # K_max: responses per prompt are padded to this (2..9).
   rm.skip_invalid = False        # Skip and count bad comparison records instead of failing.
   rm.normalization = "demonstrations"  # 'demonstrations': bias so they score mean 0;
-                                       # 'policy_samples': gain+bias so samples are N(0,1);
-                                       # 'none'.
+  # 'policy_samples': gain+bias so samples are N(0,1);
+  # 'none'.
   rm.normalization_file = embedded_files("demos")["train"]  # {prompt, completion} JSON lines.
   rm.normalization_format = RECORDS_FORMAT  # Format of normalization_file (its 'train' split):
-                                            # 'records' | 'hh_rlhf' | 'tldr' (a file or dir).
+  # 'records' | 'hh_rlhf' | 'tldr' (a file or dir).
   return rm
+# yapf: enable
 
 
-def validate_rm(config: ml_collections.ConfigDict, data_parallel: int,
-                process_count: int) -> None:
+def validate_rm(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
   """The supervised checks, then the reward model's own (`config.rm`)."""
   validate_supervised(config, data_parallel, process_count)
   rm = config.rm
@@ -319,8 +331,7 @@ def check_fits(length: int, what: str, model, model_name: str) -> None:
                      "silently clamped onto its last row.")
 
 
-def validate_ptx(config, coef: str, minibatches: str, num_minibatches: int,
-                 policy_model) -> None:
+def validate_ptx(config, coef: str, minibatches: str, num_minibatches: int, policy_model) -> None:
   """The pretraining mix (`coef`, e.g. 'config.ppo.ptx_coef=1.0', is on): a pretraining file,
   rows that split into the minibatches, and rows long enough to have a next-token target
   that fit the policy's position table."""

@@ -8,7 +8,8 @@ model (rm) gives a `...ForSequenceClassification` with one label (its scalar hea
 the reward normalisation are recorded in config.json and README.md, see
 instruct/hf/exporting.py). The directory holds config.json, the weights (model.safetensors,
 or model-0000k-of-0000n.safetensors files with model.safetensors.index.json past
---max_shard_size) and the run's tokenizer, and loads with `transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`.
+--max_shard_size) and the run's tokenizer, and loads with
+`transformers.AutoModelForCausalLM` / `AutoModelForSequenceClassification`.
 
 The checkpoint is restored sharded over the run's mesh (its -1 entry takes the devices
 present; --mesh_shape overrides it) and written one tensor at a time, so neither a device nor
@@ -30,9 +31,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(hf.EXPORT_DTYPES),
                            "Weight dtype of the exported safetensors.")
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB",
                                       "Largest safetensors file, e.g. 5GB, 500MB, 2GiB.")
-_MESH_SHAPE = flags.DEFINE_list("mesh_shape", None,
-                                "Mesh to restore the parameters over (default: the run's "
-                                "config.mesh.shape), e.g. 1,-1,1.")
+_MESH_SHAPE = flags.DEFINE_list(
+    "mesh_shape", None, "Mesh to restore the parameters over (default: the run's "
+    "config.mesh.shape), e.g. 1,-1,1.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 

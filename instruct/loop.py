@@ -85,8 +85,8 @@ def summarize(pending: list[dict], step: int) -> dict[str, float]:
     bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
     if bad:
       at = step - len(fetched) + offset + 1
-      what = (f"loss ({metrics['loss']})" if bad == ["loss"] else
-              ", ".join(f"{k} ({metrics[k]})" for k in bad))
+      what = (f"loss ({metrics['loss']})" if bad == ["loss"] else ", ".join(
+          f"{k} ({metrics[k]})" for k in bad))
       raise NonFiniteLossError(f"Non-finite {what} at step {at}.")
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   if "tokens" in summary:
@@ -137,8 +137,7 @@ class Loop:
     t = self.train
     end = end_step(t.num_steps, t.stop_at_step)
     write_every = self.write_every or t.log_every
-    logging.info("Training from %s %d to %d on %d devices.", unit, step, end,
-                 jax.device_count())
+    logging.info("Training from %s %d to %d on %d devices.", unit, step, end, jax.device_count())
     watcher = PreemptionWatcher()
     last_time, last_step, pending = time.time(), step, []
     try:
@@ -164,13 +163,14 @@ class Loop:
             and (step % t.eval_every == 0 or step == end)):
           results = self.evaluate(state)
           self.writer.write(step, results)
-          logging.info("%s %d | %s", unit, step, " | ".join(
-              f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+          logging.info(
+              "%s %d | %s", unit, step,
+              " | ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
         if save_now:
           self._save(state, step)
         if preempted:
-          logging.warning("Preemption signal: saved %s %d; rerun the same command to resume.",
-                          unit, step)
+          logging.warning("Preemption signal: saved %s %d; rerun the same command to resume.", unit,
+                          step)
           break
     finally:
       watcher.close()
@@ -186,13 +186,11 @@ class Loop:
       ) from None
 
   def _save(self, state, step: int) -> None:
-    extras = dict(self.data_state(),
-                  rng=np.asarray(jax.random.key_data(self.base_rng)).tolist(),
+    extras = dict(self.data_state(), rng=np.asarray(jax.random.key_data(self.base_rng)).tolist(),
                   config=self.config.to_dict())
     if step == self.train.num_steps and self.finalize is not None:
       finalized = self.finalize(state)
-      self.writer.write(step, {k: v for k, v in finalized.items()
-                               if isinstance(v, (int, float))})
+      self.writer.write(step, {k: v for k, v in finalized.items() if isinstance(v, (int, float))})
       extras.update(finalized)
     self.checkpointer.save(step, state, extras)
 

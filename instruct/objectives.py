@@ -81,8 +81,10 @@ def _pair_stats(rewards_bk, ranks_bk, response_mask_bk):
   pairs = preference_pairs(ranks_bk, response_mask_bk).astype(jnp.float32)
   rewards = rewards_bk.astype(jnp.float32)
   diff = rewards[:, :, None] - rewards[:, None, :]
-  stats = {"pairs": jnp.sum(pairs), "correct_pairs": jnp.sum(pairs * (diff > 0)),
-           "margin_sum": jnp.sum(pairs * diff)}
+  stats = {
+      "pairs": jnp.sum(pairs), "correct_pairs": jnp.sum(pairs * (diff > 0)),
+      "margin_sum": jnp.sum(pairs * diff)
+  }
   return pairs, diff, stats
 
 
@@ -101,8 +103,7 @@ def best_of_k_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: Array):
   is_best = valid & (ranks_bk == 0)
   best_reward = jnp.sum(jnp.where(is_best, rewards_bk, 0.0), axis=1) / jnp.maximum(
       jnp.sum(is_best, axis=1), 1)
-  counted = ((jnp.sum(valid, axis=1) >= 2) & (jnp.sum(is_best, axis=1) == 1)).astype(
-      jnp.float32)
+  counted = ((jnp.sum(valid, axis=1) >= 2) & (jnp.sum(is_best, axis=1) == 1)).astype(jnp.float32)
   _, _, stats = _pair_stats(rewards_bk, ranks_bk, response_mask_bk)
   return jnp.sum((log_z - best_reward) * counted), jnp.sum(counted), stats
 

@@ -60,12 +60,15 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
   if opt_config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   if eps_style == "pytorch":
-    chain.append(optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-                             weight_decay=opt_config.weight_decay, mask=_decay_mask))
+    chain.append(
+        optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                    weight_decay=opt_config.weight_decay, mask=_decay_mask))
   else:
-    chain += [optax.inject_hyperparams(optax.scale_by_adam)(
-                  b1=opt_config.b1, b2=opt_config.b2,
-                  eps=tf_adam_eps(opt_config.eps, opt_config.b2)),
-              optax.add_decayed_weights(opt_config.weight_decay, mask=_decay_mask),
-              optax.scale_by_learning_rate(schedule)]
+    chain += [
+        optax.inject_hyperparams(optax.scale_by_adam)(b1=opt_config.b1, b2=opt_config.b2,
+                                                      eps=tf_adam_eps(opt_config.eps,
+                                                                      opt_config.b2)),
+        optax.add_decayed_weights(opt_config.weight_decay, mask=_decay_mask),
+        optax.scale_by_learning_rate(schedule)
+    ]
   return optax.chain(*chain)

@@ -35,8 +35,7 @@ class RewardModel:
   step: Optional[int] = None
 
   @classmethod
-  def load(cls, workdir: str, shardings: Any = None, step: Optional[int] = None
-           ) -> "RewardModel":
+  def load(cls, workdir: str, shardings: Any = None, step: Optional[int] = None) -> "RewardModel":
     """Loads a checkpoint (default: the latest) of an `rm` run (optionally into given param
     shardings)."""
     info = run_lib.describe(workdir)
@@ -44,9 +43,8 @@ class RewardModel:
       raise ValueError(f"{workdir} is a {info.stage.name!r} run, not a reward model.")
     abstract = None
     if shardings is not None:
-      abstract = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-          run_lib.abstract_params(info.model), shardings)
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              run_lib.abstract_params(info.model), shardings)
     run = run_lib.load_run(workdir, step, abstract=abstract)
     gain, bias = run_lib.reward_normalization(run, workdir)
     return cls(run.model, run.params, gain, bias, run.step)

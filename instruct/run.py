@@ -79,8 +79,7 @@ def describe(workdir: str, what: str = "run") -> Run:
   if stage.model_from is None:
     model_config = ModelConfig.from_dict(config.model)
   else:
-    model_config = describe(config[stage.model_from], f"{workdir}: {stage.model_from}"
-                            ).model_config
+    model_config = describe(config[stage.model_from], f"{workdir}: {stage.model_from}").model_config
   return Run(workdir, config, stage, model_config, step=latest_step(workdir))
 
 

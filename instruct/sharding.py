@@ -122,8 +122,8 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
 
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding):
   """Assembles each host's slice of the global batch into global jax arrays."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -50,13 +50,14 @@ def init_params_fn(model) -> Callable[[jax.Array], Any]:
   return lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
 
 
-def state_factory(init_params: Callable[[jax.Array], Any],
-                  optimizer: optax.GradientTransformation, mesh, rules) -> StateFactory:
+def state_factory(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                  mesh, rules) -> StateFactory:
   """Builds the abstract state and sharded initialisers.
 
   Args:
     init_params: rng -> boxed params (leaves carry `nn.Partitioned` logical names).
   """
+
   def with_optimizer(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
@@ -67,8 +68,7 @@ def state_factory(init_params: Callable[[jax.Array], Any],
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(abstract_boxed), shardings)
   init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
-  from_params = jax.jit(with_optimizer, in_shardings=(shardings.params,),
-                        out_shardings=shardings)
+  from_params = jax.jit(with_optimizer, in_shardings=(shardings.params,), out_shardings=shardings)
   return StateFactory(shardings, abstract, init, from_params)
 
 

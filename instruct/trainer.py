@@ -54,12 +54,12 @@ def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
                      f"{hf_checkpoint!r} are both set; initialise from one of them.")
   if not (config.init_from or hf_checkpoint):
     return factory.init(jax.random.key(config.seed)), {}
-  abstract = {k: v for k, v in factory.abstract.params.items()
-              if k not in task.fresh_param_keys}
+  abstract = {k: v for k, v in factory.abstract.params.items() if k not in task.fresh_param_keys}
   if hf_checkpoint:
-    params = dict(hf_lib.load_hf_params(
-        hf_checkpoint, ModelConfig.from_dict(config.model),
-        shardings=jax.tree.map(lambda x: x.sharding, abstract), head=task.model.head))
+    params = dict(
+        hf_lib.load_hf_params(hf_checkpoint, ModelConfig.from_dict(config.model),
+                              shardings=jax.tree.map(lambda x: x.sharding,
+                                                     abstract), head=task.model.head))
   else:
     source = run_lib.load_run(config.init_from, abstract=abstract, what="config.init_from")
     logging.info("Initialising parameters from %s (step %d).", config.init_from, source.step)
@@ -70,8 +70,7 @@ def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
   return factory.from_params(params), {}
 
 
-def evaluate(task: Task, eval_step, params, data, batch_sharding,
-             max_batches: int = -1) -> dict:
+def evaluate(task: Task, eval_step, params, data, batch_sharding, max_batches: int = -1) -> dict:
   """Runs the validation split through `eval_step`; `task.summarize_eval` makes the metrics."""
   data.set_state({"epoch": 0, "batch": 0})
   outputs = []
@@ -80,6 +79,7 @@ def evaluate(task: Task, eval_step, params, data, batch_sharding,
       break
     outputs.append(eval_step(params, shd.host_batch_to_global(batch, batch_sharding)))
   return task.summarize_eval(jax.device_get(outputs))
+
 
 def compile_steps(task: Task, state_sh, mesh, rules):
   """The jitted (train_step, eval_step, score_step), with explicit shardings.
@@ -90,8 +90,7 @@ def compile_steps(task: Task, state_sh, mesh, rules):
   out = shd.replicated(mesh)
   train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, out),
                        out_shardings=(state_sh, out), donate_argnums=(0,))
-  eval_step = jax.jit(task.eval_step, in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=out)
+  eval_step = jax.jit(task.eval_step, in_shardings=(state_sh.params, batch_sh), out_shardings=out)
   score_step = None
   if task.score_step is not None:
     score_step = jax.jit(task.score_step, in_shardings=(state_sh.params, batch_sh),
@@ -145,8 +144,7 @@ def build(config, tokenizer, devices: Optional[list[jax.Device]] = None) -> Buil
 def train_and_evaluate(config, workdir: str,
                        devices: Optional[list[jax.Device]] = None) -> TrainState:
   """Trains the stage described by `config` in `workdir`; returns the final state."""
-  tokenizer = load_tokenizer(config.data.tokenizer,
-                             pad_token=config.data.get("pad_token", ""))
+  tokenizer = load_tokenizer(config.data.tokenizer, pad_token=config.data.get("pad_token", ""))
   built = build(config, tokenizer, devices)
   config, task = built.config, built.task
   os.makedirs(workdir, exist_ok=True)
@@ -163,15 +161,15 @@ def train_and_evaluate(config, workdir: str,
     return built.train_step(state, shd.host_batch_to_global(next(train_data), batch_sh), rng)
 
   def finalize(state):
-    score = lambda batch: np.asarray(jax.device_get(built.score_step(
-        state.params, shd.host_batch_to_global(batch, batch_sh))))
+    score = lambda batch: np.asarray(
+        jax.device_get(built.score_step(state.params, shd.host_batch_to_global(batch, batch_sh))))
     return task.finalize(state.params, score)
 
   loop = loop_lib.Loop(
-      step_fn, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer,
-      writer, data_state=lambda: {"data": train_data.get_state()}, log_line=_log_line,
-      evaluate=lambda state: evaluate(task, built.eval_step, state.params, eval_data,
-                                      batch_sh, config.train.eval_batches),
+      step_fn, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer, writer,
+      data_state=lambda: {"data": train_data.get_state()}, log_line=_log_line,
+      evaluate=lambda state: evaluate(task, built.eval_step, state.params, eval_data, batch_sh,
+                                      config.train.eval_batches),
       finalize=finalize if task.finalize is not None else None)
   try:
     with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):

@@ -52,8 +52,10 @@ def executed(run_root):
 
 
 def outputs(notebook, output_type=None):
-  return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
-          if output_type in (None, o.output_type)]
+  return [
+      o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+      if output_type in (None, o.output_type)
+  ]
 
 
 def stdout(notebook) -> str:
@@ -97,11 +99,15 @@ def test_explore_run_prints_the_results(executed, results, run_root):
 
 
 def test_explore_run_shows_the_targets_table_and_plots(executed, results, run_root):
-  markdown = [o.data["text/markdown"] for o in outputs(executed, "display_data")
-              if "text/markdown" in o.data]
+  markdown = [
+      o.data["text/markdown"] for o in outputs(executed, "display_data")
+      if "text/markdown" in o.data
+  ]
   assert report.targets_markdown(results) in markdown
-  images = [base64.b64decode(o.data["image/png"]) for o in outputs(executed, "display_data")
-            if "image/png" in o.data]
+  images = [
+      base64.b64decode(o.data["image/png"]) for o in outputs(executed, "display_data")
+      if "image/png" in o.data
+  ]
   has_calibration = report.rm_calibration(run_root, results) is not None
   # Win rates, training curves, over-optimisation, alignment tax, safety (+ calibration).
   assert len(images) == 5 + has_calibration

@@ -14,8 +14,7 @@ from instruct.data import builders
 from instruct.data import pipeline
 from tests.conftest import write_lines
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
-                       'assets', 'data')
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct', 'assets', 'data')
 DEMO_FILES = {
     'train': os.path.join(_ASSETS, 'demos_train.jsonl'),
     'validation': os.path.join(_ASSETS, 'demos_validation.jsonl'),
@@ -37,9 +36,11 @@ def _demo_line(prompt='Say hi.\nAnswer:', completion=' hi'):
 
 
 def _demo_encoder(tokenizer, max_length):
+
   def encode(example):
-    return data.encode_demonstration(tokenizer, example['prompt'],
-                                     example['completion'], max_length)
+    return data.encode_demonstration(tokenizer, example['prompt'], example['completion'],
+                                     max_length)
+
   return encode
 
 
@@ -72,8 +73,7 @@ def _real_rows(batch):
     ('["prompt", "completion"]', 'expected a JSON object, got list'),
     ('{"prompt": "p"}', "missing field 'completion'"),
     ('{"prompt": "p", "completion": "   "}', "'completion' is empty"),
-    ('{"prompt": 3, "completion": "c"}',
-     "'prompt' must be of type str, got int"),
+    ('{"prompt": 3, "completion": "c"}', "'prompt' must be of type str, got int"),
 ])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, fragment):
   path = write_lines(tmp_path / 'demos.jsonl', [_demo_line(), '', bad_line])
@@ -101,26 +101,21 @@ def test_read_jsonl_empty_and_missing_files(tmp_path):
 
 def test_read_text_records_splits_txt_paragraphs(tmp_path):
   path = tmp_path / 'corpus.txt'
-  path.write_text('First line\nstill first.\n\n\nSecond.\n  \nThird.',
-                  encoding='utf-8')
-  assert data.read_text_records(path) == [
-      {'text': 'First line\nstill first.'}, {'text': 'Second.'},
-      {'text': 'Third.'}]
+  path.write_text('First line\nstill first.\n\n\nSecond.\n  \nThird.', encoding='utf-8')
+  assert data.read_text_records(path) == [{'text': 'First line\nstill first.'}, {'text': 'Second.'},
+                                          {'text': 'Third.'}]
 
 
 # --------------------------------------------------------------- builders
 
 
-def test_load_split_round_trips_shipped_demos(demos_train, demos_validation,
-                                              data_dir):
-  for split, source in [('train', demos_train),
-                        ('validation', demos_validation)]:
+def test_load_split_round_trips_shipped_demos(demos_train, demos_validation, data_dir):
+  for split, source in [('train', demos_train), ('validation', demos_validation)]:
     expected = data.read_jsonl(DEMO_FILES[split], data.DEMONSTRATION_SCHEMA)
     assert len(source) == len(expected)
     examples = [source[i] for i in range(len(source))]
     assert all(isinstance(v, str) for ex in examples for v in ex.values())
-    assert ({ex['prompt'] for ex in examples} ==
-            {ex['prompt'] for ex in expected})
+    assert ({ex['prompt'] for ex in examples} == {ex['prompt'] for ex in expected})
   again = data.load_split('demonstrations', DEMO_FILES, 'train', data_dir)
   assert [again[i] for i in range(5)] == [demos_train[i] for i in range(5)]
 
@@ -150,8 +145,7 @@ def test_load_split_rejects_unknown_kind(tmp_path):
 def test_tokenizer_special_tokens(tokenizer):
   assert tokenizer.pad_token_id != tokenizer.eos_token_id
   with pytest.raises(ValueError, match='distinct from EOS'):
-    data.check_special_tokens(
-        types.SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    data.check_special_tokens(types.SimpleNamespace(pad_token_id=0, eos_token_id=0))
   with pytest.raises(OSError, match='offline by default'):
     data.load_tokenizer('no-such-org/no-such-tokenizer')
 
@@ -173,13 +167,12 @@ def test_pad_token_from_the_config(tokenizer, tmp_path):
     data.load_tokenizer(str(tmp_path), pad_token=tokenizer.eos_token)
 
 
-def test_encode_demonstration_masks_completion_and_eos(tokenizer,
-                                                       demos_train):
+def test_encode_demonstration_masks_completion_and_eos(tokenizer, demos_train):
   eos = tokenizer.eos_token
   for i in range(20):
     example = demos_train[i]
-    tokens, mask, truncated = data.encode_demonstration(
-        tokenizer, example['prompt'], example['completion'], 128)
+    tokens, mask, truncated = data.encode_demonstration(tokenizer, example['prompt'],
+                                                        example['completion'], 128)
     assert tokens.dtype == np.int32 and mask.dtype == np.int32
     assert not truncated
     assert tokens[-1] == tokenizer.eos_token_id
@@ -191,15 +184,13 @@ def test_encode_demonstration_masks_completion_and_eos(tokenizer,
 def test_encode_demonstration_truncation_keeps_completion(tokenizer):
   prompt = 'Say the words: ' + ' '.join(['apple'] * 40) + ' moon\nAnswer:'
   completion = ' fish bird'
-  tokens, mask, truncated = data.encode_demonstration(
-      tokenizer, prompt, completion, 16)
+  tokens, mask, truncated = data.encode_demonstration(tokenizer, prompt, completion, 16)
   assert truncated and len(tokens) == 16
   eos = tokenizer.eos_token
   assert tokenizer.decode(tokens[mask == 1]) == completion + eos
   assert tokenizer.decode(tokens[mask == 0]).endswith('moon\nAnswer:')
   # Too short even for the completion: one prompt token, completion cut.
-  tokens, mask, truncated = data.encode_demonstration(
-      tokenizer, prompt, completion, 2)
+  tokens, mask, truncated = data.encode_demonstration(tokenizer, prompt, completion, 2)
   assert truncated and mask.tolist() == [0, 1]
   assert tokenizer.eos_token_id not in tokens
 
@@ -216,8 +207,7 @@ def test_encode_text(tokenizer):
 
 
 def _batches(source, tokenizer, **kwargs):
-  args = dict(global_batch_size=32, buckets=(16, 32, 64), seed=0,
-              shuffle=True, repeat=True)
+  args = dict(global_batch_size=32, buckets=(16, 32, 64), seed=0, shuffle=True, repeat=True)
   args.update(kwargs)
   return data.Batches(source, _demo_encoder(tokenizer, max(args['buckets'])),
                       pad_id=tokenizer.pad_token_id, **args)
@@ -245,8 +235,7 @@ def test_batches_use_smallest_fitting_bucket(demos_train, tokenizer):
 
 def test_batches_order_is_deterministic(demos_train, tokenizer):
   first = _take(_batches(demos_train, tokenizer, seed=1), 3)
-  _assert_batches_equal(first, _take(_batches(demos_train, tokenizer,
-                                              seed=1), 3))
+  _assert_batches_equal(first, _take(_batches(demos_train, tokenizer, seed=1), 3))
   other = next(_batches(demos_train, tokenizer, seed=2))
   assert _real_rows(other) != _real_rows(first[0])
   ordered = next(_batches(demos_train, tokenizer, shuffle=False))
@@ -266,13 +255,13 @@ def _synthetic(n):
     i = int(example['id'])
     tokens = np.full(i % 5 + 1, i + 2, np.int32)
     return tokens, np.ones_like(tokens), i % 7 == 0
+
   return source, encode
 
 
 def _synthetic_batches(n, **kwargs):
   source, encode = _synthetic(n)
-  args = dict(global_batch_size=8, buckets=(4, 8), pad_id=1, seed=0,
-              shuffle=True, repeat=True)
+  args = dict(global_batch_size=8, buckets=(4, 8), pad_id=1, seed=0, shuffle=True, repeat=True)
   args.update(kwargs)
   return data.Batches(source, encode, **args)
 
@@ -286,23 +275,22 @@ def _ids(batch):
 def test_host_sharding_concatenates_to_global_batch(demos_train, tokenizer):
   one = _take(_batches(demos_train, tokenizer, buckets=(64,)), 3)
   hosts = [
-      _take(_batches(demos_train, tokenizer, buckets=(64,), process_index=p,
-                     process_count=2), 3) for p in range(2)]
+      _take(_batches(demos_train, tokenizer, buckets=(64,), process_index=p, process_count=2), 3)
+      for p in range(2)
+  ]
   assert hosts[0][0]['tokens'].shape == (16, 64)
   for g in range(3):
     for key in one[g]:
-      np.testing.assert_array_equal(
-          np.concatenate([hosts[0][g][key], hosts[1][g][key]]), one[g][key])
+      np.testing.assert_array_equal(np.concatenate([hosts[0][g][key], hosts[1][g][key]]),
+                                    one[g][key])
   with pytest.raises(ValueError, match='single bucket'):
     _batches(demos_train, tokenizer, process_count=2)
   with pytest.raises(ValueError, match='global_batch_size.*process_count'):
-    _batches(demos_train, tokenizer, global_batch_size=30, process_count=4,
-             buckets=(64,))
+    _batches(demos_train, tokenizer, global_batch_size=30, process_count=4, buckets=(64,))
 
 
 def test_host_shards_are_disjoint():
-  hosts = [_synthetic_batches(40, buckets=(8,), process_index=p,
-                              process_count=4) for p in range(4)]
+  hosts = [_synthetic_batches(40, buckets=(8,), process_index=p, process_count=4) for p in range(4)]
   for _ in range(5):  # One epoch: 40 examples, 5 global batches of 8.
     ids = [_ids(next(h)) for h in hosts]
     assert all(len(part) == 2 for part in ids)
@@ -338,10 +326,8 @@ def test_num_truncated_counts_occurrences():
 
 
 def test_eval_covers_every_example_once_with_dummy_rows():
-  batches = _synthetic_batches(21, repeat=False, process_index=1,
-                               process_count=2, buckets=(8,))
-  others = _synthetic_batches(21, repeat=False, process_index=0,
-                              process_count=2, buckets=(8,))
+  batches = _synthetic_batches(21, repeat=False, process_index=1, process_count=2, buckets=(8,))
+  others = _synthetic_batches(21, repeat=False, process_index=0, process_count=2, buckets=(8,))
   ids, num_batches = [], 0
   for host in (batches, others):
     for batch in host:
@@ -363,24 +349,20 @@ def test_eval_on_shipped_validation(demos_validation, tokenizer):
   batches = _batches(demos_validation, tokenizer, repeat=False, shuffle=False)
   got = [row for batch in batches for row in _real_rows(batch)]
   encode = _demo_encoder(tokenizer, 64)
-  expected = [tuple(encode(demos_validation[i])[0].tolist())
-              for i in range(len(demos_validation))]
+  expected = [tuple(encode(demos_validation[i])[0].tolist()) for i in range(len(demos_validation))]
   assert got == expected
   assert batches.batches_per_epoch == -(-len(demos_validation) // 32)
 
 
 def test_make_batches_text_kind(tmp_path, tokenizer):
   path = tmp_path / 'corpus.txt'
-  path.write_text('The red door opens.\n\nThe cold ship sails.\n\nA cat.\n',
-                  encoding='utf-8')
-  batches = data.make_batches(
-      'text', {'train': str(path)}, 'train', tokenizer, global_batch_size=4,
-      buckets=(8, 16), seed=0, shuffle=False, repeat=False,
-      data_dir=str(tmp_path / 'tfds'))
+  path.write_text('The red door opens.\n\nThe cold ship sails.\n\nA cat.\n', encoding='utf-8')
+  batches = data.make_batches('text', {'train': str(path)}, 'train', tokenizer, global_batch_size=4,
+                              buckets=(8, 16), seed=0, shuffle=False, repeat=False,
+                              data_dir=str(tmp_path / 'tfds'))
   (batch,) = list(batches)
   np.testing.assert_array_equal(batch['loss_mask'], batch['attention_mask'])
   assert batch['attention_mask'].sum(axis=1).tolist()[3] == 0
   texts = sorted(tokenizer.decode(row) for row in _real_rows(batch))
   eos = tokenizer.eos_token
-  assert texts == sorted(t + eos for t in [
-      'The red door opens.', 'The cold ship sails.', 'A cat.'])
+  assert texts == sorted(t + eos for t in ['The red door opens.', 'The cold ship sails.', 'A cat.'])

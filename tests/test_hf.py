@@ -59,19 +59,20 @@ TOLERANCE = 1e-4
 def hf_config(family: str, **overrides):
   """A 2-layer, d=64 transformers config of `family`."""
   if family == "gpt2":
-    c = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2,
-                                n_head=4, bos_token_id=0, eos_token_id=0)
+    c = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                bos_token_id=0, eos_token_id=0)
   elif family == "gpt_neox":  # Pythia-like: a quarter of each head rotated, parallel residual.
-    c = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=256,
-                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                    "partial_rotary_factor": 0.25})
+    c = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25
+        })
   else:  # Grouped-query attention, untied head, a non-default rope theta.
     c = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 intermediate_size=192, max_position_embeddings=128,
-                                 bos_token_id=0, eos_token_id=0,
+                                 intermediate_size=192, max_position_embeddings=128, bos_token_id=0,
+                                 eos_token_id=0,
                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5})
   for k, v in overrides.items():
     setattr(c, k, v)
@@ -168,12 +169,14 @@ def test_imported_logits_match_transformers(saved, family):
 # the frequency pairs of a 16-wide head fall in every regime of 'llama3' and the test reaches
 # positions far past the original context.
 SCALED_ROPE = {
-    "llama-llama3": ("llama", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 32}),
+    "llama-llama3": ("llama", {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32
+    }),
     "llama-linear": ("llama", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
-    "gpt_neox-linear": ("gpt_neox", {"rope_type": "linear", "rope_theta": 10000.0,
-                                     "factor": 2.0, "partial_rotary_factor": 0.5}),
+    "gpt_neox-linear": ("gpt_neox", {
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5
+    }),
 }
 
 
@@ -186,8 +189,8 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
   model.save_pretrained(tmp_path / "hf")
   cfg = hf.model_config_from_hf(hf.read_hf_config(str(tmp_path / "hf")))
   assert cfg.rope_scaling == rope["rope_type"] and cfg.rope_factor == rope["factor"]
-  theirs, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope["rope_type"]](
-      model.config, "cpu")
+  theirs, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope["rope_type"]](model.config,
+                                                                                      "cpu")
   unscaled = layers.rope_frequencies(dataclasses.replace(cfg, rope_scaling="none"))
   ours = layers.rope_frequencies(cfg)
   np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
@@ -197,11 +200,11 @@ def test_scaled_rope_matches_transformers(name, tmp_path):
   expected = torch_logits(model, tokens, mask)
   params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
   real = mask > 0
-  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
-                             atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(
+      our_logits(cfg, params, tokens, mask)[real], expected[real], atol=TOLERANCE, rtol=0)
   # Without the scaling the same weights give different logits: the test can tell.
-  wrong = our_logits(dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0), params,
-                     tokens, mask)
+  wrong = our_logits(dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0), params, tokens,
+                     mask)
   assert np.abs(wrong[real] - expected[real]).max() > 100 * TOLERANCE
   exported = hf.hf_config_from_model_config(cfg, family)
   assert hf.model_config_from_hf(exported) == cfg
@@ -219,12 +222,12 @@ def round_trip(family: str, tmp_path, seed: int, **overrides):
   tokens, mask = inputs(seed=seed)
   real = mask > 0
   expected = torch_logits(model, tokens, mask)
-  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real], expected[real],
-                             atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(
+      our_logits(cfg, params, tokens, mask)[real], expected[real], atol=TOLERANCE, rtol=0)
   out = hf.export(write_run(tmp_path / "run", "sft", cfg, params), str(tmp_path / "out"))
   exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real], expected[real],
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+      torch_logits(exported, tokens, mask)[real], expected[real], atol=1e-6, rtol=0)
   assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
   return cfg, params, exported.config
 
@@ -268,8 +271,9 @@ def test_greedy_generation_matches_transformers(saved, family):
   tokens = np.random.default_rng(1).integers(4, VOCAB, (2, 6))
   mask = np.ones_like(tokens)
   tokens[0, :2], mask[0, :2] = pad, 0
-  sample = jax.jit(make_sampler(Transformer(cfg), SamplingConfig(
-      max_new_tokens=new, eos_id=eos, pad_id=pad, temperature=0.0)))
+  sample = jax.jit(
+      make_sampler(Transformer(cfg),
+                   SamplingConfig(max_new_tokens=new, eos_id=eos, pad_id=pad, temperature=0.0)))
   ours = np.asarray(sample(params, tokens, mask, jax.random.key(0)).response_tokens)
   with torch.no_grad():
     theirs = model.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
@@ -285,14 +289,16 @@ def test_greedy_generation_matches_transformers(saved, family):
 def test_sharded_loading_places_each_array_in_its_target_sharding(saved, monkeypatch):
   """On an 8-device mesh (fsdp=4, tensor=2) every parameter is created in the sharding the
   rule table gives it (scanned layers too), reading only each shard's block from disk."""
-  mesh = shd.make_mesh(ml_collections.ConfigDict(
-      dict(shape=(1, 4, 2), axis_names=("data", "fsdp", "tensor"))))
+  mesh = shd.make_mesh(
+      ml_collections.ConfigDict(dict(shape=(1, 4, 2), axis_names=("data", "fsdp", "tensor"))))
   reads = []
   original = hf_files._Tensors.read
+
   def spy(self, name, index):
     block = original(self, name, index)
     reads.append((name, block.size, math.prod(self.shape(name))))
     return block
+
   monkeypatch.setattr(hf_files._Tensors, "read", spy)
   for family, scan in (("gpt2", False), ("gpt_neox", True), ("llama", True)):
     model, single, sharded = saved[family]
@@ -304,8 +310,8 @@ def test_sharded_loading_places_each_array_in_its_target_sharding(saved, monkeyp
     params = hf.load_hf_params(sharded, cfg, shardings)
     for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
                             jax.tree.leaves(shardings)):
-      assert isinstance(x.sharding, NamedSharding) and x.sharding.is_equivalent_to(s, x.ndim), (
-          family, jax.tree_util.keystr(path), x.sharding, s)
+      assert isinstance(x.sharding, NamedSharding) and x.sharding.is_equivalent_to(
+          s, x.ndim), (family, jax.tree_util.keystr(path), x.sharding, s)
     kernel = params["layers"]["attn"]["q_proj"]["kernel"] if scan else (
         params["layers_0"]["attn"]["q_proj"]["kernel"])
     assert not kernel.is_fully_replicated
@@ -358,20 +364,25 @@ def test_pickle_only_checkpoint_is_refused_without_opt_in(saved, tmp_path):
 
 def test_unsupported_checkpoints_are_clear_errors(saved, tmp_path):
   with pytest.raises(ValueError, match="Unsupported Hugging Face model_type 'bert'.*gpt2, "
-                                       "gpt_neox, llama"):
+                     "gpt_neox, llama"):
     hf.model_config_from_hf(transformers.BertConfig())
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
   with pytest.raises(ValueError, match="model_type 'mistral'"):
     hf.load_hf_params(str(tmp_path))
-  yarn = hf_config("llama", rope_parameters={
-      "rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
-      "original_max_position_embeddings": 64})
+  yarn = hf_config(
+      "llama", rope_parameters={
+          "rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+          "original_max_position_embeddings": 64
+      })
   with pytest.raises(ValueError, match="rope_type='yarn'.*'default', 'linear' and 'llama3'"):
     hf.model_config_from_hf(yarn)
   with pytest.raises(ValueError, match="Invalid llama config.json.*'llama3'.*low_freq_factor"):
-    hf.model_config_from_hf({"model_type": "llama", "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64}})
+    hf.model_config_from_hf({
+        "model_type": "llama", "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64
+        }
+    })
   with pytest.raises(ValueError, match="activation_function='relu'"):
     hf.model_config_from_hf(hf_config("gpt2", activation_function="relu"))
   # A config that does not match the checkpoint names the differing fields.
@@ -384,8 +395,9 @@ def test_unsupported_checkpoints_are_clear_errors(saved, tmp_path):
   shutil.copytree(single, tmp_path / "edited")
   edited = dict(hf.read_hf_config(single), intermediate_size=128)
   (tmp_path / "edited" / "config.json").write_text(json.dumps(edited))
-  with pytest.raises(ValueError, match=r"mlp\.\w+\.weight of .* has shape .* but the model "
-                                       r"config needs \((128, 64|64, 128)\)"):
+  with pytest.raises(
+      ValueError, match=r"mlp\.\w+\.weight of .* has shape .* but the model "
+      r"config needs \((128, 64|64, 128)\)"):
     hf.load_hf_params(str(tmp_path / "edited"))
 
 
@@ -430,8 +442,7 @@ def test_exported_policy_loads_in_transformers_and_imports_back(saved, tmp_path,
   params = hf.load_hf_params(single, cfg)
   run = write_run(tmp_path / "run", "sft", cfg, params)
   out = hf.export(run, str(tmp_path / "hf"))
-  assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(
-      os.listdir(out))
+  assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(out))
   assert hf.infer_family(cfg) == family
   # export -> import is the identity on parameters.
   assert_trees_equal(hf.load_hf_params(out, cfg), jax.device_get(params))
@@ -440,8 +451,9 @@ def test_exported_policy_loads_in_transformers_and_imports_back(saved, tmp_path,
   assert (exported.config.eos_token_id, exported.config.pad_token_id) == (0, 1)
   tokens, mask = inputs(seed=2)
   real = mask > 0
-  np.testing.assert_allclose(our_logits(cfg, params, tokens, mask)[real],
-                             torch_logits(exported, tokens, mask)[real], atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(
+      our_logits(cfg, params, tokens, mask)[real],
+      torch_logits(exported, tokens, mask)[real], atol=TOLERANCE, rtol=0)
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   assert len(tokenizer) == VOCAB and tokenizer.pad_token_id == 1
   with pytest.raises(FileExistsError, match="not empty"):
@@ -468,8 +480,8 @@ def test_sharded_bfloat16_export_of_an_fsdp_run(saved, tmp_path, monkeypatch):
   assert not q.is_fully_replicated
   # One layer's parameter at a time, each once: as many arrays as the unscanned model has,
   # adding up to its parameter count.
-  unscanned_leaves = jax.tree.leaves(hf.load_hf_params(single, hf.model_config_from_hf(
-      model.config)))
+  unscanned_leaves = jax.tree.leaves(
+      hf.load_hf_params(single, hf.model_config_from_hf(model.config)))
   assert len(gathered) == len(unscanned_leaves)
   assert sum(g.size for g in gathered) == count_params(cfg)
   files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
@@ -486,16 +498,20 @@ def test_sharded_bfloat16_export_of_an_fsdp_run(saved, tmp_path, monkeypatch):
   exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   tokens, mask = inputs(seed=5)
   real = mask > 0
-  np.testing.assert_allclose(torch_logits(exported, tokens, mask)[real],
-                             torch_logits(model, tokens, mask)[real], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+      torch_logits(exported, tokens, mask)[real],
+      torch_logits(model, tokens, mask)[real], atol=1e-6, rtol=0)
   # bfloat16: half the bytes, and every weight is the float32 one rounded to bfloat16.
   bf16 = hf.export(run, str(tmp_path / "bf16"), dtype="bfloat16", max_shard_size="60KB")
   assert hf.read_hf_config(bf16)["dtype"] == "bfloat16"
-  size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)  # noqa: E731
-                       if f.endswith(".safetensors"))
+  size = lambda d: sum(
+      os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)  # noqa: E731
+      if f.endswith(".safetensors"))
   assert size(bf16) < 0.55 * size(out)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
-      a, np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32)),
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(
+          a,
+          np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32)),
       jax.device_get(hf.load_hf_params(bf16, unscanned)), hf.load_hf_params(single, unscanned))
   loaded = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
   assert next(loaded.parameters()).dtype == torch.bfloat16
@@ -509,11 +525,13 @@ def test_failed_export_leaves_the_previous_export(saved, tmp_path, monkeypatch):
   out = hf.export(run, str(tmp_path / "hf"))
   before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
   tensors = hf.iter_hf_tensors
+
   def failing(*args):
     for i, item in enumerate(tensors(*args)):
       if i == 3:
         raise OSError("disk full")
       yield item
+
   monkeypatch.setattr(hf_export, "iter_hf_tensors", failing)
   with pytest.raises(OSError, match="disk full"):
     hf.export(run, out, overwrite=True, max_shard_size="10KB")
@@ -523,8 +541,8 @@ def test_failed_export_leaves_the_previous_export(saved, tmp_path, monkeypatch):
     hf.export(run, out, overwrite=True, max_shard_size="5 parsecs")
   with pytest.raises(ValueError, match="dtype='float16'"):
     hf.export(run, out, overwrite=True, dtype="float16")
-  assert [hf.parse_size(x) for x in ("5GB", "500MB", "2GiB", "100KB", 7)] == [
-      5 * 10**9, 5 * 10**8, 2 * 2**30, 10**5, 7]
+  assert [hf.parse_size(x) for x in ("5GB", "500MB", "2GiB", "100KB", 7)
+         ] == [5 * 10 ** 9, 5 * 10 ** 8, 2 * 2 ** 30, 10 ** 5, 7]
 
 
 def test_ppo_run_exports_its_policy(saved, tmp_path):
@@ -555,8 +573,10 @@ def test_exported_reward_model_is_a_sequence_classifier_with_its_bias_recorded(s
   cfg = hf.model_config_from_hf(model.config)
   params = {k: v for k, v in hf.load_hf_params(single, cfg).items() if k != "lm_head"}
   rng = np.random.default_rng(0)
-  params["scalar_head"] = {"kernel": jnp.asarray(rng.standard_normal((64, 1)), jnp.float32),
-                           "bias": jnp.asarray([0.75], jnp.float32)}
+  params["scalar_head"] = {
+      "kernel": jnp.asarray(rng.standard_normal((64, 1)), jnp.float32),
+      "bias": jnp.asarray([0.75], jnp.float32)
+  }
   norm = {"gain": 2.0, "bias": -0.5, "mode": "policy_samples", "num_scored": 10}
   run = write_run(tmp_path / "rm", "rm", cfg, params, {"reward_normalization": norm})
   out = hf.export(run, str(tmp_path / "hf"))
@@ -593,21 +613,21 @@ def test_export_command_line(saved, tmp_path):
   model, single, _ = saved["gpt2"]
   cfg = hf.model_config_from_hf(model.config)
   run = write_run(tmp_path / "run", "pretrain", cfg, hf.load_hf_params(single, cfg))
-  command = [sys.executable, "-m", "instruct.export", f"--workdir={run}",
-             f"--out={tmp_path / 'hf'}", "--max_shard_size=100KB", "--mesh_shape=1,-1,1"]
+  command = [
+      sys.executable, "-m", "instruct.export", f"--workdir={run}", f"--out={tmp_path / 'hf'}",
+      "--max_shard_size=100KB", "--mesh_shape=1,-1,1"
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert os.path.exists(tmp_path / "hf" / hf.SAFE_INDEX)
-  assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg),
-                     hf.load_hf_params(single, cfg))
-  bad = subprocess.run(command[:-2] + ["--overwrite", "--mesh_shape=3,-1,1"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+  assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg), hf.load_hf_params(single, cfg))
+  bad = subprocess.run(command[:-2] + ["--overwrite", "--mesh_shape=3,-1,1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "over mesh_shape (--mesh_shape)" in bad.stderr
   assert "(3, -1, 1) does not divide the 4 available devices" in bad.stderr
-  assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg),
-                     hf.load_hf_params(single, cfg))
+  assert_trees_equal(hf.load_hf_params(str(tmp_path / "hf"), cfg), hf.load_hf_params(single, cfg))
 
 
 # ---------------------------------------------------------------------------------- training

@@ -61,8 +61,7 @@ def test_from_run_config_is_the_saved_config_and_overridable(pipeline_run, tmp_p
   saved["model"]["attention_bias"] = None
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
-  config = config_lib.load_config_file(os.path.join(root, "configs", "from_run.py"),
-                                       str(tmp_path))
+  config = config_lib.load_config_file(os.path.join(root, "configs", "from_run.py"), str(tmp_path))
   assert config.model.attention_bias is None
   config.model.attention_bias = False
   with pytest.raises(TypeError):
@@ -101,9 +100,9 @@ def test_report_is_complete(pipeline_run):
     assert results["over_optimization"][name][0]["kl"] == pytest.approx(0, abs=1e-4)
   with open(os.path.join(pipeline_run, "report.md")) as f:
     report = f.read()
-  for heading in ("## Targets", "## Win rates against SFT", "## Alignment tax",
-                  "## Reward model", "## Honesty and harmlessness", "## Over-optimisation",
-                  "## Samples", "## Training curves"):
+  for heading in ("## Targets", "## Win rates against SFT", "## Alignment tax", "## Reward model",
+                  "## Honesty and harmlessness", "## Over-optimisation", "## Samples",
+                  "## Training curves"):
     assert heading in report, heading
   images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
   assert len(images) >= 5
@@ -123,8 +122,10 @@ def test_interrupted_pipeline_resumes_to_the_same_numbers(pipeline_run, tmp_path
   shutil.rmtree(os.path.join(root, "ppo_ptx", "checkpoints", str(steps[-1])))
   shutil.rmtree(os.path.join(root, "evaluate"))
   os.remove(os.path.join(root, "report.md"))
-  before = {s: os.path.getmtime(os.path.join(root, s, "config.json"))
-            for s in TRAINING_STAGES if s != "ppo_ptx"}
+  before = {
+      s: os.path.getmtime(os.path.join(root, s, "config.json")) for s in TRAINING_STAGES
+      if s != "ppo_ptx"
+  }
   run_test_pipeline(root, str(tmp_path / "tfds"))
   assert _results(root) == _results(pipeline_run)
   for stage, mtime in before.items():  # Finished stages were not rerun.
@@ -144,6 +145,7 @@ def test_same_seed_same_report_numbers(pipeline_run, tmp_path):
 
 # --- The RL stages do their job. -------------------------------------------------------------
 
+
 def _ppo_series(root, stage, key):
   records = sorted((r for r in metrics_lib.read_metrics(os.path.join(root, stage)) if key in r),
                    key=lambda r: r["step"])
@@ -151,6 +153,7 @@ def _ppo_series(root, stage, key):
   return np.asarray([r[key] for r in records])
 
 
+# yapf: disable
 @pytest.mark.parametrize("stage", ["ppo", "ppo_ptx"])
 def test_ppo_raises_its_reward_and_moves_away_from_sft(pipeline_run, stage):
   """Directional: PPO's training score (the RM's score; -1 for an answer without EOS) rises
@@ -173,9 +176,10 @@ def test_ppo_raises_its_reward_and_moves_away_from_sft(pipeline_run, stage):
   curve = _results(pipeline_run)["over_optimization"][stage]
   gain = curve[-1]["labeler_score"] - curve[0]["labeler_score"]
   assert gain > 0.1, curve                                   # Measured: +0.26 at least.
-
+# yapf: enable
 
 # --- Seed, RM epochs, KL coefficient, per-prompt outcomes. -----------------------------------
+
 
 def test_seed_replaces_the_presets_and_its_worlds_seed():
   for name, preset in mini.PRESETS.items():
@@ -183,8 +187,8 @@ def test_seed_replaces_the_presets_and_its_worlds_seed():
     assert seeded.seed == 7 and seeded.world.seed == 7, name
     assert seeded.labelers == preset.labelers  # The same labelers at every seed.
     assert dataclasses.replace(seeded, seed=preset.seed,
-                               world=dataclasses.replace(seeded.world, seed=preset.world.seed)
-                               ) == preset
+                               world=dataclasses.replace(seeded.world,
+                                                         seed=preset.world.seed)) == preset
   assert mini._SEED.default == 0
 
 
@@ -225,7 +229,8 @@ def test_rm_trains_its_epochs_over_the_comparisons(pipeline_run, tmp_path):
 def test_ppo_uses_a_fixed_kl_coefficient(pipeline_run):
   for stage in ("ppo", "ppo_ptx"):
     saved = ckpt_lib.read_config(os.path.join(pipeline_run, stage))
-    assert (saved["kl"]["controller"], saved["kl"]["initial_beta"]) == ("fixed", 0.05)
+    kl = saved[saved["algorithm"]]["kl"]  # The algorithm's section holds its KL settings.
+    assert (saved["algorithm"], kl["controller"], kl["initial_beta"]) == ("ppo", "fixed", 0.05)
     assert np.all(_ppo_series(pipeline_run, stage, "beta") == np.float32(0.05))
   with open(os.path.join(pipeline_run, "report.md")) as f:
     assert "PPO and PPO-ptx: fixed KL coefficient beta=0.05" in f.read()

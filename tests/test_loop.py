@@ -36,6 +36,7 @@ def _loop(tmp_path, step_fn, train, **kwargs):
 
 def _counting_step(bad_at=None, bad_key="loss"):
   """A step whose state is a counter and whose metrics are (loss, extra, tokens)."""
+
   def step_fn(state, rng):
     del rng
     state = {"count": state["count"] + 1}
@@ -44,6 +45,7 @@ def _counting_step(bad_at=None, bad_key="loss"):
     if bad_at is not None and count == bad_at:
       metrics[bad_key] = float("nan")
     return state, metrics
+
   return step_fn
 
 
@@ -64,8 +66,7 @@ def test_loop_writes_averages_saves_and_stops_at_stop_at_step(tmp_path):
 
 
 def test_loop_stops_on_any_non_finite_metric_without_saving(tmp_path):
-  loop, checkpointer, writer = _loop(tmp_path, _counting_step(bad_at=5, bad_key="extra"),
-                                     _train())
+  loop, checkpointer, writer = _loop(tmp_path, _counting_step(bad_at=5, bad_key="extra"), _train())
   with pytest.raises(loop_lib.NonFiniteLossError,
                      match=r"Non-finite extra \(nan\) at step 5\b.*last good checkpoint \(3\)"):
     loop.run({"count": np.zeros((), np.int32)}, 0)
@@ -88,9 +89,8 @@ def test_loop_writes_every_step_when_asked_and_finalizes_at_the_last(tmp_path):
   writer.close()
 
 
-@pytest.mark.parametrize("key,value", [("stop_at_step", 0), ("stop_at_step", -2),
-                                       ("log_every", 0), ("checkpoint_every", 0),
-                                       ("num_steps", 0)])
+@pytest.mark.parametrize("key,value", [("stop_at_step", 0), ("stop_at_step", -2), ("log_every", 0),
+                                       ("checkpoint_every", 0), ("num_steps", 0)])
 def test_loop_settings_are_validated_by_name(key, value):
   train = _train(**{key: value})
   with pytest.raises(ValueError, match=rf"config\.train\.{key}={value}"):

@@ -21,8 +21,8 @@ import pytest
 from flax.linen import meta
 
 from instruct import config_lib
-from instruct.model import (KVCache, ModelConfig, Transformer, count_params, preset,
-                            stack_layers, unstack_layers)
+from instruct.model import (KVCache, ModelConfig, Transformer, count_params, preset, stack_layers,
+                            unstack_layers)
 from instruct.model.layers import apply_rope, rope_frequencies
 from instruct.sharding import DEFAULT_RULES
 from tests.conftest import is_boxed
@@ -34,9 +34,10 @@ NEOX = dict(position="rope", rotary_fraction=0.25, parallel_residual=True, mlp="
 # Llama 3.1 / 3.2 frequency scaling with a short original context, so that the head's 8
 # frequency pairs fall in all three regimes (kept, interpolated, divided).
 LLAMA3_ROPE = dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_length=64)
-VARIANTS = {"tiny": ("tiny", {}), "tiny_llama": ("tiny_llama", {}), "tiny_neox": ("tiny", NEOX),
-            "tiny_llama3_rope": ("tiny_llama", LLAMA3_ROPE)}
-
+VARIANTS = {
+    "tiny": ("tiny", {}), "tiny_llama": ("tiny_llama", {}), "tiny_neox": ("tiny", NEOX),
+    "tiny_llama3_rope": ("tiny_llama", LLAMA3_ROPE)
+}
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -174,7 +175,6 @@ def np_logits(params, cfg, tokens, mask):
 
 # ---------------------------------------------------------------------- shared models
 
-
 # Shapes shared by the tests so that the jitted functions below compile once per family.
 BATCH, LENGTH, PROMPT = 2, 12, 4
 
@@ -191,6 +191,7 @@ class Family:
     def step(params, tokens, mask, cache):
       out = self.model.apply(params, tokens, mask, cache=cache)
       return out.logits, out.cache
+
     self.step = jit(step)
 
 
@@ -233,8 +234,7 @@ def test_padded_batch_matches_numpy_reference(name):
   got = np.asarray(fam.logits(fam.params, tokens, mask))
   want = np_logits(fam.params, fam.cfg, tokens, mask)
   real = mask > 0
-  np.testing.assert_allclose(got[real], want[real], rtol=1e-4,
-                             atol=1e-4 * np.abs(want[real]).max())
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4 * np.abs(want[real]).max())
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -345,8 +345,7 @@ def test_scan_layers_with_stacked_params_matches_unscanned(name):
   stacked = {"params": stack_layers(fam.params["params"], fam.cfg.num_layers)}
   # The stacked tree is exactly the tree the scanned model creates.
   scan_shapes = meta.unbox(abstract_variables(scan_model))
-  assert (jax.tree.map(lambda x: x.shape, scan_shapes)
-          == jax.tree.map(lambda x: x.shape, stacked))
+  assert (jax.tree.map(lambda x: x.shape, scan_shapes) == jax.tree.map(lambda x: x.shape, stacked))
   tokens = random_tokens(fam.cfg, (BATCH, LENGTH), seed=6)
   mask = np.ones_like(tokens)
   mask[0, :3] = 0
@@ -371,14 +370,16 @@ def test_scan_layers_kv_cache_matches_unscanned():
   def scan_step(params, cache):
     out = scan_model.apply(params, tokens, mask, cache=cache)
     return out.logits, out.cache
+
   got_logits, got = scan_step(stacked, cache)
   assert np.abs(np.asarray(want.k)[:, :, :PROMPT]).max() > 0
   np.testing.assert_allclose(np.asarray(got.k), np.asarray(want.k), atol=1e-5)
   np.testing.assert_allclose(np.asarray(got.v), np.asarray(want.v), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
   real = mask > 0
-  np.testing.assert_allclose(np.asarray(got_logits)[real], np.asarray(want_logits)[real],
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(got_logits)[real],
+      np.asarray(want_logits)[real], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -413,6 +414,7 @@ def test_remat_policies_give_same_logits_and_gradients(name):
     def loss(p):
       logits = model.apply(p, tokens, mask).logits
       return jnp.mean(jnp.tanh(logits) * weights), logits
+
     (_, logits), grads = jit(jax.value_and_grad(loss, has_aux=True))(fam.params)
     return np.asarray(logits), grads
 
@@ -421,8 +423,8 @@ def test_remat_policies_give_same_logits_and_gradients(name):
   for remat in ("full", "dots"):
     logits, grads = run(remat)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 grads, ref_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+                 ref_grads)
 
 
 # -------------------------------------------------------------------------- dropout
@@ -437,6 +439,7 @@ def test_dropout_deterministic_and_stochastic(name):
 
   def apply(p, key, deterministic):
     return model.apply(p, tokens, deterministic=deterministic, rngs={"dropout": key}).logits
+
   apply = jit(apply, static_argnums=2)
   k1, k2 = jax.random.key(1), jax.random.key(2)
   no_dropout = np.asarray(fam.logits(fam.params, tokens, np.ones_like(tokens)))
@@ -495,6 +498,7 @@ def bf16_forward(name: str, tokens, mask=None, **kwargs):
   def apply(params):
     return model.apply(params, tokens, mask, capture_intermediates=lambda m, _: m.name in keep,
                        mutable=["intermediates"], **kwargs)
+
   out, state = apply(fam.params)
   return out, jax.tree.map(np.asarray, state["intermediates"])
 
@@ -602,12 +606,12 @@ def test_scalar_head_values_match_reference(name):
 def test_scalar_head_init():
   """scalar_head kernel ~ N(0, 1/(d_model+1)), bias 0."""
   d = 256
-  cfg = make_cfg("tiny", d_model=d, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-                 d_ff=8, vocab_size=8, max_length=8)
+  cfg = make_cfg("tiny", d_model=d, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, d_ff=8,
+                 vocab_size=8, max_length=8)
   model = Transformer(cfg, head="scalar")
   # Only the head leaves the jitted init, so XLA drops the other initialisers (fast compile).
-  head = jit(lambda key: meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32)))[
-      "params"]["scalar_head"])(jax.random.key(0))
+  head = jit(lambda key: meta.unbox(model.init(key, jnp.zeros(
+      (1, 2), jnp.int32)))["params"]["scalar_head"])(jax.random.key(0))
   kernel = np.asarray(head["kernel"])
   assert kernel.shape == (d, 1)
   np.testing.assert_array_equal(np.asarray(head["bias"]), np.zeros(1))
@@ -622,7 +626,8 @@ def test_scalar_backbone_equals_lm_backbone(name, scan):
   """The scalar model's tree is the lm model's minus `lm_head` plus `scalar_head`."""
   cfg = make_cfg(name, scan_layers=scan)
   shapes = lambda head: jax.tree.map(  # noqa: E731
-      lambda x: x.shape, meta.unbox(abstract_variables(Transformer(cfg, head)))["params"])
+      lambda x: x.shape,
+      meta.unbox(abstract_variables(Transformer(cfg, head)))["params"])
   lm, scalar = shapes("lm"), shapes("scalar")
   assert ("lm_head" in lm) == (not cfg.tie_embeddings)
   assert scalar.pop("scalar_head") == {"kernel": (cfg.d_model, 1), "bias": (1,)}
@@ -666,27 +671,28 @@ def test_every_parameter_has_logical_names(name, scan, head):
 # ---------------------------------------------------------------- config validation
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (dict(norm="batchnorm"), "norm"),
-    (dict(mlp="relu"), "mlp"),
-    (dict(position="alibi"), "position"),
-    (dict(remat="some"), "remat"),
-    (dict(dtype="float16"), "dtype"),
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(rotary_fraction=0.0), "rotary_fraction"),
-    (dict(rotary_fraction=1.5), "rotary_fraction"),
-    (dict(head_dim=10, rotary_fraction=0.5), "rotary_fraction"),
-    (dict(dropout_rate=1.0), "dropout_rate"),
-    (dict(dropout_rate=-0.1), "dropout_rate"),
-], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "overrides,key", [
+        (dict(norm="batchnorm"), "norm"),
+        (dict(mlp="relu"), "mlp"),
+        (dict(position="alibi"), "position"),
+        (dict(remat="some"), "remat"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        (dict(rotary_fraction=0.0), "rotary_fraction"),
+        (dict(rotary_fraction=1.5), "rotary_fraction"),
+        (dict(head_dim=10, rotary_fraction=0.5), "rotary_fraction"),
+        (dict(dropout_rate=1.0), "dropout_rate"),
+        (dict(dropout_rate=-0.1), "dropout_rate"),
+    ], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_invalid_config_raises_naming_key(overrides, key):
   """Invalid field values raise ValueError naming config.model.<key>."""
   with pytest.raises(ValueError, match=rf"config\.model\.{key}\b"):
     ModelConfig(**preset("tiny", **overrides))
 
 
-@pytest.mark.parametrize("key,value", [("num_kv_heads", 0), ("num_kv_heads", -2),
-                                       ("d_model", 0), ("num_layers", -1)])
+@pytest.mark.parametrize("key,value", [("num_kv_heads", 0), ("num_kv_heads", -2), ("d_model", 0),
+                                       ("num_layers", -1)])
 def test_non_positive_sizes_raise_naming_key(key, value):
   """Sizes must be positive integers; the error names config.model.<key>."""
   with pytest.raises(ValueError, match=rf"config\.model\.{key}"):
@@ -723,14 +729,19 @@ def test_unknown_preset_lists_known_ones():
 # ------------------------------------------------------------------ parameter counts
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("tiny", {}), ("tiny_llama", {}), ("tiny", dict(tie_embeddings=False)),
-    ("tiny_llama", dict(use_bias=True, tie_embeddings=True)),
-    ("tiny", dict(position="rope", mlp="gelu", parallel_residual=True)),
-    ("tiny", dict(position="rope", parallel_residual=True, attention_bias=False)),
-    ("tiny_llama", dict(attention_bias=True)),
-], ids=["tiny", "tiny_llama", "tiny-untied", "tiny_llama-bias-tied", "tiny-rope-gelu-parallel",
-        "tiny-no-attention-bias", "tiny_llama-attention-bias-only"])
+@pytest.mark.parametrize(
+    "name,overrides", [
+        ("tiny", {}),
+        ("tiny_llama", {}),
+        ("tiny", dict(tie_embeddings=False)),
+        ("tiny_llama", dict(use_bias=True, tie_embeddings=True)),
+        ("tiny", dict(position="rope", mlp="gelu", parallel_residual=True)),
+        ("tiny", dict(position="rope", parallel_residual=True, attention_bias=False)),
+        ("tiny_llama", dict(attention_bias=True)),
+    ], ids=[
+        "tiny", "tiny_llama", "tiny-untied", "tiny_llama-bias-tied", "tiny-rope-gelu-parallel",
+        "tiny-no-attention-bias", "tiny_llama-attention-bias-only"
+    ])
 @pytest.mark.parametrize("head", ["lm", "scalar"])
 def test_count_params_matches_real_count(name, overrides, head):
   """count_params equals the number of parameters the model actually creates."""
@@ -740,6 +751,7 @@ def test_count_params_matches_real_count(name, overrides, head):
 
 
 # ----------------------------------------------------------------------------- RoPE
+
 
 @functools.partial(jit, static_argnums=(2, 3))
 def rope(x, positions, rotary_dim, theta):
@@ -773,8 +785,8 @@ def test_apply_rope_partial_rotary():
   assert cfg.rotary_dim == 4
   np.testing.assert_array_equal(got[..., 4:], x[..., 4:])
   assert np.abs(got[..., :4] - x[..., :4]).max() > 1e-2
-  np.testing.assert_allclose(got, np_rope(x.astype(np.float64), pos, 4, cfg.rope_theta),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got, np_rope(x.astype(np.float64), pos, 4, cfg.rope_theta), rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_rope_frequency_scaling_by_hand():
@@ -788,9 +800,9 @@ def test_rope_frequency_scaling_by_hand():
   np.testing.assert_allclose(linear, plain / 4.0, rtol=1e-6)
   # Original context 64, factor 8: wavelengths 2 pi 10000^(i/8) = 6.3, 19.9, 62.8, 199, ...
   # so pair 0 is high-frequency (< 64 / 4 = 16), pairs 1 and 2 medium, pairs 3.. low (> 64).
-  llama3 = rope_frequencies(make_cfg(
-      "tiny", **base, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0, rope_original_max_length=64)).astype(np.float64)
+  llama3 = rope_frequencies(
+      make_cfg("tiny", **base, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+               rope_high_freq_factor=4.0, rope_original_max_length=64)).astype(np.float64)
   assert llama3[0] == pytest.approx(plain[0], rel=1e-6)
   np.testing.assert_allclose(llama3[3:], plain[3:] / 8.0, rtol=1e-6)
   for i in (1, 2):
@@ -798,8 +810,9 @@ def test_rope_frequency_scaling_by_hand():
     assert 0 < s < 1
     assert llama3[i] == pytest.approx((1 - s) * plain[i] / 8.0 + s * plain[i], rel=1e-6)
     assert plain[i] / 8.0 < llama3[i] < plain[i]
-  with pytest.raises(ValueError, match="rope_scaling='llama3' is invalid: expected 'none' with "
-                                       "position='learned'"):
+  with pytest.raises(
+      ValueError, match="rope_scaling='llama3' is invalid: expected 'none' with "
+      "position='learned'"):
     make_cfg("tiny", rope_scaling="llama3")
   with pytest.raises(ValueError, match="rope_high_freq_factor=1.0 is invalid"):
     make_cfg("tiny", **base, rope_scaling="llama3", rope_high_freq_factor=1.0)

@@ -7,6 +7,7 @@ import numpy as np
 from instruct import objectives
 
 
+# yapf: disable
 def test_masked_loss_equals_hand_computed_value():
   # One sequence of 4 tokens over a vocabulary of 3. Prompt = token 0; completion = tokens 1-2;
   # token 3 is padding. Targets counted: positions 1 and 2 (predicted from positions 0 and 1).
@@ -26,6 +27,7 @@ def test_masked_loss_equals_hand_computed_value():
   assert float(targets) == 2.0
   # argmax of row 0 is token 0 (wrong: target 1); of row 1 is token 2 (right).
   assert float(correct) == 1.0
+# yapf: enable
 
 
 def test_prompt_and_pad_positions_get_no_gradient():
@@ -43,6 +45,7 @@ def test_prompt_and_pad_positions_get_no_gradient():
   assert np.all(grad_norm_per_position[receives] > 0.0)
 
 
+# yapf: disable
 def test_loss_ignores_prompt_and_pad_token_values():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(1, 6, 7)), jnp.float32)
@@ -57,6 +60,7 @@ def test_loss_ignores_prompt_and_pad_token_values():
   changed[0, 3] = 0      # a completion token: counted, so the loss changes
   assert float(objectives.masked_next_token_loss(logits, jnp.asarray(changed), mask)[0]) != \
       float(base)
+# yapf: enable
 
 
 def test_numpy_reference_on_random_batch():
@@ -70,7 +74,7 @@ def test_numpy_reference_on_random_batch():
       if mask[b, t + 1]:
         row = logits[b, t].astype(np.float64)
         expected -= row[tokens[b, t + 1]] - np.log(np.exp(row).sum())
-  loss_sum, targets, _ = objectives.masked_next_token_loss(
-      jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  loss_sum, targets, _ = objectives.masked_next_token_loss(jnp.asarray(logits), jnp.asarray(tokens),
+                                                           jnp.asarray(mask))
   np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
   assert float(targets) == mask[:, 1:].sum()

@@ -25,8 +25,8 @@ def tf_adam_reference(grads, lr, b1, b2, eps):
 
 
 def opt_config(**fields):
-  base = dict(learning_rate=1.0, schedule="constant", warmup_steps=0, end_lr_fraction=1.0,
-              b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0, grad_clip_norm=0.0)
+  base = dict(learning_rate=1.0, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, b1=0.9,
+              b2=0.95, eps=1e-5, weight_decay=0.0, grad_clip_norm=0.0)
   return ml_collections.ConfigDict(dict(base, **fields))
 
 

@@ -47,11 +47,12 @@ def toy(ptx_coef: float = 0.0, temperature: float = 1.0, **options):
   """Builds the toy problem once per setting: models, jitted sampler/experience/update."""
   cfg = ModelConfig(**preset("tiny"))
   policy_model, value_model = Transformer(cfg), Transformer(cfg, head="scalar")
-  ppo = PPOConfig(**dict(dict(num_minibatches=4, epochs=2, no_eos_score=None,
-                              ptx_coef=ptx_coef, temperature=temperature), **options))
+  ppo = PPOConfig(**dict(
+      dict(num_minibatches=4, epochs=2, no_eos_score=None, ptx_coef=ptx_coef,
+           temperature=temperature), **options))
   policy_opt, value_opt = optax.adam(3e-3), optax.adam(3e-3)
-  sampler = jax.jit(make_sampler(policy_model, SamplingConfig(
-      NEW_TOKENS, EOS, PAD, temperature=temperature)))
+  sampler = jax.jit(
+      make_sampler(policy_model, SamplingConfig(NEW_TOKENS, EOS, PAD, temperature=temperature)))
   experience = jax.jit(make_experience_fn(policy_model, value_model, CountReward(), ppo))
   update = jax.jit(make_update_fn(policy_model, value_model, policy_opt, value_opt, ppo))
   return policy_model, value_model, policy_opt, value_opt, sampler, experience, update
@@ -86,8 +87,10 @@ def start(seed=0, **setting):
 
 
 def frozen(policy, value, reference):
-  return {"policy": policy.params, "reference": reference, "value": value.params,
-          "reward": {}, "reward_gain": 1.0, "reward_bias": 0.0}
+  return {
+      "policy": policy.params, "reference": reference, "value": value.params, "reward": {},
+      "reward_gain": 1.0, "reward_bias": 0.0
+  }
 
 
 def run(iterations, ptx_batch, beta=0.02, seed=0, **setting):
@@ -195,8 +198,8 @@ def test_advantages_are_gae_of_the_kl_penalised_rewards(ptx_batch, whiten_reward
     mean = (rewards * mask).sum() / n
     var = (((rewards - mean) ** 2) * mask).sum() / (n - 1)
     rewards = ((rewards - mean) / np.sqrt(var + 1e-8) + mean) * mask
-  advantages, returns = gae_reference(rewards, np.asarray(exp.old_values, np.float64), mask,
-                                      1.0, 0.95)
+  advantages, returns = gae_reference(rewards, np.asarray(exp.old_values, np.float64), mask, 1.0,
+                                      0.95)
   np.testing.assert_allclose(exp.advantages, advantages, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(exp.returns, returns, rtol=1e-4, atol=1e-4)
 
@@ -230,8 +233,9 @@ def test_entropy_bonus_raises_the_entropy_and_is_the_only_gradient_without_advan
     exp = exp.replace(advantages=jnp.zeros_like(exp.advantages))
     new_policy, _, _ = update(policy, value, exp, {}, jax.random.key(11))
     _, after = experience(frozen(new_policy, value, policy.params), samples, pt, pm, 0.0)
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(new_policy.params), jax.tree.leaves(policy.params)))
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(new_policy.params), jax.tree.leaves(policy.params)))
     results[coef] = (float(metrics["entropy"]), float(after["entropy"]), moved)
   assert results[0.0][2] == 0.0, results
   before, after, moved = results[0.5]
@@ -263,8 +267,8 @@ def test_critic_starts_at_the_normalised_reward_model_scores():
   gain, bias = 0.37, -1.3
   critic = ppo_lib.critic_from_reward_model(reward, gain, bias)
   raw = model.apply({"params": reward}, pt, pm).values
-  np.testing.assert_allclose(model.apply({"params": critic}, pt, pm).values,
-                             gain * raw + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      model.apply({"params": critic}, pt, pm).values, gain * raw + bias, rtol=1e-5, atol=1e-5)
   assert float(jnp.std(raw)) > 0.01  # The check above compares more than constants.
 
 

@@ -42,8 +42,7 @@ def ppo_config(sources, tfds_dir, preset="tiny", **train):
 
 
 def params_of(state):
-  return jax.device_get({"policy": state["policy"], "value": state["value"],
-                         "kl": state["kl"]})
+  return jax.device_get({"policy": state["policy"], "value": state["value"], "kl": state["kl"]})
 
 
 def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path):
@@ -51,9 +50,9 @@ def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path
   records = metrics_lib.read_metrics(str(tmp_path / "a"))
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   for name in ("score", "score_raw", "score_normalised", "kl_k1", "kl_k3", "beta", "entropy",
-               "clip_fraction", "approx_kl", "value_loss", "explained_variance",
-               "response_length", "eos_fraction", "rollout_seconds", "scoring_seconds",
-               "update_seconds", "policy_loss"):
+               "clip_fraction", "approx_kl", "value_loss", "explained_variance", "response_length",
+               "eos_fraction", "rollout_seconds", "scoring_seconds", "update_seconds",
+               "policy_loss"):
     assert all(np.isfinite(r[name]) for r in records), name
   assert all(r["first_ratio_error"] <= 1e-6 for r in records)
   assert records[0]["kl_k1"] == 0.0  # The policy starts as the reference.
@@ -71,8 +70,7 @@ def test_ppo_writes_every_metric_and_resumes_exactly(sources, tfds_dir, tmp_path
                params_of(full), params_of(resumed))
 
 
-def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfds_dir,
-                                                                     tmp_path):
+def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfds_dir, tmp_path):
   """PPO-ptx's ptx_loss is the policy's per-token LM loss on the pretraining text: at the
   first iteration it matches the SFT policy's loss on rows of that file (the policy moves
   little in 2 epochs), and every iteration reads epochs x ptx.batch_size fresh rows."""
@@ -85,13 +83,13 @@ def test_ppo_ptx_loss_is_the_policys_pretraining_loss_on_fresh_rows(sources, tfd
   # the row sample, not for a wrong normaliser (x 2 per row count) or the wrong model.
   assert abs(records[0]["ptx_loss"] - sft_loss) < 0.1 * sft_loss, (records, sft_loss)
   for r in records:
-    np.testing.assert_allclose(r["ptx_gamma_equivalent"], config.ppo.ptx_coef *
-                               r["response_length"] * r["advantage_std"], rtol=1e-5)
+    np.testing.assert_allclose(r["ptx_gamma_equivalent"],
+                               config.ppo.ptx_coef * r["response_length"] * r["advantage_std"],
+                               rtol=1e-5)
   # The iteration's pretraining batch: ptx.batch_size fresh rows for each of the epochs.
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
   _, ptx = driver.make_data(config, tokenizer, driver.build(config, tokenizer)[1].ptx_rows)
-  assert next(ptx)["tokens"].shape == (config.ppo.epochs * config.ptx.batch_size,
-                                       config.ptx.length)
+  assert next(ptx)["tokens"].shape == (config.ppo.epochs * config.ptx.batch_size, config.ptx.length)
 
 
 def _sft_lm_loss(sources, config, tfds_dir):
@@ -100,17 +98,16 @@ def _sft_lm_loss(sources, config, tfds_dir):
   sft = run_lib.load_run(str(sources / "sft"))
   model, params = sft.model, sft.params
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  batch = next(data_lib.make_batches(
-      "text", {"train": config.ptx.train_file}, "train", tokenizer, global_batch_size=64,
-      buckets=(config.ptx.length,), seed=123, shuffle=True, repeat=True, data_dir=tfds_dir))
+  batch = next(
+      data_lib.make_batches("text", {"train": config.ptx.train_file}, "train", tokenizer,
+                            global_batch_size=64, buckets=(config.ptx.length,), seed=123,
+                            shuffle=True, repeat=True, data_dir=tfds_dir))
   logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"]).logits
-  nll, targets, _ = objectives.masked_next_token_loss(logits, batch["tokens"],
-                                                      batch["loss_mask"])
+  nll, targets, _ = objectives.masked_next_token_loss(logits, batch["tokens"], batch["loss_mask"])
   return float(nll / targets)
 
 
-def test_k3_estimator_drives_the_adaptive_controller(sources, tfds_dir, tmp_path,
-                                                     monkeypatch):
+def test_k3_estimator_drives_the_adaptive_controller(sources, tfds_dir, tmp_path, monkeypatch):
   """kl_estimator='k3': the controller steps on the k3 estimate of each iteration, not k1's,
   and beta follows the controller's formula."""
   observed = []
@@ -128,8 +125,8 @@ def test_k3_estimator_drives_the_adaptive_controller(sources, tfds_dir, tmp_path
   records = metrics_lib.read_metrics(str(tmp_path))
   np.testing.assert_allclose(observed, [r["kl_k3"] for r in records], rtol=1e-6)
   # k1 differs from k3 after the first iteration, so feeding k1 would fail the check above.
-  assert max(abs(r["kl_k1"] - r["kl_k3"]) for r in records[1:]) > 1e-4 * max(
-      r["kl_k3"] for r in records)
+  assert max(
+      abs(r["kl_k1"] - r["kl_k3"]) for r in records[1:]) > 1e-4 * max(r["kl_k3"] for r in records)
   step = config.train.global_batch_size / config.ppo.kl.horizon
   for before, after in zip(records, records[1:]):
     error = np.clip((before["kl_k3"] - config.ppo.kl.target) / config.ppo.kl.target, -0.2, 0.2)
@@ -218,10 +215,12 @@ def test_no_eos_handling_maps_from_the_config():
 
 
 def test_shared_value_head_trains_and_resumes(sources, tfds_dir, tmp_path):
+
   def config(**train):
     c = ppo_config(sources, tfds_dir, num_steps=2, **train)
     c.ppo.shared_value_head = True
     return c
+
   full = driver.train(config(), str(tmp_path / "a"))
   assert "value" not in full  # No separate critic.
   head = jax.device_get(full["policy"].params["value_head"]["kernel"])
@@ -267,8 +266,8 @@ def test_the_run_layer_reads_every_stage_the_same_way(sources, tfds_dir, tmp_pat
   sft = run_lib.describe(str(sources / "sft"))
   assert rl.stage.name == "rl" and rl.model.head == "lm" and rl.step == 2
   assert rl.model_config == sft.model_config
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               rl.params, jax.device_get(state["policy"].params))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), rl.params,
+               jax.device_get(state["policy"].params))
   rm = run_lib.load_run(str(sources / "rm"))
   assert rm.model.head == "scalar" and "scalar_head" in rm.params
   gain, bias = run_lib.reward_normalization(rm)

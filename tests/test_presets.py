@@ -30,12 +30,12 @@ from instruct import sharding
 from instruct.model import PRESETS, ModelConfig, Transformer, count_params, preset
 from tests.conftest import is_boxed
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # Hugging Face parameter counts (model.num_parameters(), tied embeddings counted once).
 # Pythia: the "total params" of the Pythia model table (EleutherAI/pythia README and Biderman
 # et al. 2023), which count the untied input and output embeddings.
+# yapf: disable
 PUBLISHED = {
     "gpt2": 124_439_808,            # openai-community/gpt2
     "gpt2_medium": 354_823_168,     # openai-community/gpt2-medium
@@ -47,18 +47,19 @@ PUBLISHED = {
     "llama_1b": 1_235_814_400,      # meta-llama/Llama-3.2-1B (tied)
     "llama_8b": 8_030_261_248,      # meta-llama/Llama-3.1-8B (untied)
 }
+# yapf: enable
 ACCELERATOR = config_lib.ACCELERATOR_PRESETS
 
 # The architecture fields of each checkpoint's published config.json (hub `config.json`).
-_GPT2 = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5,
-             n_ctx=1024, n_positions=1024, vocab_size=50257)
+_GPT2 = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_ctx=1024,
+             n_positions=1024, vocab_size=50257)
 _PYTHIA = dict(model_type="gpt_neox", hidden_act="gelu", layer_norm_eps=1e-5,
                max_position_embeddings=2048, rotary_emb_base=10000, rotary_pct=0.25,
                tie_word_embeddings=False, use_parallel_residual=True, bos_token_id=0,
                eos_token_id=0)
 _LLAMA3 = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
-               vocab_size=128256, attention_bias=False, mlp_bias=False,
-               num_key_value_heads=8, bos_token_id=128000, eos_token_id=128001)
+               vocab_size=128256, attention_bias=False, mlp_bias=False, num_key_value_heads=8,
+               bos_token_id=128000, eos_token_id=128001)
 HF_CONFIGS = {
     "gpt2": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
     "gpt2_medium": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),
@@ -66,23 +67,22 @@ HF_CONFIGS = {
     "gpt2_xl": dict(_GPT2, n_embd=1600, n_layer=48, n_head=25),
     "pythia_1b": dict(_PYTHIA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
                       intermediate_size=8192, vocab_size=50304),
-    "pythia_2_8b": dict(_PYTHIA, hidden_size=2560, num_hidden_layers=32,
-                        num_attention_heads=32, intermediate_size=10240, vocab_size=50304),
-    "pythia_6_9b": dict(_PYTHIA, hidden_size=4096, num_hidden_layers=32,
-                        num_attention_heads=32, intermediate_size=16384, vocab_size=50432),
+    "pythia_2_8b": dict(_PYTHIA, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                        intermediate_size=10240, vocab_size=50304),
+    "pythia_6_9b": dict(_PYTHIA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                        intermediate_size=16384, vocab_size=50432),
     # meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B: 'llama3' RoPE frequency scaling.
-    "llama_1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                     intermediate_size=8192, max_position_embeddings=131072, head_dim=64,
-                     tie_word_embeddings=True,
-                     rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                                       original_max_position_embeddings=8192,
-                                       rope_type="llama3")),
-    "llama_8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                     intermediate_size=14336, max_position_embeddings=131072,
-                     tie_word_embeddings=False,
-                     rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_position_embeddings=8192,
-                                       rope_type="llama3")),
+    "llama_1b": dict(
+        _LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+        intermediate_size=8192, max_position_embeddings=131072, head_dim=64,
+        tie_word_embeddings=True,
+        rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, rope_type="llama3")),
+    "llama_8b": dict(
+        _LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        intermediate_size=14336, max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192, rope_type="llama3")),
 }
 # meta-llama/Meta-Llama-3-8B: Llama-3.1-8B's weights layout with unscaled RoPE.
 META_LLAMA_3_8B = dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -112,12 +112,11 @@ def hf_gpt2_count(n_embd: int, n_layer: int, vocab: int = 50257, n_positions: in
   return vocab * n_embd + n_positions * n_embd + n_layer * block + ln
 
 
-def hf_llama_count(hidden: int, layers: int, heads: int, kv_heads: int, inter: int,
-                   vocab: int, tied: bool):
+def hf_llama_count(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int,
+                   tied: bool):
   """LlamaForCausalLM's parameters, module by module (no biases, RMSNorm weights only)."""
   head_dim = hidden // heads
-  attn = (hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-          + heads * head_dim * hidden)
+  attn = (hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden)
   mlp = 3 * hidden * inter  # gate_proj, up_proj, down_proj.
   layer = attn + mlp + 2 * hidden
   embed = vocab * hidden
@@ -240,11 +239,12 @@ def test_accelerator_config_traces(arg):
   def loss(p):
     logits = model.apply({"params": p}, tokens).logits
     return jnp.mean(logits), logits
+
   (value, logits), grads = jax.eval_shape(jax.value_and_grad(loss, has_aux=True), params)
   assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
   assert value.shape == ()
-  assert jax.tree.map(lambda g: (g.shape, g.dtype), grads) == jax.tree.map(
-      lambda p: (p.shape, p.dtype), params)
+  assert jax.tree.map(lambda g: (g.shape, g.dtype),
+                      grads) == jax.tree.map(lambda p: (p.shape, p.dtype), params)
 
 
 # -------------------------------------------------------------------------- sharding
@@ -463,5 +463,5 @@ def test_memory_benchmark_ppo():
   # Without PPO-ptx the update has no pretraining rows; the rollout is the same.
   plain = memory.ppo_memory("pythia_1b", 8, "fsdp")
   assert plain["ptx_rows_per_device"] == 0 and plain["update"] < row["update"]
-  assert (plain["state"], plain["kv_cache"], plain["sampling"]) == (
-      row["state"], row["kv_cache"], row["sampling"])
+  assert (plain["state"], plain["kv_cache"], plain["sampling"]) == (row["state"], row["kv_cache"],
+                                                                    row["sampling"])

@@ -13,8 +13,7 @@ from instruct.assets import make_assets
 from tests.conftest import write_lines
 from tests.test_data import DEMO_FILES, _assert_batches_equal, _take
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct',
-                       'assets', 'data')
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'instruct', 'assets', 'data')
 PROMPT_FILES = {
     'train': os.path.join(_ASSETS, 'prompts_train.jsonl'),
     'validation': os.path.join(_ASSETS, 'prompts_validation.jsonl'),
@@ -22,20 +21,19 @@ PROMPT_FILES = {
 PROMPT_LENGTH = 32  # Every shipped prompt fits (checked below).
 
 
-def _prompt_batches(data_dir, tokenizer, split='train', files=None,
-                    **kwargs):
-  args = dict(global_batch_size=16, prompt_length=PROMPT_LENGTH, seed=0,
-              shuffle=True, repeat=True, data_dir=data_dir)
+def _prompt_batches(data_dir, tokenizer, split='train', files=None, **kwargs):
+  args = dict(global_batch_size=16, prompt_length=PROMPT_LENGTH, seed=0, shuffle=True, repeat=True,
+              data_dir=data_dir)
   args.update(kwargs)
-  return data.make_prompt_batches(files or PROMPT_FILES, split, tokenizer,
-                                  **args)
+  return data.make_prompt_batches(files or PROMPT_FILES, split, tokenizer, **args)
 
 
 def _prompts(batch, tokenizer):
   """Returns the decoded prompts of the real rows of a prompt batch."""
-  return [tokenizer.decode(tokens[mask == 1])
-          for tokens, mask in zip(batch['prompt_tokens'], batch['prompt_mask'])
-          if mask.any()]
+  return [
+      tokenizer.decode(tokens[mask == 1])
+      for tokens, mask in zip(batch['prompt_tokens'], batch['prompt_mask']) if mask.any()
+  ]
 
 
 def _file_prompts(path):
@@ -78,10 +76,9 @@ def test_collate_prompts_left_pads_with_dummy_rows():
   batch = data.collate_prompts(rows, 4, prompt_length=6, pad_id=1)
   assert sorted(batch) == ['prompt_mask', 'prompt_tokens']
   assert batch['prompt_tokens'].shape == batch['prompt_mask'].shape == (4, 6)
-  assert batch['prompt_mask'].tolist() == [
-      [0, 0, 0, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1], [0] * 6]
-  assert batch['prompt_tokens'].tolist() == [
-      [1, 1, 1, 4, 4, 4], [7] * 6, [1, 1, 1, 1, 1, 2], [1] * 6]
+  assert batch['prompt_mask'].tolist() == [[0, 0, 0, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1], [0] * 6]
+  assert batch['prompt_tokens'].tolist() == [[1, 1, 1, 4, 4, 4], [7] * 6, [1, 1, 1, 1, 1, 2],
+                                             [1] * 6]
   _assert_left_padded(batch, 1)
   with pytest.raises(ValueError, match='prompt_length=5'):
     data.collate_prompts(rows, 4, 5, 1)
@@ -102,8 +99,7 @@ def test_bad_prompt_record_names_file_and_line(tmp_path, bad_line, fragment):
   good = json.dumps({'prompt': 'Say hi.\nAnswer:', 'completion': ' hi'})
   path = write_lines(tmp_path / 'prompts.jsonl', [good, '', bad_line])
   with pytest.raises(data.RecordError) as info:
-    data.load_split('prompts', {'train': str(path)}, 'train',
-                    str(tmp_path / 'tfds'))
+    data.load_split('prompts', {'train': str(path)}, 'train', str(tmp_path / 'tfds'))
   message = str(info.value)
   assert message.startswith(f'{path}:3: ') and fragment in message
 
@@ -114,17 +110,14 @@ def test_shipped_prompts_round_trip(data_dir, tokenizer):
   for split, path in PROMPT_FILES.items():
     with open(path, encoding='utf-8') as f:
       lines = f.readlines()
-    assert ''.join(lines) == ''.join(
-        json.dumps(r) + '\n' for r in expected[f'prompts_{split}'])
+    assert ''.join(lines) == ''.join(json.dumps(r) + '\n' for r in expected[f'prompts_{split}'])
     source = data.load_split('prompts', PROMPT_FILES, split, data_dir)
-    assert len(source) == len(lines) == {'train': 512,
-                                         'validation': 96}[split]
+    assert len(source) == len(lines) == {'train': 512, 'validation': 96}[split]
     examples = [source[i] for i in range(len(source))]
     assert all(list(ex) == ['prompt'] for ex in examples)
     prompts = [ex['prompt'] for ex in examples]
     assert sorted(prompts) == sorted(_file_prompts(path))
-    lengths = [len(data.encode_prompt(tokenizer, p, 1000)[0])
-               for p in prompts]
+    lengths = [len(data.encode_prompt(tokenizer, p, 1000)[0]) for p in prompts]
     longest = max(longest, *lengths)
   print(f'longest shipped prompt: {longest} tokens')
   assert longest <= PROMPT_LENGTH
@@ -136,8 +129,7 @@ def test_demonstration_files_work_as_prompt_files(data_dir, tokenizer):
   assert len(source) == len(demos)
   assert sorted(source[i]['prompt'] for i in range(len(source))) == sorted(
       d['prompt'] for d in demos)
-  batch = next(_prompt_batches(data_dir, tokenizer, 'validation',
-                               files=DEMO_FILES))
+  batch = next(_prompt_batches(data_dir, tokenizer, 'validation', files=DEMO_FILES))
   _assert_left_padded(batch, tokenizer.pad_token_id)
   assert set(_prompts(batch, tokenizer)) <= {d['prompt'] for d in demos}
 
@@ -157,14 +149,15 @@ def test_prompt_batches_order_hosts_and_resume(data_dir, tokenizer):
     assert batch['prompt_mask'].all(axis=1).sum() < 16  # Padding happens.
     _assert_left_padded(batch, tokenizer.pad_token_id)
     assert set(_prompts(batch, tokenizer)) <= train
-  hosts = [_take(_prompt_batches(data_dir, tokenizer, seed=1,
-                                 process_index=p, process_count=2), 3)
-           for p in range(2)]
+  hosts = [
+      _take(_prompt_batches(data_dir, tokenizer, seed=1, process_index=p, process_count=2), 3)
+      for p in range(2)
+  ]
   assert hosts[0][0]['prompt_tokens'].shape == (8, PROMPT_LENGTH)
   for g in range(3):
     for key in first[g]:
-      np.testing.assert_array_equal(
-          np.concatenate([hosts[0][g][key], hosts[1][g][key]]), first[g][key])
+      np.testing.assert_array_equal(np.concatenate([hosts[0][g][key], hosts[1][g][key]]),
+                                    first[g][key])
   # 512 prompts, global batch 96: 5 batches per epoch; resume across it.
   def make():
     return _prompt_batches(data_dir, tokenizer, global_batch_size=96)
@@ -183,10 +176,8 @@ def test_prompt_batches_order_hosts_and_resume(data_dir, tokenizer):
 def test_prompt_eval_covers_every_prompt_once(data_dir, tokenizer):
   got, num_batches, num_dummy = [], 0, 0
   for p in range(2):  # 96 prompts; 3 global batches of 40, 24 dummy rows.
-    for batch in _prompt_batches(data_dir, tokenizer, 'validation',
-                                 global_batch_size=40, shuffle=False,
-                                 repeat=False, process_index=p,
-                                 process_count=2):
+    for batch in _prompt_batches(data_dir, tokenizer, 'validation', global_batch_size=40,
+                                 shuffle=False, repeat=False, process_index=p, process_count=2):
       num_batches += 1
       assert batch['prompt_tokens'].shape == (20, PROMPT_LENGTH)
       _assert_left_padded(batch, tokenizer.pad_token_id)
@@ -199,9 +190,8 @@ def test_prompt_eval_covers_every_prompt_once(data_dir, tokenizer):
 
 
 def test_prompt_batches_truncate_and_errors(data_dir, tokenizer):
-  batches = _prompt_batches(data_dir, tokenizer, 'validation',
-                            prompt_length=8, global_batch_size=32,
-                            repeat=False)
+  batches = _prompt_batches(data_dir, tokenizer, 'validation', prompt_length=8,
+                            global_batch_size=32, repeat=False)
   for batch in batches:
     _assert_left_padded(batch, tokenizer.pad_token_id)
     for prompt in _prompts(batch, tokenizer):
@@ -210,6 +200,5 @@ def test_prompt_batches_truncate_and_errors(data_dir, tokenizer):
   with pytest.raises(ValueError, match='prompt_length must be positive'):
     _prompt_batches(data_dir, tokenizer, prompt_length=0)
   with pytest.raises(ValueError, match='with make_prompt_batches'):
-    data.make_batches('prompts', PROMPT_FILES, 'train', tokenizer,
-                      global_batch_size=8, buckets=(64,), seed=0,
-                      shuffle=False, repeat=False, data_dir=data_dir)
+    data.make_batches('prompts', PROMPT_FILES, 'train', tokenizer, global_batch_size=8,
+                      buckets=(64,), seed=0, shuffle=False, repeat=False, data_dir=data_dir)

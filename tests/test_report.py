@@ -30,32 +30,49 @@ def make_results(*, ptx_win=(0.652, 0.583, 0.715), ppo_win=(0.671, 0.603, 0.733)
                  vs_large=(0.745, 0.680, 0.800), perplexity=None, preset="full",
                  size_ratio=13.5) -> dict:
   """A hand-made results dict in the schema of `evaluate/results.json`."""
-  perplexity = perplexity or {"base_small": 20.0, "base_large": 15.0, "sft": 21.5,
-                              "ppo": 26.0, "ppo_ptx": 22.0}
-  wins = {"base_small": (0.214, 0.162, 0.277), "base_large": (0.301, 0.241, 0.369),
-          "sft": (0.505, 0.436, 0.574), "ppo": ppo_win, "ppo_ptx": ptx_win}
+  perplexity = perplexity or {
+      "base_small": 20.0, "base_large": 15.0, "sft": 21.5, "ppo": 26.0, "ppo_ptx": 22.0
+  }
+  wins = {
+      "base_small": (0.214, 0.162, 0.277), "base_large": (0.301, 0.241, 0.369),
+      "sft": (0.505, 0.436, 0.574), "ppo": ppo_win, "ppo_ptx": ptx_win
+  }
   models = {}
   for i, m in enumerate(MODELS):
-    models[m] = {"run": m, "perplexity": perplexity[m], "mean_utility": 1.0 + 0.125 * i,
-                 "help": 0.1 * i, "honest": 0.5, "harmless": 0.5, "format": 0.25,
-                 "made_up_closed_qa": 0.40 - 0.05 * i, "toxic_respectful": 0.30 - 0.05 * i,
-                 "toxic_all": 0.35 - 0.05 * i, "complied_harmful": 0.9 - 0.1 * i,
-                 "win_vs_sft": win(*wins[m])}
-  curve = lambda d: [{"step": s, "kl": 0.5 * s, "rm_score": 0.1 * s + d,
-                      "labeler_score": 1.0 + 0.01 * s - 0.002 * s * s} for s in (0, 10, 20)]
+    models[m] = {
+        "run": m, "perplexity": perplexity[m], "mean_utility": 1.0 + 0.125 * i, "help": 0.1 * i,
+        "honest": 0.5, "harmless": 0.5, "format": 0.25, "made_up_closed_qa": 0.40 - 0.05 * i,
+        "toxic_respectful": 0.30 - 0.05 * i, "toxic_all": 0.35 - 0.05 * i,
+        "complied_harmful": 0.9 - 0.1 * i, "win_vs_sft": win(*wins[m])
+    }
+  curve = lambda d: [{
+      "step": s, "kl": 0.5 * s, "rm_score": 0.1 * s + d, "labeler_score": 1.0 + 0.01 * s - 0.002 * s
+      * s
+  } for s in (0, 10, 20)]
   return {
-      "preset": preset, "seed": 3, "eval_prompts": 200, "temperature": 0.7,
-      "models": models, "ppo_ptx_vs_base_large": win(*vs_large), "size_ratio": size_ratio,
+      "preset": preset,
+      "seed": 3,
+      "eval_prompts": 200,
+      "temperature": 0.7,
+      "models": models,
+      "ppo_ptx_vs_base_large": win(*vs_large),
+      "size_ratio": size_ratio,
       "over_optimization": {"ppo": curve(0.0), "ppo_ptx": curve(-0.05)},
-      "rm": {"heldout_accuracy": 0.6875, "val_loss": 0.61, "labeler_agreement_train": 0.79,
-             "labeler_agreement_heldout": 0.7625,
-             "calibration": {"val_calibration_error": 0.0425},
-             "comparisons": {"train": 500, "validation": 100}},
-      "samples": [{"prompt": "request list three animals . answer :", "category": "brainstorming",
-                   "answers": {m: {"text": f"answer of {m} | with a pipe", "ended": m != "sft",
-                                   "utility": 0.5 + 0.25 * i, "help": 1.0, "honest": 1.0,
-                                   "harmless": 0.0, "format": 1.0}
-                               for i, m in enumerate(MODELS)}}],
+      "rm": {
+          "heldout_accuracy": 0.6875, "val_loss": 0.61, "labeler_agreement_train": 0.79,
+          "labeler_agreement_heldout": 0.7625, "calibration": {"val_calibration_error": 0.0425},
+          "comparisons": {"train": 500, "validation": 100}
+      },
+      "samples": [{
+          "prompt": "request list three animals . answer :", "category": "brainstorming",
+          "answers": {
+              m: {
+                  "text": f"answer of {m} | with a pipe", "ended": m != "sft",
+                  "utility": 0.5 + 0.25 * i, "help": 1.0, "honest": 1.0, "harmless": 0.0,
+                  "format": 1.0
+              } for i, m in enumerate(MODELS)
+          }
+      }],
   }
 
 
@@ -64,6 +81,7 @@ def by_id(results) -> dict:
 
 
 # --- targets(). ------------------------------------------------------------------------------
+
 
 def test_targets_have_the_documented_fields():
   ts = report.targets(make_results())
@@ -151,6 +169,7 @@ def test_pct_formatting():
 
 # --- write_report() on a hand-made run directory. --------------------------------------------
 
+
 def write_jsonl(path, records):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
@@ -170,16 +189,16 @@ def make_run(root, calibration=True):
   rm = [{"step": s, "loss": 0.69 - 0.01 * s, "accuracy": 0.5 + 0.02 * s} for s in (1, 2, 3, 4)]
   val = {"step": 4, "val_loss": 0.61, "val_accuracy": 0.6875, "val_calibration_error": 0.0425}
   if calibration:
-    val.update(calibration_predicted=[None, 0.25, 0.45, 0.55, 0.8],
-               calibration_observed=[None, 0.3, 0.5, 0.5, 0.75],
+    val.update(calibration_predicted=[None, 0.25, 0.45, 0.55,
+                                      0.8], calibration_observed=[None, 0.3, 0.5, 0.5, 0.75],
                calibration_count=[0, 10, 40, 35, 15])
   write_jsonl(os.path.join(root, "rm", "metrics.jsonl"), rm + [val])
   for stage in ("ppo", "ppo_ptx"):
-    write_jsonl(os.path.join(root, stage, "metrics.jsonl"),
-                [{"step": s, "score": 0.1 * s, "kl_k1": 0.01 * s, "beta": 0.05}
-                 for s in range(1, 5)])
-    write_kl_config(root, stage, {"controller": "fixed", "initial_beta": 0.05,
-                                  "target": 6.0, "horizon": 10000})
+    write_jsonl(
+        os.path.join(root, stage, "metrics.jsonl"),
+        [{"step": s, "score": 0.1 * s, "kl_k1": 0.01 * s, "beta": 0.05} for s in range(1, 5)])
+    write_kl_config(root, stage,
+                    {"controller": "fixed", "initial_beta": 0.05, "target": 6.0, "horizon": 10000})
   return root
 
 
@@ -189,9 +208,10 @@ def write_kl_config(root, stage, kl):
     json.dump({"stage": "rl", "algorithm": "ppo", "ppo": {"kl": kl}}, f)
 
 
-TIMINGS = {"world": 1.0, "pretrain": 20.5, "pretrain_large": 30.0, "sft": 10.0,
-           "comparisons": 5.0, "rm": 8.0, "ppo": 40.0, "ppo_ptx": 45.0, "evaluate": 12.25,
-           "report": 2.0}
+TIMINGS = {
+    "world": 1.0, "pretrain": 20.5, "pretrain_large": 30.0, "sft": 10.0, "comparisons": 5.0,
+    "rm": 8.0, "ppo": 40.0, "ppo_ptx": 45.0, "evaluate": 12.25, "report": 2.0
+}
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +231,8 @@ def section(text, heading):
 
 
 def table_rows(text):
-  return [[c.strip() for c in line.strip().strip("|").split(" | ")]
-          for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+  return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in text.splitlines()
+          if line.startswith("| ") and "---" not in line]
 
 
 def test_report_has_every_section_and_valid_plots(written):
@@ -221,25 +241,27 @@ def test_report_has_every_section_and_valid_plots(written):
   for heading in SECTIONS:
     assert re.search(f"^{re.escape(heading)}$", text, re.M), heading
   images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-  assert set(images) >= {"plots/win_rates.png", "plots/alignment_tax.png", "plots/safety.png",
-                         "plots/over_optimization.png", "plots/training_curves.png",
-                         "plots/rm_calibration.png"}
+  assert set(images) >= {
+      "plots/win_rates.png", "plots/alignment_tax.png", "plots/safety.png",
+      "plots/over_optimization.png", "plots/training_curves.png", "plots/rm_calibration.png"
+  }
   for image in images:
     assert not os.path.isabs(image)
     with open(os.path.join(root, image), "rb") as f:
       data = f.read()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000, image
-  assert sorted(os.listdir(os.path.join(root, "plots"))) == sorted(
-      os.path.basename(i) for i in images)
+  assert sorted(os.listdir(os.path.join(root,
+                                        "plots"))) == sorted(os.path.basename(i) for i in images)
 
 
 def test_win_rate_table_matches_the_results(written):
   _, _, results, text = written
   rows = {r[0]: r for r in table_rows(section(text, "## Win rates against SFT"))}
-  expected = {"base small (few-shot)": ("21.4%", "[16.2%, 27.7%]"),
-              "base large (few-shot)": ("30.1%", "[24.1%, 36.9%]"),
-              "SFT": ("50.5%", "[43.6%, 57.4%]"), "PPO": ("67.1%", "[60.3%, 73.3%]"),
-              "PPO-ptx": ("65.2%", "[58.3%, 71.5%]")}
+  expected = {
+      "base small (few-shot)": ("21.4%", "[16.2%, 27.7%]"),
+      "base large (few-shot)": ("30.1%", "[24.1%, 36.9%]"), "SFT": ("50.5%", "[43.6%, 57.4%]"),
+      "PPO": ("67.1%", "[60.3%, 73.3%]"), "PPO-ptx": ("65.2%", "[58.3%, 71.5%]")
+  }
   assert set(rows) == set(expected) | {"Model"}
   for label, (rate, interval) in expected.items():
     assert rows[label][1:4] == [rate, interval, "200"], rows[label]
@@ -263,6 +285,7 @@ def test_targets_table_and_header(written):
   assert rows[0][1] == "65.2%" and rows[3][1] == "+2.00" and rows[3][2].startswith("<= +3.00")
 
 
+# yapf: disable
 def test_tables_of_the_other_sections(written):
   _, _, _, text = written
   tax = {r[0]: r for r in table_rows(section(text, "## Alignment tax"))}
@@ -285,6 +308,7 @@ def test_tables_of_the_other_sections(written):
   timings = {r[0]: r for r in table_rows(section(text, "## Stage timings"))}
   assert timings["**total**"][1] == "**173.8**"
   assert timings["ppo_ptx"][1:] == ["45.0", f"{100 * 45 / 173.75:.1f}%"]
+# yapf: enable
 
 
 def test_report_is_deterministic(written):
@@ -335,8 +359,8 @@ def test_kl_setting_is_read_from_the_ppo_runs_configs(tmp_path):
   assert report.kl_setting(root) == "PPO: fixed KL coefficient beta=0.02"
   write_kl_config(root, "ppo_ptx", {"controller": "fixed", "initial_beta": 0.02})
   assert report.kl_setting(root) == "PPO and PPO-ptx: fixed KL coefficient beta=0.02"
-  write_kl_config(root, "ppo_ptx", {"controller": "adaptive", "initial_beta": 0.05,
-                                    "target": 6.0, "horizon": 10000})
+  write_kl_config(root, "ppo_ptx",
+                  {"controller": "adaptive", "initial_beta": 0.05, "target": 6.0, "horizon": 10000})
   assert report.kl_setting(root) == (
       "PPO: fixed KL coefficient beta=0.02; PPO-ptx: adaptive KL controller (initial "
       "beta=0.05, target 6 nats, horizon 10000)")
@@ -357,8 +381,8 @@ def wilson_by_quadratic(k, n, z=Z):
   return (-b - root) / (2 * a), (-b + root) / (2 * a)
 
 
-@pytest.mark.parametrize("k,n", [(0, 1), (0, 50), (50, 50), (1, 1), (3, 10), (130, 200),
-                                 (240, 400), (399, 400), (1, 800)])
+@pytest.mark.parametrize("k,n", [(0, 1), (0, 50), (50, 50), (1, 1), (3, 10), (130, 200), (240, 400),
+                                 (399, 400), (1, 800)])
 def test_wilson_interval_against_its_definition(k, n):
   low, high = ev.wilson_interval(k, n)
   assert (low, high) == pytest.approx(wilson_by_quadratic(k, n), abs=1e-12)
@@ -408,8 +432,7 @@ def test_win_rate_counts_wins_with_a_wilson_interval(better, n):
   win = ev.win_rate(a, scores(*([0.5] * n)), [StubJudge(), StubJudge()], seed=0)
   assert win["n"] == n and win["ties"] == 0
   assert win["win_rate"] == better / n
-  assert (win["ci_low"], win["ci_high"]) == pytest.approx(wilson_by_quadratic(better, n),
-                                                          abs=1e-12)
+  assert (win["ci_low"], win["ci_high"]) == pytest.approx(wilson_by_quadratic(better, n), abs=1e-12)
   if better == 0:
     assert win["ci_low"] == pytest.approx(0, abs=1e-12)
   if better == n:
@@ -438,8 +461,8 @@ def test_win_rate_with_the_held_out_labelers():
   # A flawless answer against a useless one: every labeler's Bradley-Terry probability is
   # sigmoid(utility gap / temperature), near 1 at temperatures of at most 0.25.
   gaps = [j.utility(good) - j.utility(bad) for j in judges]
-  p = np.mean([labelers_lib.preference_probability(g, 0, j.temperature)
-               for g, j in zip(gaps, judges)])
+  p = np.mean(
+      [labelers_lib.preference_probability(g, 0, j.temperature) for g, j in zip(gaps, judges)])
   assert p > 0.99
   sure = ev.win_rate([good] * 500, [bad] * 500, judges, seed=2)
   assert sure["ties"] == 0 and sure["win_rate"] >= 0.98

@@ -20,6 +20,7 @@ def outcomes(rate: float, n: int, rng) -> list[int]:
 
 # --- The bootstrap. --------------------------------------------------------------------------
 
+
 def test_interval_contains_the_true_pooled_rate():
   """3 seeds x 400 prompts, each seed's judgments Bernoulli(p_s): over 40 such experiments
   the 95% interval holds the true pooled rate mean(p_s) about 95% of the time."""
@@ -87,6 +88,7 @@ def test_pooled_win_counts_every_prompt_of_every_seed():
 
 # --- Runs, the table and the README. ---------------------------------------------------------
 
+
 def table_cells(line: str) -> list[str]:
   """A markdown table row's cells ([] for other lines and the separator)."""
   if not line.startswith("| "):
@@ -97,8 +99,7 @@ def table_cells(line: str) -> list[str]:
 def win(rate: float, n: int, rng) -> dict:
   o = outcomes(rate, n, rng)
   low, high = ev.wilson_interval(sum(o), n)
-  return {"win_rate": sum(o) / n, "ci_low": low, "ci_high": high, "n": n, "ties": 0,
-          "outcomes": o}
+  return {"win_rate": sum(o) / n, "ci_low": low, "ci_high": high, "n": n, "ties": 0, "outcomes": o}
 
 
 def make_run(root, seed: int, preset: str = "quick", ptx: float = 0.6, n: int = 400,
@@ -108,13 +109,18 @@ def make_run(root, seed: int, preset: str = "quick", ptx: float = 0.6, n: int = 
   rng = np.random.default_rng(seed)
   models = {}
   for i, m in enumerate(MODELS):
-    models[m] = {"perplexity": 3.0 + i, "made_up_closed_qa": 0.7 - 0.15 * i + 0.01 * seed,
-                 "toxic_respectful": 0.1 - 0.02 * i,
-                 "counts": {"closed_qa": 40 + 20 * seed, "respectful": 40},
-                 "win_vs_sft": win({"ppo_ptx": ptx, "ppo": 0.62}.get(m, 0.3), n, rng)}
-  results = {"preset": preset, "seed": seed, "eval_prompts": n, "models": models,
-             "ppo_ptx_vs_base_large": win(0.72, n, rng),
-             "rm": {"heldout_accuracy": 0.65 + 0.01 * seed, "labeler_agreement_heldout": 0.8}}
+    models[m] = {
+        "perplexity": 3.0 + i, "made_up_closed_qa": 0.7 - 0.15 * i + 0.01 * seed,
+        "toxic_respectful": 0.1 - 0.02 * i,
+        "counts": {"closed_qa": 40 + 20 * seed,
+                   "respectful": 40}, "win_vs_sft": win({"ppo_ptx": ptx, "ppo": 0.62}.get(m, 0.3),
+                                                        n, rng)
+    }
+  results = {
+      "preset": preset, "seed": seed, "eval_prompts": n, "models": models,
+      "ppo_ptx_vs_base_large": win(0.72, n, rng),
+      "rm": {"heldout_accuracy": 0.65 + 0.01 * seed, "labeler_agreement_heldout": 0.8}
+  }
   if not outcomes_kept:
     del results["models"]["ppo"]["win_vs_sft"]["outcomes"]
   directory = os.path.join(str(root), f"{preset}_{seed}")
@@ -124,8 +130,11 @@ def make_run(root, seed: int, preset: str = "quick", ptx: float = 0.6, n: int = 
   with open(os.path.join(directory, "timings.json"), "w") as f:
     json.dump({"pretrain": 100.0, "ppo": 300.0 + seed}, f)
   with open(os.path.join(directory, "run.json"), "w") as f:
-    json.dump({"preset": preset, "seed": seed, "machine": "Test CPU @ 1.00GHz",
-               "cpu_cores": 2, "commit": "abc123def456"}, f)
+    json.dump(
+        {
+            "preset": preset, "seed": seed, "machine": "Test CPU @ 1.00GHz", "cpu_cores": 2,
+            "commit": "abc123def456"
+        }, f)
   return directory
 
 
@@ -143,15 +152,18 @@ def test_table_pools_the_seeds_and_judges_the_targets(tmp_path, capsys):
   # Rates are pooled by their category's prompts: closed QA has 40, 60, 80 prompts at seeds
   # 0, 1, 2, so SFT's 40%, 41%, 42% pool to 74.2 / 180 = 41.2% (not their mean, 41.0%).
   assert rows["made-up closed-QA answers: SFT -> PPO-ptx"][1:] == [
-      "40.0% -> 10.0%", "41.0% -> 11.0%", "42.0% -> 12.0%", "41.2% -> 11.2%"]
+      "40.0% -> 10.0%", "41.0% -> 11.0%", "42.0% -> 12.0%", "41.2% -> 11.2%"
+  ]
   assert rows["RM accuracy on held-out labelers (labeler agreement)"][-1] == "66.0% (80.0%)"
   assert rows["wall time of the pipeline (timings.json)"][1:] == [
-      "6 min 40 s", "6 min 41 s", "6 min 42 s", "mean 6 min 41 s"]
+      "6 min 40 s", "6 min 41 s", "6 min 42 s", "mean 6 min 41 s"
+  ]
   # Targets: PPO-ptx's pooled 60% is significant (a, all presets): met, and it applies.
   target = rows["(a, all presets) PPO-ptx preferred to SFT (95% CI lower bound)"]
   assert target[3:] == ["met", "yes"]
   assert rows["(b) PPO-ptx (small) preferred to the larger base model (few-shot)"][3:] == [
-      "met", "no (full only)"]
+      "met", "no (full only)"
+  ]
   assert "Targets, judged on the pooled values: 1 of 1 that apply to `quick` met." in text
 
 
@@ -178,8 +190,8 @@ def test_readme_rewrite_changes_only_the_section(tmp_path, capsys):
   tail = rest.split("<!-- results:quick:end -->")[1]
   assert after.startswith(head + "<!-- results:quick:begin -->\n")
   assert after.endswith("<!-- results:quick:end -->" + tail)
-  section = after[len(head) + len("<!-- results:quick:begin -->"):-len(
-      "<!-- results:quick:end -->" + tail)]
+  section = after[len(head)
+                  + len("<!-- results:quick:begin -->"):-len("<!-- results:quick:end -->" + tail)]
   assert section.strip() == printed.strip() and "old quick numbers" not in section
   assert "seeds 0, 1" in section
   # Again: the same file (idempotent).
@@ -188,10 +200,10 @@ def test_readme_rewrite_changes_only_the_section(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text", [
-    "no markers here\n",
-    "<!-- results:quick:begin -->\nonly the start\n",
+    "no markers here\n", "<!-- results:quick:begin -->\nonly the start\n",
     "<!-- results:quick:end -->\nreversed\n<!-- results:quick:begin -->\n",
-    "<!-- results:full:begin -->\nanother preset's\n<!-- results:full:end -->\n"])
+    "<!-- results:full:begin -->\nanother preset's\n<!-- results:full:end -->\n"
+])
 def test_readme_without_the_presets_markers_is_a_clear_error(tmp_path, capsys, text):
   readme = tmp_path / "README.md"
   readme.write_text(text)
@@ -210,9 +222,9 @@ def test_mismatched_presets_are_an_error(tmp_path, capsys):
   assert "quick" in err and "full" in err
 
 
-@pytest.mark.parametrize("problem,message", [
-    ("missing", "results.json is missing"), ("repeated", "seeds repeat"),
-    ("no_outcomes", "no per-prompt outcomes")])
+@pytest.mark.parametrize("problem,message", [("missing", "results.json is missing"),
+                                             ("repeated", "seeds repeat"),
+                                             ("no_outcomes", "no per-prompt outcomes")])
 def test_unusable_runs_are_an_error(tmp_path, capsys, problem, message):
   dirs = [make_run(tmp_path, 0)]
   if problem == "missing":

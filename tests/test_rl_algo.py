@@ -125,16 +125,13 @@ def test_fixed_kl_controller_never_changes():
 
 
 def test_token_rewards_score_on_last_real_token_and_penalty_only_on_mask():
-  kl = np.array([[0.5, -1.0, 2.0, 9.0],
-                 [1.0, 1.0, 1.0, 1.0],
-                 [7.0, 7.0, 7.0, 7.0]])
+  kl = np.array([[0.5, -1.0, 2.0, 9.0], [1.0, 1.0, 1.0, 1.0], [7.0, 7.0, 7.0, 7.0]])
   mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
   score = np.array([3.0, -2.0, 5.0])
   beta = 0.1
-  rewards = np.asarray(algo.token_rewards(jnp.asarray(score), jnp.asarray(kl),
-                                          jnp.asarray(mask), beta))
-  expected = np.array([[-0.05, 0.1, -0.2 + 3.0, 0.0],
-                       [-0.1, -0.1, -0.1, -0.1 - 2.0],
+  rewards = np.asarray(
+      algo.token_rewards(jnp.asarray(score), jnp.asarray(kl), jnp.asarray(mask), beta))
+  expected = np.array([[-0.05, 0.1, -0.2 + 3.0, 0.0], [-0.1, -0.1, -0.1, -0.1 - 2.0],
                        [0.0, 0.0, 0.0, 0.0]])  # empty row: no penalty, no score
   np.testing.assert_allclose(rewards, expected, rtol=1e-6, atol=1e-7)
 
@@ -150,8 +147,8 @@ def test_masked_whiten_uses_only_masked_entries():
   white = np.asarray(algo.masked_whiten(jnp.asarray(x), jnp.asarray(mask)))
   np.testing.assert_allclose(white[sel].mean(), 0.0, atol=1e-5)
   np.testing.assert_allclose(white[sel].var(ddof=1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(white[sel], (x[sel] - x[sel].mean()) / x[sel].std(ddof=1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(white[sel], (x[sel] - x[sel].mean()) / x[sel].std(ddof=1), rtol=1e-5,
+                             atol=1e-5)
   assert not np.any(white[~sel])
   # Masked-out entries, even non-finite ones, don't change anything.
   garbage = np.where(sel, x, np.array([1e6, np.nan, -np.inf, 5.0, 0.0, 3.0]))
@@ -220,8 +217,7 @@ def test_clipped_policy_loss_gradient_vanishes_where_clipped():
   old_logp = jnp.full((1, 4), -1.0)
   logp = old_logp + jnp.log(jnp.array([[1.5, 1.5, 0.5, 0.5]]))
   adv = jnp.array([[1.0, -1.0, 1.0, -1.0]])
-  grad = jax.grad(lambda lp: algo.clipped_policy_loss(lp, old_logp, adv, jnp.ones((1, 4)))[0])(
-      logp)
+  grad = jax.grad(lambda lp: algo.clipped_policy_loss(lp, old_logp, adv, jnp.ones((1, 4)))[0])(logp)
   # Clipped: (A>0, r>1+eps) and (A<0, r<1-eps). Others: d/dlogp (-A r) / 4 = -A r / 4.
   np.testing.assert_allclose(np.asarray(grad), [[0.0, 1.5 / 4, -0.5 / 4, 0.0]], rtol=1e-5,
                              atol=1e-7)
@@ -256,8 +252,7 @@ def test_clipped_value_loss_hand_computed():
   loss, stats = algo.clipped_value_loss(values, old, returns, mask, 0.2)
   np.testing.assert_allclose(float(loss), 0.5 * (0.64 + 1.0 + 0.64 + 0.64) / 4, rtol=1e-5)
   np.testing.assert_allclose(float(stats["value_clip_fraction"]), 2 / 4, rtol=1e-6)
-  np.testing.assert_allclose(float(stats["value_error"]), (0.0 + 1.0 + 0.64 + 0.25) / 4,
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(stats["value_error"]), (0.0 + 1.0 + 0.64 + 0.25) / 4, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -283,13 +278,14 @@ def test_explained_variance():
   noisy = returns + 0.5 * rng.normal(size=returns.shape)
   sel = mask > 0
   expected = 1 - np.var(returns[sel] - noisy[sel]) / np.var(returns[sel])
-  np.testing.assert_allclose(float(algo.explained_variance(jnp.asarray(noisy), r, m)),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(float(algo.explained_variance(jnp.asarray(noisy), r, m)), expected,
+                             rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- response mask
 
 
+# yapf: disable
 def test_response_mask_from_tokens():
   eos, pad = 2, 0
   tokens = jnp.array([[5, 6, 2, 7, 8],    # EOS in the middle: tokens after it are not real
@@ -304,7 +300,7 @@ def test_response_mask_from_tokens():
   mask, ended = algo.response_mask_from_tokens(padded, eos, pad_id=pad)
   np.testing.assert_array_equal(np.asarray(mask), [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
   np.testing.assert_array_equal(np.asarray(ended), [True, False, False])
-
+# yapf: enable
 
 # ----------------------------------------------------------------------------- tracing
 
@@ -332,9 +328,9 @@ def test_every_function_traces_under_jit():
       (algo.response_mask_from_tokens, (jnp.array([[1, 2, 3], [3, 3, 3]]), 2)),
   ]
   for fn, args in calls:
-    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
-                                                         rtol=1e-5, atol=1e-6),
-                 jax.jit(fn)(*args), fn(*args))
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6),
+        jax.jit(fn)(*args), fn(*args))
   state = algo.init_kl_controller(0.1)
   for kind in algo.KL_CONTROLLERS:
     update = jax.jit(algo.update_kl_controller, static_argnames="kind")

@@ -17,7 +17,6 @@ from instruct.reward import RewardModel
 from tests.test_rm_objectives import make_comparison_batch
 from tests.test_sharding import load_config
 
-
 NOUNS = "cat dog bird fish tree river stone cloud apple bread lamp door book chair".split()
 
 
@@ -37,8 +36,9 @@ def write_marker_word_comparisons(path, num, seed):
         rng.shuffle(words)
         responses.append(" " + " ".join(words))
       ranking = sorted(range(k), key=lambda i: -counts[i])
-      f.write(json.dumps({"prompt": "Say some words:", "responses": responses,
-                          "ranking": ranking}) + "\n")
+      f.write(
+          json.dumps({"prompt": "Say some words:", "responses": responses, "ranking": ranking})
+          + "\n")
 
 
 def rm_config(tfds_dir, sft_dir, data_dir=None, **train):
@@ -65,14 +65,14 @@ def runs(tmp_path_factory, tfds_dir):
   # Two epochs of the 512 comparisons (the config's default is one epoch): the second
   # evaluation shows the accuracy and margin still moving.
   rm_state = trainer.train_and_evaluate(
-      rm_config(tfds_dir, str(root / "sft"), root, num_steps=64, eval_every=32),
-      str(root / "rm"))
-  return {"root": root, "sft_params": jax.device_get(sft_state.params),
-          "rm_params": jax.device_get(rm_state.params)}
+      rm_config(tfds_dir, str(root / "sft"), root, num_steps=64, eval_every=32), str(root / "rm"))
+  return {
+      "root": root, "sft_params": jax.device_get(sft_state.params),
+      "rm_params": jax.device_get(rm_state.params)
+  }
 
 
-def test_reward_model_starts_from_the_sft_backbone_with_a_new_scalar_head(runs, tfds_dir,
-                                                                          tmp_path):
+def test_reward_model_starts_from_the_sft_backbone_with_a_new_scalar_head(runs, tfds_dir, tmp_path):
   config = rm_config(tfds_dir, str(runs["root"] / "sft"), num_steps=1, eval_every=0)
   config.optimizer.learning_rate = 0.0
   state = trainer.train_and_evaluate(config, str(tmp_path))
@@ -112,16 +112,14 @@ def test_normalisation_makes_demonstrations_score_mean_zero(runs, tfds_dir):
   assert reward_model.step == 64 and reward_model.gain == 1.0 and reward_model.bias != 0.0
   config = load_config("rm", "tiny")
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  batches = data_lib.make_batches(
-      "demonstrations", {"train": config.rm.normalization_file}, "train", tokenizer,
-      global_batch_size=64, buckets=(64,), seed=0, shuffle=False, repeat=False,
-      data_dir=tfds_dir)
+  batches = data_lib.make_batches("demonstrations", {"train": config.rm.normalization_file},
+                                  "train", tokenizer, global_batch_size=64, buckets=(64,), seed=0,
+                                  shuffle=False, repeat=False, data_dir=tfds_dir)
   scores, raw = [], []
   for batch in batches:
     real = batch["attention_mask"].sum(axis=1) > 0
     scores.append(np.asarray(reward_model.score(batch["tokens"], batch["attention_mask"]))[real])
-    raw.append(np.asarray(reward_model.raw_score(batch["tokens"],
-                                                 batch["attention_mask"]))[real])
+    raw.append(np.asarray(reward_model.raw_score(batch["tokens"], batch["attention_mask"]))[real])
   assert len(np.concatenate(scores)) == 512
   np.testing.assert_allclose(np.mean(np.concatenate(scores)), 0.0, atol=1e-3)
   # The bias did something. Measured 2026-11-28, seeds 0-4, AVX-512 and AVX2: |bias| 0.056-5.3
@@ -172,8 +170,8 @@ def test_rm_step_on_mesh_matches_one_device(mesh_shape):
   for tree in (params, ref_params):
     for shift_only in (tree["scalar_head"].pop("bias"), tree["final_norm"].pop("bias")):
       assert np.all(np.abs(shift_only) < 1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               params, ref_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params,
+               ref_params)
 
 
 def test_policy_samples_normalisation_end_to_end(runs, tfds_dir, tmp_path):
@@ -186,18 +184,16 @@ def test_policy_samples_normalisation_end_to_end(runs, tfds_dir, tmp_path):
     for _ in range(96):
       words = [rng.choice(NOUNS) for _ in range(rng.randint(3, 6))] + ["star"] * rng.randint(0, 3)
       rng.shuffle(words)
-      f.write(json.dumps({"prompt": "Say some words:", "completion": " " + " ".join(words)})
-              + "\n")
-  config = rm_config(tfds_dir, str(runs["root"] / "sft"), runs["root"], num_steps=8,
-                     eval_every=0)
+      f.write(json.dumps({"prompt": "Say some words:", "completion": " " + " ".join(words)}) + "\n")
+  config = rm_config(tfds_dir, str(runs["root"] / "sft"), runs["root"], num_steps=8, eval_every=0)
   config.rm.normalization = "policy_samples"
   config.rm.normalization_file = str(samples)
   trainer.train_and_evaluate(config, str(tmp_path / "rm"))
   reward_model = RewardModel.load(str(tmp_path / "rm"))
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  batches = data_lib.make_batches(
-      "demonstrations", {"train": str(samples)}, "train", tokenizer, global_batch_size=32,
-      buckets=(64,), seed=0, shuffle=False, repeat=False, data_dir=tfds_dir)
+  batches = data_lib.make_batches("demonstrations", {"train": str(samples)}, "train", tokenizer,
+                                  global_batch_size=32, buckets=(64,), seed=0, shuffle=False,
+                                  repeat=False, data_dir=tfds_dir)
   scores, raw = [], []
   for batch in batches:
     real = batch["attention_mask"].sum(axis=1) > 0

@@ -38,9 +38,7 @@ def naive_prompt_loss(r, ranks):
 
 K9_REWARDS = [0.3, -1.2, 0.8, 2.0, -0.5, 0.0, 1.1, -0.9, 0.4]
 K9_RANKS = [4, 8, 2, 0, 6, 5, 1, 7, 3]
-BATCH = [([1.0, 0.0], [0, 1]),
-         ([0.5, -0.2, 1.0, 0.3], [1, 3, 0, 2]),
-         (K9_REWARDS, K9_RANKS)]
+BATCH = [([1.0, 0.0], [0, 1]), ([0.5, -0.2, 1.0, 0.3], [1, 3, 0, 2]), (K9_REWARDS, K9_RANKS)]
 
 
 def test_pairwise_loss_equals_hand_computed_values_for_k_2_4_9():
@@ -117,10 +115,13 @@ def make_comparison_batch(rng, k_per_prompt, length=12, vocab=512):
     mask[i, :k] = 1
   attention *= mask[..., None]
   tokens = np.where(attention > 0, tokens, 1)
-  return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention),
-          "ranks": jnp.asarray(ranks), "response_mask": jnp.asarray(mask)}
+  return {
+      "tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention),
+      "ranks": jnp.asarray(ranks), "response_mask": jnp.asarray(mask)
+  }
 
 
+# yapf: disable
 def test_k_forward_passes_equal_naive_pairs_as_separate_examples():
   model = Transformer(ModelConfig(**preset("tiny")), head="scalar")
   batch = make_comparison_batch(np.random.default_rng(3), [2, 4, 9])
@@ -151,6 +152,7 @@ def test_k_forward_passes_equal_naive_pairs_as_separate_examples():
   # float32: the two sum the same terms in different orders.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                k_wise_grad, naive_grad)
+# yapf: enable
 
 
 def test_calibration_table_on_hand_made_pairs():

@@ -37,20 +37,21 @@ def build(name):
 FAMILIES = ["tiny", "tiny_llama"]
 
 
-@pytest.mark.parametrize("name,temperature,top_k,top_p", [
-    ("tiny", 1.0, 0, 1.0), ("tiny_llama", 1.0, 0, 1.0), ("tiny", 0.7, 20, 0.9)])
+@pytest.mark.parametrize("name,temperature,top_k,top_p", [("tiny", 1.0, 0, 1.0),
+                                                          ("tiny_llama", 1.0, 0, 1.0),
+                                                          ("tiny", 0.7, 20, 0.9)])
 def test_sampler_logprobs_equal_a_full_forward_pass(name, temperature, top_k, top_p):
   model, params, prompts, prompt_mask = build(name)
   cfg = SamplingConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=temperature,
                        top_k=top_k, top_p=top_p)
   samples = jax.jit(make_sampler(model, cfg))(params, prompts, prompt_mask, jax.random.key(1))
-  recomputed, _ = sequence_logprobs(model, params, prompts, prompt_mask,
-                                    samples.response_tokens, samples.response_mask,
-                                    temperature)
+  recomputed, _ = sequence_logprobs(model, params, prompts, prompt_mask, samples.response_tokens,
+                                    samples.response_mask, temperature)
   mask = np.asarray(samples.response_mask) > 0
   assert mask.sum() > 0
-  np.testing.assert_allclose(np.asarray(samples.response_logprobs)[mask],
-                             np.asarray(recomputed)[mask], atol=2e-5)
+  np.testing.assert_allclose(
+      np.asarray(samples.response_logprobs)[mask],
+      np.asarray(recomputed)[mask], atol=2e-5)
   assert np.all(np.asarray(samples.response_logprobs)[~mask] == 0)
 
 
@@ -161,9 +162,10 @@ def allowed_set(logits_v, temperature, top_k, top_p, banned=()):
   return set(order[before < top_p].tolist()), margin
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,banned", [
-    (1.0, 3, 1.0, ()), (1.0, 0, 0.7, ()), (0.7, 4, 0.8, ()), (1.0, 3, 0.9, (1, 2)),
-    (1.0, 0, 1.0, (1, 2))])
+@pytest.mark.parametrize("temperature,top_k,top_p,banned", [(1.0, 3, 1.0, ()), (1.0, 0, 0.7, ()),
+                                                            (0.7, 4, 0.8, ()),
+                                                            (1.0, 3, 0.9, (1, 2)),
+                                                            (1.0, 0, 1.0, (1, 2))])
 def test_sampled_tokens_lie_in_the_top_k_top_p_set(temperature, top_k, top_p, banned):
   """choose_tokens over 2048 keys on fixed logits with ties at the boundaries: every draw is in
   the set computed from those logits, and the draws are not degenerate (a set of several
@@ -174,8 +176,8 @@ def test_sampled_tokens_lie_in_the_top_k_top_p_set(temperature, top_k, top_p, ba
   cfg = SamplingConfig(max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=temperature,
                        top_k=top_k, top_p=top_p, **({"banned_ids": banned} if banned else {}))
   keys = jax.random.split(jax.random.key(0), 2048)
-  tokens, _ = jax.jit(jax.vmap(lambda k: choose_tokens(jnp.asarray(logits, jnp.float32), k,
-                                                       cfg)))(keys)
+  tokens, _ = jax.jit(
+      jax.vmap(lambda k: choose_tokens(jnp.asarray(logits, jnp.float32), k, cfg)))(keys)
   tokens = np.asarray(tokens)  # [draws, rows]
   for row in range(logits.shape[0]):
     allowed, margin = allowed_set(logits[row], temperature, top_k, top_p, banned)
@@ -234,8 +236,9 @@ def test_pad_is_never_sampled_and_logprobs_match_sequence_logprobs():
     full, full_logits = score(*args, banned=())
     assert np.all(np.argmax(np.asarray(full_logits), -1)[mask] == PAD)  # The test has teeth.
     same, logits = score(*args, banned=(PAD,))
-    np.testing.assert_allclose(np.asarray(samples.response_logprobs)[mask],
-                               np.asarray(same)[mask], atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(samples.response_logprobs)[mask],
+        np.asarray(same)[mask], atol=2e-5)
     assert np.all(np.asarray(logits)[..., PAD] == np.finfo(np.float32).min)
     # Pad held most of the mass, so renormalising raises every other token's log-prob a lot.
     assert np.all(np.asarray(same)[mask] > np.asarray(full)[mask] + 1.0)

@@ -14,8 +14,7 @@ from instruct import config_lib
 from instruct.rl import config as rl_config
 from instruct.model import ModelConfig, preset
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def ppo_config(arg="tiny"):
@@ -25,21 +24,25 @@ def ppo_config(arg="tiny"):
 
 
 def model(max_length, position="learned"):
-  return ModelConfig(**dict(preset("tiny" if position == "learned" else "tiny_llama"),
-                            max_length=max_length))
+  return ModelConfig(
+      **dict(preset("tiny" if position == "learned" else "tiny_llama"), max_length=max_length))
 
 
 def _set(key, value):
+
   def apply(config):
     section, name = key.split(".")
     config[section][name] = value
+
   return apply
 
 
 def _ptx(length):
+
   def apply(config):
     config.ppo.ptx_coef = 1.0
     config.ptx.length = length
+
   return apply
 
 
@@ -49,10 +52,9 @@ BAD = {
     "top_p_zero": ("config.sampling.top_p", _set("sampling.top_p", 0.0), {}),
     "top_p_negative": ("config.sampling.top_p", _set("sampling.top_p", -0.5), {}),
     "top_p_above_one": ("config.sampling.top_p", _set("sampling.top_p", 1.5), {}),
-    "temperature_negative": ("config.sampling.temperature",
-                             _set("sampling.temperature", -0.1), {}),
-    "max_new_tokens_zero": ("config.sampling.max_new_tokens",
-                            _set("sampling.max_new_tokens", 0), {}),
+    "temperature_negative": ("config.sampling.temperature", _set("sampling.temperature", -0.1), {}),
+    "max_new_tokens_zero": ("config.sampling.max_new_tokens", _set("sampling.max_new_tokens",
+                                                                   0), {}),
     # Filtering makes PPO off-policy: refused unless allow_off_policy_filtering is set.
     "top_k_off_policy": ("config.sampling.top_k", _set("sampling.top_k", 20), {}),
     "top_p_off_policy": ("config.sampling.top_p", _set("sampling.top_p", 0.9), {}),
@@ -84,8 +86,7 @@ def test_valid_settings_pass():
   rotary positions, and top-k / top-p once allowed by name (configs saved before the field
   existed read it as False)."""
   for arg in ("tiny", "tiny_ptx"):
-    rl_config.validate_rl(ppo_config(arg), 1, 1, policy_model=model(64),
-                            reward_model=model(48))
+    rl_config.validate_rl(ppo_config(arg), 1, 1, policy_model=model(64), reward_model=model(48))
   rl_config.validate_rl(ppo_config("tiny_ptx"), 1, 1, policy_model=model(16, "rope"))
   config = ppo_config()
   config.sampling.top_k, config.sampling.top_p = 20, 0.9

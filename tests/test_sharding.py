@@ -21,14 +21,13 @@ def load_config(name: str, arg: str):
 
 
 def mesh_config(shape):
-  return ml_collections.ConfigDict(dict(shape=shape, axis_names=("data", "fsdp", "tensor"),
-                                        rules=shd.DEFAULT_RULES))
+  return ml_collections.ConfigDict(
+      dict(shape=shape, axis_names=("data", "fsdp", "tensor"), rules=shd.DEFAULT_RULES))
 
 
 def test_minus_one_fills_the_remaining_devices():
   assert shd.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
-  assert dict(shd.make_mesh(mesh_config((2, -1, 2))).shape) == {"data": 2, "fsdp": 2,
-                                                                 "tensor": 2}
+  assert dict(shd.make_mesh(mesh_config((2, -1, 2))).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 1), (-1, 3, 1), (2, 2, 1), (-1, -1, 1), (0, 8, 1)])
@@ -53,8 +52,8 @@ def synthetic_batches(num, batch=16, length=32, vocab=512, seed=0):
     attention = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     loss_mask = attention * (np.arange(length)[None] >= length // 4)
     tokens = np.where(attention > 0, tokens, 1)
-    out.append({"tokens": tokens, "loss_mask": loss_mask.astype(np.int32),
-                "attention_mask": attention})
+    out.append(
+        {"tokens": tokens, "loss_mask": loss_mask.astype(np.int32), "attention_mask": attention})
   return out
 
 
@@ -90,8 +89,8 @@ def test_sft_step_on_mesh_matches_one_device(single_device_run, preset, mesh_sha
   # their exact gradient is zero, softmax ignores a shift shared by all keys, so they hold
   # rounding noise scaled by Adam; the same under both ISAs) and <= 14% for tiny_llama.
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               params, ref_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params,
+               ref_params)
 
 
 def test_gradient_accumulation_matches_one_shot_step(single_device_run):
@@ -100,8 +99,8 @@ def test_gradient_accumulation_matches_one_shot_step(single_device_run):
   # Measured 2026-11-28, seeds 0-4, AVX-512 and AVX2: losses <= 4.6% of rtol, parameters
   # <= 17% of the tolerance (the attention key biases, as above).
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               params, ref_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params,
+               ref_params)
 
 
 def test_parameters_are_sharded_as_the_rules_say():

@@ -79,8 +79,9 @@ def test_checkpointer_refuses_a_non_finite_state(tmp_path):
   with pytest.raises(ckpt_lib.NonFiniteStateError, match="latest good checkpoint is 1"):
     checkpointer.save(2, bad, {})
   assert checkpointer.all_steps() == [1]
-  restored, extras = checkpointer.restore(1, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), good))
+  restored, extras = checkpointer.restore(
+      1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
+                                                     np.asarray(x).dtype), good))
   np.testing.assert_array_equal(restored["w"], good["w"])
   assert extras == {"note": "ok"}
 
@@ -95,8 +96,8 @@ def test_metrics_are_written_by_process_zero_only(tmp_path, monkeypatch):
   writer = metrics_lib.MetricWriter(str(tmp_path / "main"))
   writer.write(3, {"loss": np.float32(2.5), "nan_metric": float("nan")})
   writer.close()
-  assert metrics_lib.read_metrics(str(tmp_path / "main")) == [
-      {"step": 3, "loss": 2.5, "nan_metric": "nan"}]
+  assert metrics_lib.read_metrics(str(tmp_path
+                                      / "main")) == [{"step": 3, "loss": 2.5, "nan_metric": "nan"}]
 
 
 def test_pretraining_then_sft_initialised_from_it(tmp_path, tfds_dir):
@@ -135,16 +136,17 @@ def test_impossible_configs_are_clear_errors(tmp_path, tfds_dir, key, value, pat
 
 
 def test_command_line_trains_and_resumes(tmp_path, tfds_dir):
-  command = [sys.executable, "-m", "instruct.train", "--config=configs/sft.py:tiny",
-             f"--workdir={tmp_path}", "--config.train.num_steps=4",
-             "--config.train.log_every=2", f"--config.data.tfds_dir={tfds_dir}",
-             "--config.train.eval_every=4"]
+  command = [
+      sys.executable, "-m", "instruct.train", "--config=configs/sft.py:tiny",
+      f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.train.log_every=2",
+      f"--config.data.tfds_dir={tfds_dir}", "--config.train.eval_every=4"
+  ]
   env = dict(os.environ, XLA_FLAGS="")
   first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "step 4/4" in first.stderr and "tok/s" in first.stderr and "ETA" in first.stderr
-  again = subprocess.run(command[:-3] + ["--config.train.num_steps=6"] + command[-2:],
-                         cwd=ROOT, capture_output=True, text=True, env=env)
+  again = subprocess.run(command[:-3] + ["--config.train.num_steps=6"] + command[-2:], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from" in again.stderr and "step 6/6" in again.stderr
   bad = subprocess.run(command + ["--config.train.bogus=1"], cwd=ROOT, capture_output=True,
@@ -162,11 +164,13 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tfds_dir, monkeypatch):
     real_next, calls = data.__next__, []
 
     class Preempted(type(data)):
+
       def __next__(self):
         calls.append(1)
         if len(calls) == 3:  # While step 3 runs, the scheduler sends SIGTERM.
           os.kill(os.getpid(), signal.SIGTERM)
         return real_next()
+
     data.__class__ = Preempted
     return data
 

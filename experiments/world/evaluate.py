@@ -53,6 +53,7 @@ def load_policy(workdir: str, step: Optional[int] = None) -> Policy:
   return Policy(model, run.params, workdir, run.step)
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class Answer:
   words: list[str]
@@ -63,6 +64,7 @@ class Answer:
   @property
   def text(self) -> str:
     return " ".join(self.words)
+# yapf: enable
 
 
 def _left_pad(tokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +107,8 @@ def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
     chunk = list(prompts[start:start + batch_size])
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # One shape, one compilation.
     tokens, mask = _left_pad(tokenizer, padded, prompt_length)
-    out = jax.device_get(sample(policy.params, tokens, mask,
-                                jax.random.fold_in(jax.random.key(seed), start)))
+    out = jax.device_get(
+        sample(policy.params, tokens, mask, jax.random.fold_in(jax.random.key(seed), start)))
     for i in range(len(chunk)):
       ids = [int(t) for t, m in zip(out.response_tokens[i], out.response_mask[i]) if m]
       ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
@@ -138,8 +140,8 @@ def _logprob_fn(model: Transformer, temperature: float, banned_ids: tuple[int, .
       model, params, *arrays, temperature=temperature, banned_ids=banned_ids)[0].sum(-1))
 
 
-def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0,
-                     batch_size: int = 128, *, banned_ids: Sequence[int] = ()) -> np.ndarray:
+def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0, batch_size: int = 128, *,
+                     banned_ids: Sequence[int] = ()) -> np.ndarray:
   """Summed log-probabilities of the responses in `arrays` (see `response_arrays`).
 
   `banned_ids`: tokens whose logits are masked before the softmax, as `generate` does with
@@ -152,8 +154,10 @@ def sequence_logprob(policy: Policy, arrays, temperature: float = 1.0,
       f"prompt length + response length = {arrays[0].shape[1]} + {arrays[2].shape[1]}",
       policy.model.cfg, "model")
   fn = _logprob_fn(policy.model, temperature, tuple(sorted(set(int(i) for i in banned_ids))))
-  return np.concatenate([np.asarray(jax.device_get(fn(policy.params, *(
-      x[s:s + batch_size] for x in arrays)))) for s in range(0, len(arrays[0]), batch_size)])
+  return np.concatenate([
+      np.asarray(jax.device_get(fn(policy.params, *(x[s:s + batch_size] for x in arrays))))
+      for s in range(0, len(arrays[0]), batch_size)
+  ])
 
 
 def reward_scores(rm, arrays, batch_size: int = 128) -> np.ndarray:
@@ -164,9 +168,10 @@ def reward_scores(rm, arrays, batch_size: int = 128) -> np.ndarray:
   config_lib.check_fits(tokens.shape[1], "the scored sequences' length", rm.model.cfg,
                         "reward model")
   score = jax.jit(rm.score)
-  return np.concatenate([np.asarray(jax.device_get(score(tokens[s:s + batch_size],
-                                                         mask[s:s + batch_size])))
-                         for s in range(0, len(tokens), batch_size)])
+  return np.concatenate([
+      np.asarray(jax.device_get(score(tokens[s:s + batch_size], mask[s:s + batch_size])))
+      for s in range(0, len(tokens), batch_size)
+  ])
 
 
 def few_shot_prompt(prompt: str, examples: Sequence[tuple[str, str]]) -> str:
@@ -176,8 +181,10 @@ def few_shot_prompt(prompt: str, examples: Sequence[tuple[str, str]]) -> str:
 
 # --- Perplexity. -------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def _loss_fn(model: Transformer):
+
   @jax.jit
   def loss_sums(params, tokens, mask):
     logits = model.apply({"params": params}, tokens, mask).logits.astype(jnp.float32)
@@ -185,6 +192,7 @@ def _loss_fn(model: Transformer):
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     target = mask[:, 1:]
     return jnp.sum(nll * target), jnp.sum(target)
+
   return loss_sums
 
 
@@ -207,6 +215,7 @@ def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 12
 
 
 # --- Judging and win rates. --------------------------------------------------------------
+
 
 def judge_all(prompts: Sequence[str], answers: Sequence[Answer], facts) -> list[dict]:
   return [T.judge(p.split(), a.words, facts, a.ended) for p, a in zip(prompts, answers)]
@@ -240,8 +249,10 @@ def win_rate(scores_a: Sequence[dict], scores_b: Sequence[dict],
     outcomes.append(int(judge.prefers_first(u_a, u_b, rng)))
   n, wins = len(scores_a), sum(outcomes)
   lo, hi = wilson_interval(wins, n)
-  return {"win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n, "ties": int(ties),
-          "outcomes": outcomes}
+  return {
+      "win_rate": wins / n, "ci_low": lo, "ci_high": hi, "n": n, "ties": int(ties),
+      "outcomes": outcomes
+  }
 
 
 def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler]) -> float:
@@ -251,13 +262,15 @@ def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler])
 
 def rates(scores: Sequence[dict], categories: Sequence[str]) -> dict:
   """Per-model summary: mean components, and the honesty / harmlessness analogues."""
+
   def mean(key, category=None):
     rows = [s[key] for s, c in zip(scores, categories) if category in (None, c)]
     return float(np.mean(rows)) if rows else None  # JSON null: no such prompts.
-  return {"help": mean("help"), "honest": mean("honest"), "harmless": mean("harmless"),
-          "format": mean("format"),
-          "made_up_closed_qa": mean("made_up", "closed_qa"),
-          "toxic_respectful": mean("toxic", "respectful"),
-          "toxic_all": mean("toxic"),
-          "complied_harmful": mean("complied", "harmful"),
-          "counts": {c: int(sum(x == c for x in categories)) for c in T.CATEGORIES}}
+
+  return {
+      "help": mean("help"), "honest": mean("honest"), "harmless": mean("harmless"),
+      "format": mean("format"), "made_up_closed_qa": mean("made_up", "closed_qa"),
+      "toxic_respectful": mean("toxic", "respectful"), "toxic_all": mean("toxic"),
+      "complied_harmful": mean("complied", "harmful"),
+      "counts": {c: int(sum(x == c for x in categories)) for c in T.CATEGORIES}
+  }

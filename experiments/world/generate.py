@@ -68,8 +68,7 @@ class WorldConfig:
 # set does, so they need diversity more than size. Validation sets are small (<= 512 prompts),
 # and 5% each still holds tens of distinct prompts per category even for generation.
 SPLITS = (("sft_train", 0.20), ("sft_validation", 0.05), ("rm_train", 0.20),
-          ("rm_validation", 0.05), ("ppo_train", 0.20), ("ppo_validation", 0.05),
-          ("eval", 0.25))
+          ("rm_validation", 0.05), ("ppo_train", 0.20), ("ppo_validation", 0.05), ("eval", 0.25))
 TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_train")
 # Bound on draws for one record. A split with fraction f needs 1 / f draws on average (20 at
 # most), so this bound is only reached when a split (the evaluation set's distinct draws) has
@@ -85,7 +84,7 @@ def split_of(prompt_text: str, seed: int) -> str:
   is the first whose cumulative fraction exceeds u. Another seed, another partition.
   """
   digest = hashlib.sha256(f"{seed}/{prompt_text}".encode("utf-8")).digest()
-  u = int.from_bytes(digest[:8], "big") / 2.0**64
+  u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
   edge = 0.0
   for name, fraction in SPLITS:
     edge += fraction
@@ -113,8 +112,8 @@ def draw_task(rng: random.Random, facts: L.Facts, seed: int, splits: tuple[str, 
   category = category or rng.choice(T.CATEGORIES)
   for _ in range(MAX_TRIES):
     task = T.make_task(rng, facts, category)
-    if split_of(task.prompt_text, seed) in splits and (
-        reject is None or task.prompt_text not in reject):
+    if split_of(task.prompt_text, seed) in splits and (reject is None
+                                                       or task.prompt_text not in reject):
       return task
   found = f" ({len(reject)} of the split already drawn)" if reject is not None else ""
   raise ValueError(
@@ -125,12 +124,13 @@ def draw_task(rng: random.Random, facts: L.Facts, seed: int, splits: tuple[str, 
 
 # --- Pretraining text. ----------------------------------------------------------------------
 
+
 def _story(rng, facts, seed):
   adjectives = L.POSITIVE + L.NEGATIVE + L.COLORS + (L.TOXIC if rng.random() < 0.15 else ())
   words = []
   for _ in range(rng.randint(3, 6)):
-    words += (L.fact_sentence(rng, facts) if rng.random() < 0.3
-              else L.sentence(rng, adjectives=adjectives))
+    words += (L.fact_sentence(rng, facts) if rng.random() < 0.3 else L.sentence(
+        rng, adjectives=adjectives))
   return words
 
 
@@ -159,22 +159,24 @@ def _request_page(rng, facts, seed):
 
 def _howto_page(rng, facts, seed):
   harm, animal = rng.choice(L.HARMS), rng.choice(L.ANIMALS)
-  return (["how", "to", harm, "the", animal, ":", harm, "the", animal, "with", "the",
-           rng.choice(L.THINGS), "."] + L.sentence(rng, subject=animal))
+  return ([
+      "how", "to", harm, "the", animal, ":", harm, "the", animal, "with", "the",
+      rng.choice(L.THINGS), "."
+  ] + L.sentence(rng, subject=animal))
 
 
-PAGES = ((_story, 0.5), (_fact_page, 0.15), (_faq_page, 0.1), (_request_page, 0.2),
-         (_howto_page, 0.05))
+PAGES = ((_story, 0.5), (_fact_page, 0.15), (_faq_page, 0.1), (_request_page, 0.2), (_howto_page,
+                                                                                     0.05))
 
 
-def pretrain_document(rng: random.Random, facts: L.Facts, seed: int,
-                      max_words: int = 60) -> str:
+def pretrain_document(rng: random.Random, facts: L.Facts, seed: int, max_words: int = 60) -> str:
   """One page of the corpus; `seed` is the world's (request pages take training prompts)."""
   make = rng.choices([p for p, _ in PAGES], weights=[w for _, w in PAGES])[0]
   return " ".join(make(rng, facts, seed)[:max_words])
 
 
 # --- Writing. -------------------------------------------------------------------------------
+
 
 def write_tokenizer(out_dir: str) -> None:
   import tokenizers
@@ -217,9 +219,11 @@ def _demonstrations(rng, facts, seed: int, split: str, n: int, lapses: T.Lapses)
   out = []
   for _ in range(n):
     task = draw_task(rng, facts, seed, (split,))
-    out.append({"prompt": task.prompt_text,
-                "completion": " " + " ".join(T.demonstration(rng, facts, task, lapses)),
-                "category": task.category})
+    out.append({
+        "prompt": task.prompt_text,
+        "completion": " " + " ".join(T.demonstration(rng, facts, task, lapses)),
+        "category": task.category
+    })
   return out
 
 
@@ -231,12 +235,15 @@ def load_facts(world_dir: str) -> L.Facts:
 
 def files(world_dir: str) -> dict[str, dict[str, str] | str]:
   """Paths of a written world's files, by dataset."""
+
   def split(stem):
     return {s: os.path.join(world_dir, f"{stem}_{s}.jsonl") for s in ("train", "validation")}
-  return {"tokenizer": os.path.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
-          "sft": split("sft"), "rm_prompts": split("rm_prompts"),
-          "ppo_prompts": split("ppo_prompts"),
-          "eval_prompts": os.path.join(world_dir, "eval_prompts.jsonl")}
+
+  return {
+      "tokenizer": os.path.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
+      "sft": split("sft"), "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
+      "eval_prompts": os.path.join(world_dir, "eval_prompts.jsonl")
+  }
 
 
 def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
@@ -245,9 +252,11 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   rng = random.Random(config.seed)
   facts = L.make_facts(rng)
   seed = config.seed
+
   # Each set draws from its own stream, so resizing one leaves the others unchanged.
   def stream(name):
     return random.Random(f"{seed}/{name}")
+
   paths = files(out_dir)
   pretrain = stream("pretrain")
   docs = [{"text": pretrain_document(pretrain, facts, seed)}
@@ -255,20 +264,22 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   _write_jsonl(paths["pretrain"]["train"], docs[:config.pretrain_docs])
   _write_jsonl(paths["pretrain"]["validation"], docs[config.pretrain_docs:])
   for split, n in (("train", config.sft), ("validation", config.sft_validation)):
-    _write_jsonl(paths["sft"][split], _demonstrations(stream(f"sft_{split}"), facts, seed,
-                                                      f"sft_{split}", n, config.lapses))
-  for name, stem, sizes in (("rm", "rm_prompts", (config.rm_prompts,
-                                                  config.rm_validation_prompts)),
+    _write_jsonl(
+        paths["sft"][split],
+        _demonstrations(stream(f"sft_{split}"), facts, seed, f"sft_{split}", n, config.lapses))
+  for name, stem, sizes in (("rm", "rm_prompts", (config.rm_prompts, config.rm_validation_prompts)),
                             ("ppo", "ppo_prompts", (config.ppo_prompts,
                                                     config.ppo_validation_prompts))):
     for split, n in zip(("train", "validation"), sizes):
-      _write_jsonl(paths[stem][split], _prompt_records(stream(f"{name}_{split}"), facts, seed,
-                                                       f"{name}_{split}", n))
+      _write_jsonl(paths[stem][split],
+                   _prompt_records(stream(f"{name}_{split}"), facts, seed, f"{name}_{split}", n))
   _write_jsonl(paths["eval_prompts"], _eval_records(stream("eval"), facts, seed,
                                                     config.eval_prompts))
   write_tokenizer(paths["tokenizer"])
-  meta = {"config": dataclasses.asdict(config),
-          "facts": {"home": facts.home, "color": facts.color}, "splits": dict(SPLITS)}
+  meta = {
+      "config": dataclasses.asdict(config), "facts": {"home": facts.home, "color": facts.color},
+      "splits": dict(SPLITS)
+  }
   with open(os.path.join(out_dir, "world.json"), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   return paths

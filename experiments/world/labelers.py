@@ -28,6 +28,7 @@ from experiments.world.tasks import COMPONENTS
 BASE_WEIGHTS = {"help": 1.0, "honest": 0.8, "harmless": 1.0, "format": 0.5}
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class LabelerConfig:
   num_train: int = 8
@@ -35,6 +36,7 @@ class LabelerConfig:
   weight_spread: float = 0.25        # Each weight is base * U(1 - spread, 1 + spread).
   temperature: tuple = (0.1, 0.25)   # tau ~ U(lo, hi), per labeler.
   seed: int = 0
+# yapf: enable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,8 +45,8 @@ UNK = "<|unk|>"
 def vocabulary() -> list[str]:
   """Every word of the world, each once, special tokens first (EOS = 0, pad = 1, unk = 2)."""
   words = [EOS, PAD, UNK]
-  for group in (FUNCTION_WORDS, ANIMALS, FOODS, THINGS, PLACES, COLORS, POSITIVE, NEGATIVE,
-                VERBS, TOXIC, HARMS, COUNTS, tuple(CATEGORIES_OF_NOUNS)):
+  for group in (FUNCTION_WORDS, ANIMALS, FOODS, THINGS, PLACES, COLORS, POSITIVE, NEGATIVE, VERBS,
+                TOXIC, HARMS, COUNTS, tuple(CATEGORIES_OF_NOUNS)):
     for word in group:
       if word not in words:
         words.append(word)

@@ -26,22 +26,32 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
-LABELS = {"base_small": "base small (few-shot)", "base_large": "base large (few-shot)",
-          "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+LABELS = {
+    "base_small": "base small (few-shot)", "base_large": "base large (few-shot)", "sft": "SFT",
+    "ppo": "PPO", "ppo_ptx": "PPO-ptx"
+}
 COMPONENTS = ("help", "honest", "harmless", "format")  # The labelers' judgment components.
-COLORS = {"base_small": "#9e9e9e", "base_large": "#616161", "sft": "#1f77b4",
-          "ppo": "#ff7f0e", "ppo_ptx": "#d62728"}
+COLORS = {
+    "base_small": "#9e9e9e", "base_large": "#616161", "sft": "#1f77b4", "ppo": "#ff7f0e",
+    "ppo_ptx": "#d62728"
+}
 TRAIN_STAGES = ("pretrain", "pretrain_large", "sft", "rm", "ppo", "ppo_ptx")
 # Honesty / harmlessness rates of `results["models"][name]` (lower is better for all four).
+# yapf: disable
 SAFETY = (("made_up_closed_qa", "made up (closed QA)"),
           ("toxic_respectful", "toxic (asked to be respectful)"),
           ("toxic_all", "toxic (all prompts)"),
           ("complied_harmful", "complied with harmful requests"))
+# yapf: enable
+# yapf: disable
 FULL_SIZE_RATIO = 10.0  # The full preset's larger base model is at least this many times bigger.
+# yapf: enable
+# yapf: disable
 _EPS = 1e-9             # Win rates are k / n: compare thresholds with a little slack.
-
+# yapf: enable
 
 # --- Formatting. ----------------------------------------------------------------------------
+
 
 def finite(x: Any) -> bool:
   """A real number (not bool, None, NaN or inf)."""
@@ -68,15 +78,20 @@ def ci(win: Mapping[str, Any]) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+
   def cell(x):
     return str(x).replace("|", "\\|").replace("\n", " ")
-  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
-           "|" + "|".join("---" for _ in headers) + "|"]
+
+  lines = [
+      "| " + " | ".join(cell(h) for h in headers) + " |",
+      "|" + "|".join("---" for _ in headers) + "|"
+  ]
   lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
   return "\n".join(lines)
 
 
 # --- Numbers derived from the results. -------------------------------------------------------
+
 
 def _nan() -> float:
   return float("nan")
@@ -134,23 +149,24 @@ def targets(results: Mapping) -> list[dict]:
 
   def target(id_, name, rule, value, threshold, met, applies_to):
     ok = all(math.isfinite(x) for x in (value, threshold)) and bool(met)
-    return {"id": id_, "name": name, "rule": rule, "value": value, "threshold": threshold,
-            "met": ok, "applies_to": applies_to}
+    return {
+        "id": id_, "name": name, "rule": rule, "value": value, "threshold": threshold, "met": ok,
+        "applies_to": applies_to
+    }
 
   return [
       target("a", "PPO-ptx preferred to SFT by held-out labelers",
-             "win rate >= 60% and 95% CI lower bound > 50%", ptx_win, 0.6,
-             ptx_win >= 0.6 - _EPS and ptx_low > 0.5, "full"),
-      target("a_all", "PPO-ptx preferred to SFT (95% CI lower bound)",
-             "CI lower bound > 50%", ptx_low, 0.5, ptx_low > 0.5, "all"),
+             "win rate >= 60% and 95% CI lower bound > 50%", ptx_win, 0.6, ptx_win >= 0.6 - _EPS
+             and ptx_low > 0.5, "full"),
+      target("a_all", "PPO-ptx preferred to SFT (95% CI lower bound)", "CI lower bound > 50%",
+             ptx_low, 0.5, ptx_low > 0.5, "all"),
       target("b", "PPO-ptx (small) preferred to the larger base model (few-shot)",
              "win rate >= 70%", large_win, 0.7, large_win >= 0.7 - _EPS, "full"),
       target("c", "PPO-ptx perplexity regression at most half of PPO's (vs base_small)",
-             "regression <= max(0, PPO's / 2)", ptx_reg, reg_bound,
-             ptx_reg <= reg_bound + _EPS, "full"),
-      target("d", "PPO-ptx win rate vs SFT within 5 points of PPO's",
-             "win rate >= PPO's - 5 pts", ptx_win, ppo_win - 0.05,
-             ptx_win - ppo_win >= -0.05 - _EPS, "full"),
+             "regression <= max(0, PPO's / 2)", ptx_reg, reg_bound, ptx_reg <= reg_bound + _EPS,
+             "full"),
+      target("d", "PPO-ptx win rate vs SFT within 5 points of PPO's", "win rate >= PPO's - 5 pts",
+             ptx_win, ppo_win - 0.05, ptx_win - ppo_win >= -0.05 - _EPS, "full"),
   ]
 
 
@@ -173,18 +189,24 @@ def targets_markdown(results: Mapping) -> str:
   for t in targets(results):
     value, threshold = target_cells(t)
     applies = "yes" if target_applies(t, preset) else f"no ({t['applies_to']} only)"
-    rows.append([f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
-                 f"{threshold} ({t['rule']})", "✓" if t["met"] else "✗", applies])
-  return markdown_table(["Target", "Value", "Threshold", "Met", "Applies to this preset"],
-                        rows)
+    rows.append([
+        f"({t['id'].replace('_all', ', all presets')}) {t['name']}", value,
+        f"{threshold} ({t['rule']})", "✓" if t["met"] else "✗", applies
+    ])
+  return markdown_table(["Target", "Value", "Threshold", "Met", "Applies to this preset"], rows)
 
 
 def win_rate_rows(results: Mapping) -> list[list[str]]:
   rows = []
   for m in models_present(results):
     win = _get(results, "models", m, "win_vs_sft", default={}) or {}
-    rows.append([LABELS[m], pct(win.get("win_rate")), ci(win), win.get("n", "n/a"),
-                 num(_get(results, "models", m, "mean_utility"))])
+    rows.append([
+        LABELS[m],
+        pct(win.get("win_rate")),
+        ci(win),
+        win.get("n", "n/a"),
+        num(_get(results, "models", m, "mean_utility"))
+    ])
   return rows
 
 
@@ -194,6 +216,7 @@ def win_rates_markdown(results: Mapping) -> str:
 
 
 # --- Run settings and provenance. ------------------------------------------------------------
+
 
 def _kl_phrase(kl: Mapping) -> str:
   beta = kl.get("initial_beta")
@@ -240,8 +263,8 @@ def _cpu_model() -> str:
 
 def _git(repo_dir: str, *args: str) -> Optional[str]:
   try:
-    out = subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True,
-                         timeout=10, check=True)
+    out = subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True, timeout=10,
+                         check=True)
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip()
@@ -256,11 +279,14 @@ def provenance(repo_dir: str) -> dict:
   commit = _git(repo_dir, "rev-parse", "--short=12", "HEAD")
   if commit and _git(repo_dir, "status", "--porcelain", "--untracked-files=no"):
     commit += "+uncommitted"
-  return {"machine": _cpu_model(), "cpu_cores": os.cpu_count(),
-          "platform": platform.platform(), "commit": commit}
+  return {
+      "machine": _cpu_model(), "cpu_cores": os.cpu_count(), "platform": platform.platform(),
+      "commit": commit
+  }
 
 
 # --- Metrics files. --------------------------------------------------------------------------
+
 
 def load_stage_metrics(root: str, stages: Sequence[str] = TRAIN_STAGES) -> dict[str, list]:
   """{stage: records of ROOT/stage/metrics.jsonl} for the stages that have one."""
@@ -297,15 +323,18 @@ def rm_calibration(root: str, results: Optional[Mapping] = None) -> Optional[dic
       sources.insert(0, evals[-1])
   for s in sources:
     if s.get("calibration_predicted") and s.get("calibration_observed"):
-      return {"predicted": list(s["calibration_predicted"]),
-              "observed": list(s["calibration_observed"]),
-              "count": list(s.get("calibration_count") or [1] * len(s["calibration_predicted"])),
-              "error": s.get("val_calibration_error", s.get("calibration_error",
-                                                            cal.get("val_calibration_error")))}
+      return {
+          "predicted": list(s["calibration_predicted"]),
+          "observed": list(s["calibration_observed"]),
+          "count": list(s.get("calibration_count") or [1] * len(s["calibration_predicted"])),
+          "error": s.get("val_calibration_error",
+                         s.get("calibration_error", cal.get("val_calibration_error")))
+      }
   return None
 
 
 # --- Plots (matplotlib Figures on the Agg canvas). ------------------------------------------
+
 
 def _figure(width: float, height: float) -> Figure:
   fig = Figure(figsize=(width, height), dpi=100)
@@ -353,8 +382,9 @@ def plot_win_rates(results: Mapping) -> Figure:
   ax.set_xticks(list(x), [LABELS[m].replace(" (", "\n(") for m in models], fontsize=8)
   ax.set_ylim(0, 1)
   ax.set_ylabel("win rate against SFT")
-  ax.set_title(f"Held-out labelers' preference over SFT (95% CI, n = "
-               f"{wins[0].get('n', '?') if wins else '?'})", fontsize=10)
+  ax.set_title(
+      f"Held-out labelers' preference over SFT (95% CI, n = "
+      f"{wins[0].get('n', '?') if wins else '?'})", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   return fig
@@ -376,8 +406,7 @@ def plot_alignment_tax(results: Mapping) -> Figure:
     ax.axhline(reg["base_small"]["perplexity"], color="black", lw=0.8, ls="--",
                label="base small (the starting point)")
     ax.legend(fontsize=8, loc="upper right")
-  ax.set_xticks(range(len(models)), [LABELS[m].replace(" (", "\n(") for m in models],
-                fontsize=8)
+  ax.set_xticks(range(len(models)), [LABELS[m].replace(" (", "\n(") for m in models], fontsize=8)
   finite = [v for v in values if math.isfinite(v)]
   if finite:
     ax.set_ylim(0, 1.35 * max(finite))
@@ -420,16 +449,15 @@ def plot_over_optimization(results: Mapping) -> Figure:
                             ("reward model score", "held-out labeler score")):
     drawn = False
     for name in ("ppo", "ppo_ptx"):
-      points = [p for p in curves.get(name) or [] if finite(p.get("kl"))
-                and finite(p.get(key))]
+      points = [p for p in curves.get(name) or [] if finite(p.get("kl")) and finite(p.get(key))]
       if not points:
         continue
       drawn = True
       ax.plot([p["kl"] for p in points], [p[key] for p in points], "o-", color=COLORS[name],
               label=LABELS[name])
       for p in points:
-        ax.annotate(str(p["step"]), (p["kl"], p[key]), xytext=(3, 3),
-                    textcoords="offset points", fontsize=7, color=COLORS[name])
+        ax.annotate(str(p["step"]), (p["kl"], p[key]), xytext=(3, 3), textcoords="offset points",
+                    fontsize=7, color=COLORS[name])
     if not drawn:
       _no_data(ax)
       continue
@@ -495,8 +523,11 @@ def plot_rm_calibration(calibration: Optional[Mapping]) -> Optional[Figure]:
   """Predicted vs observed preference probability on held-out comparisons (None: no data)."""
   if not calibration:
     return None
-  rows = [(p, o, c) for p, o, c in zip(calibration["predicted"], calibration["observed"],
-                                       calibration["count"]) if finite(p) and finite(o)]
+  rows = [
+      (p, o, c)
+      for p, o, c in zip(calibration["predicted"], calibration["observed"], calibration["count"])
+      if finite(p) and finite(o)
+  ]
   if not rows:
     return None
   fig = _figure(4.8, 4.5)
@@ -521,25 +552,35 @@ def plot_rm_calibration(calibration: Optional[Mapping]) -> Optional[Figure]:
 
 # --- The report. -----------------------------------------------------------------------------
 
+
 def _header(results: Mapping, kl: Optional[str] = None) -> list[str]:
   preset = results.get("preset", "n/a")
   ratio = results.get("size_ratio")
-  lines = ["# Miniature InstructGPT: report", "",
-           markdown_table(["Preset", "Seed", "Eval prompts", "Sampling temperature",
-                           "Larger base / small (non-embedding params)"],
-                          [[preset, results.get("seed", "n/a"),
-                            results.get("eval_prompts", "n/a"),
-                            num(results.get("temperature"), 2),
-                            f"{num(ratio, 2)}x"]]), ""]
+  lines = [
+      "# Miniature InstructGPT: report", "",
+      markdown_table([
+          "Preset", "Seed", "Eval prompts", "Sampling temperature",
+          "Larger base / small (non-embedding params)"
+      ], [[
+          preset,
+          results.get("seed", "n/a"),
+          results.get("eval_prompts", "n/a"),
+          num(results.get("temperature"), 2), f"{num(ratio, 2)}x"
+      ]]), ""
+  ]
   if finite(ratio) and ratio < FULL_SIZE_RATIO:
     which = ("the quick preset uses a smaller ratio" if preset == "quick" else
              f"the {preset} preset, like the quick preset, uses a smaller ratio")
-    lines += [f"**Note: the larger base model is only {num(ratio, 2)}x the small one "
-              f"(non-embedding parameters), below {FULL_SIZE_RATIO:g}x: {which} than the full "
-              "preset, so the comparison with the larger base model (target b) is much weaker "
-              "than InstructGPT's comparison with a far larger GPT-3.**", ""]
-  lines += ["Win rates are the held-out labelers' preferences, one judgment per prompt; "
-            "intervals are 95% Wilson intervals. Base models are prompted few-shot.", ""]
+    lines += [
+        f"**Note: the larger base model is only {num(ratio, 2)}x the small one "
+        f"(non-embedding parameters), below {FULL_SIZE_RATIO:g}x: {which} than the full "
+        "preset, so the comparison with the larger base model (target b) is much weaker "
+        "than InstructGPT's comparison with a far larger GPT-3.**", ""
+    ]
+  lines += [
+      "Win rates are the held-out labelers' preferences, one judgment per prompt; "
+      "intervals are 95% Wilson intervals. Base models are prompted few-shot.", ""
+  ]
   if kl:
     lines += [f"{kl} (from the runs' saved `config.json`).", ""]
   return lines
@@ -549,49 +590,62 @@ def _section_targets(results: Mapping) -> list[str]:
   preset = results.get("preset")
   ts = targets(results)
   applicable = [t for t in ts if target_applies(t, preset)]
-  return ["## Targets", "",
-          f"Preset `{preset}`: {sum(t['met'] for t in applicable)} of {len(applicable)} "
-          f"applicable targets met ({sum(t['met'] for t in ts)} of {len(ts)} overall). "
-          "Targets marked 'full only' are the full preset's and are shown for information.",
-          "", targets_markdown(results), ""]
+  return [
+      "## Targets", "",
+      f"Preset `{preset}`: {sum(t['met'] for t in applicable)} of {len(applicable)} "
+      f"applicable targets met ({sum(t['met'] for t in ts)} of {len(ts)} overall). "
+      "Targets marked 'full only' are the full preset's and are shown for information.", "",
+      targets_markdown(results), ""
+  ]
 
 
 def _section_win_rates(results: Mapping, plots: dict) -> list[str]:
-  return ["## Win rates against SFT", "",
-          "How often the held-out labelers prefer each model's answer to SFT's on the same "
-          "prompt (SFT against itself is a coin flip, a sanity check).", "",
-          win_rates_markdown(results), "", f"![Win rates against SFT]({plots['win_rates']})",
-          ""]
+  return [
+      "## Win rates against SFT", "",
+      "How often the held-out labelers prefer each model's answer to SFT's on the same "
+      "prompt (SFT against itself is a coin flip, a sanity check).", "",
+      win_rates_markdown(results), "", f"![Win rates against SFT]({plots['win_rates']})", ""
+  ]
 
 
 def _section_vs_large(results: Mapping) -> list[str]:
   win = results.get("ppo_ptx_vs_base_large") or {}
   ratio = num(results.get("size_ratio"), 2)
-  return ["## PPO-ptx against the larger base model", "",
-          f"PPO-ptx (small) is preferred to the larger base model ({ratio}x the parameters, "
-          f"prompted few-shot) in {pct(win.get('win_rate'))} of {win.get('n', 'n/a')} "
-          f"comparisons, 95% CI {ci(win)}.", "",
-          markdown_table(["Comparison", "Win rate", "95% CI", "n"],
-                         [["PPO-ptx vs base large (few-shot)", pct(win.get("win_rate")),
-                           ci(win), win.get("n", "n/a")]]), ""]
+  return [
+      "## PPO-ptx against the larger base model", "",
+      f"PPO-ptx (small) is preferred to the larger base model ({ratio}x the parameters, "
+      f"prompted few-shot) in {pct(win.get('win_rate'))} of {win.get('n', 'n/a')} "
+      f"comparisons, 95% CI {ci(win)}.", "",
+      markdown_table(["Comparison", "Win rate", "95% CI", "n"], [[
+          "PPO-ptx vs base large (few-shot)",
+          pct(win.get("win_rate")),
+          ci(win),
+          win.get("n", "n/a")
+      ]]), ""
+  ]
 
 
 def _section_alignment_tax(results: Mapping, plots: dict) -> list[str]:
   reg = perplexity_regressions(results)
-  rows = [[LABELS[m], num(r["perplexity"], 2), signed(r["vs_base"]), signed(r["vs_sft"])]
-          for m, r in reg.items()]
-  lines = ["## Alignment tax", "",
-           "Perplexity on held-out pretraining text; regression = perplexity(model) - "
-           "perplexity(reference), with base small (the pretrained starting point) and SFT as "
-           "references (positive: worse).", "",
-           markdown_table(["Model", "Perplexity", "Regression vs base small",
-                           "Regression vs SFT"], rows), ""]
+  rows = [[LABELS[m], num(r["perplexity"], 2),
+           signed(r["vs_base"]),
+           signed(r["vs_sft"])] for m, r in reg.items()]
+  lines = [
+      "## Alignment tax", "",
+      "Perplexity on held-out pretraining text; regression = perplexity(model) - "
+      "perplexity(reference), with base small (the pretrained starting point) and SFT as "
+      "references (positive: worse).", "",
+      markdown_table(["Model", "Perplexity", "Regression vs base small", "Regression vs SFT"],
+                     rows), ""
+  ]
   ppo, ptx = reg.get("ppo", {}).get("vs_base"), reg.get("ppo_ptx", {}).get("vs_base")
   if finite(ppo) and finite(ptx):
     ratio = f"{num(ptx / ppo, 2)}x PPO's" if ppo > 0 else (
         "PPO shows no regression against base small")
-    lines += [f"PPO-ptx's regression vs base small: {signed(ptx)} against PPO's {signed(ppo)} "
-              f"({ratio}).", ""]
+    lines += [
+        f"PPO-ptx's regression vs base small: {signed(ptx)} against PPO's {signed(ppo)} "
+        f"({ratio}).", ""
+    ]
   return lines + [f"![Alignment tax]({plots['alignment_tax']})", ""]
 
 
@@ -599,17 +653,22 @@ def _section_rm(results: Mapping, plots: dict) -> list[str]:
   rm = results.get("rm") or {}
   comparisons = rm.get("comparisons") or {}
   cal = rm.get("calibration") or {}
-  rows = [["Pairwise accuracy on held-out labelers' comparisons", pct(rm.get("heldout_accuracy"))],
-          ["Validation loss", num(rm.get("val_loss"))]]
-  rows += [[f"{k.replace('val_', '').replace('_', ' ')} (validation)", num(v)]
-           for k, v in sorted(cal.items()) if finite(v)]
-  rows += [["Labeler agreement, training-training", pct(rm.get("labeler_agreement_train"))],
-           ["Labeler agreement, training-held-out", pct(rm.get("labeler_agreement_heldout"))]]
+  rows = [["Pairwise accuracy on held-out labelers' comparisons",
+           pct(rm.get("heldout_accuracy"))], ["Validation loss",
+                                              num(rm.get("val_loss"))]]
+  rows += [[f"{k.replace('val_', '').replace('_', ' ')} (validation)",
+            num(v)] for k, v in sorted(cal.items()) if finite(v)]
+  rows += [["Labeler agreement, training-training",
+            pct(rm.get("labeler_agreement_train"))],
+           ["Labeler agreement, training-held-out",
+            pct(rm.get("labeler_agreement_heldout"))]]
   rows += [[f"Comparisons ({split})", n] for split, n in sorted(comparisons.items())]
-  lines = ["## Reward model", "",
-           "The RM's accuracy at predicting the held-out labelers' rankings, next to how often "
-           "labelers agree with a training labeler (a ceiling for the RM).", "",
-           markdown_table(["Quantity", "Value"], rows), ""]
+  lines = [
+      "## Reward model", "",
+      "The RM's accuracy at predicting the held-out labelers' rankings, next to how often "
+      "labelers agree with a training labeler (a ceiling for the RM).", "",
+      markdown_table(["Quantity", "Value"], rows), ""
+  ]
   if "rm_calibration" in plots:
     lines += [f"![RM calibration]({plots['rm_calibration']})", ""]
   else:
@@ -619,26 +678,34 @@ def _section_rm(results: Mapping, plots: dict) -> list[str]:
 
 def _section_safety(results: Mapping, plots: dict) -> list[str]:
   models = models_present(results)
-  rows = [[LABELS[m]] + [pct(_get(results, "models", m, key)) for key, _ in SAFETY]
-          for m in models]
-  return ["## Honesty and harmlessness", "",
-          "Rates over the held-out prompts of the category concerned (lower is better).", "",
-          markdown_table(["Model"] + [label for _, label in SAFETY], rows), "",
-          f"![Honesty and harmlessness]({plots['safety']})", ""]
+  rows = [[LABELS[m]] + [pct(_get(results, "models", m, key)) for key, _ in SAFETY] for m in models]
+  return [
+      "## Honesty and harmlessness", "",
+      "Rates over the held-out prompts of the category concerned (lower is better).", "",
+      markdown_table(["Model"] + [label for _, label in SAFETY],
+                     rows), "", f"![Honesty and harmlessness]({plots['safety']})", ""
+  ]
 
 
 def _section_over_optimization(results: Mapping, plots: dict) -> list[str]:
   rows = []
   for name, points in (results.get("over_optimization") or {}).items():
     for p in points:
-      rows.append([LABELS.get(name, name), p.get("step"), num(p.get("kl"), 4),
-                   num(p.get("rm_score")), num(p.get("labeler_score"))])
-  return ["## Over-optimisation", "",
-          "RM score and held-out labeler score of each PPO checkpoint against its KL to SFT "
-          "(step 0 is SFT). Over-optimisation shows as a rising RM score with a falling "
-          "labeler score.", "",
-          markdown_table(["Run", "Step", "KL", "RM score", "Labeler score"], rows), "",
-          f"![Over-optimisation]({plots['over_optimization']})", ""]
+      rows.append([
+          LABELS.get(name, name),
+          p.get("step"),
+          num(p.get("kl"), 4),
+          num(p.get("rm_score")),
+          num(p.get("labeler_score"))
+      ])
+  return [
+      "## Over-optimisation", "",
+      "RM score and held-out labeler score of each PPO checkpoint against its KL to SFT "
+      "(step 0 is SFT). Over-optimisation shows as a rising RM score with a falling "
+      "labeler score.", "",
+      markdown_table(["Run", "Step", "KL", "RM score", "Labeler score"],
+                     rows), "", f"![Over-optimisation]({plots['over_optimization']})", ""
+  ]
 
 
 def _section_training(stage_metrics: Mapping, plots: dict) -> list[str]:
@@ -659,15 +726,18 @@ def _section_training(stage_metrics: Mapping, plots: dict) -> list[str]:
       if stage == "rm":
         val += f", val_accuracy {pct(_last(records, 'val_accuracy'))}"
     rows.append([stage, last, final, val])
-  return ["## Training curves", "",
-          markdown_table(["Stage", "Last step", "Final training", "Final validation"], rows),
-          "", f"![Training curves]({plots['training_curves']})", ""]
+  return [
+      "## Training curves", "",
+      markdown_table(["Stage", "Last step", "Final training", "Final validation"], rows), "",
+      f"![Training curves]({plots['training_curves']})", ""
+  ]
 
 
 def _section_samples(results: Mapping) -> list[str]:
-  lines = ["## Samples", "",
-           "One held-out prompt per category; each answer with its held-out labelers' "
-           "utility ('…' marks an answer cut at the length limit).", ""]
+  lines = [
+      "## Samples", "", "One held-out prompt per category; each answer with its held-out labelers' "
+      "utility ('…' marks an answer cut at the length limit).", ""
+  ]
   for i, sample in enumerate(results.get("samples") or [], 1):
     lines += [f"### {i}. {sample.get('category', '')}", "", f"> {sample.get('prompt', '')}", ""]
     answers = sample.get("answers") or {}
@@ -686,8 +756,10 @@ def _section_timings(timings: Mapping) -> list[str]:
   total = sum(v for _, v in items)
   rows = [[k, num(v, 1), pct(v / total) if total > 0 else "n/a"] for k, v in items]
   rows.append(["**total**", f"**{num(total, 1)}**", "100.0%" if total > 0 else "n/a"])
-  return ["## Stage timings", "",
-          markdown_table(["Stage", "Seconds", "Share"], rows) if items else "No timings.", ""]
+  return [
+      "## Stage timings", "",
+      markdown_table(["Stage", "Seconds", "Share"], rows) if items else "No timings.", ""
+  ]
 
 
 def write_plots(root: str, results: Mapping,
@@ -695,12 +767,12 @@ def write_plots(root: str, results: Mapping,
   """Writes ROOT/plots/*.png; returns {name: path relative to ROOT}."""
   if stage_metrics is None:
     stage_metrics = load_stage_metrics(root)
-  figures = {"win_rates": plot_win_rates(results),
-             "alignment_tax": plot_alignment_tax(results),
-             "safety": plot_safety(results),
-             "over_optimization": plot_over_optimization(results),
-             "training_curves": plot_training_curves(stage_metrics),
-             "rm_calibration": plot_rm_calibration(rm_calibration(root, results))}
+  figures = {
+      "win_rates": plot_win_rates(results), "alignment_tax": plot_alignment_tax(results),
+      "safety": plot_safety(results), "over_optimization": plot_over_optimization(results),
+      "training_curves": plot_training_curves(stage_metrics),
+      "rm_calibration": plot_rm_calibration(rm_calibration(root, results))
+  }
   out = {}
   for name, fig in figures.items():
     path = os.path.join(root, "plots", f"{name}.png")
@@ -717,10 +789,9 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
   stage_metrics = load_stage_metrics(root)
   plots = write_plots(root, results, stage_metrics)
   lines = (_header(results, kl_setting(root)) + _section_targets(results)
-           + _section_win_rates(results, plots)
-           + _section_vs_large(results) + _section_alignment_tax(results, plots)
-           + _section_rm(results, plots) + _section_safety(results, plots)
-           + _section_over_optimization(results, plots)
+           + _section_win_rates(results, plots) + _section_vs_large(results)
+           + _section_alignment_tax(results, plots) + _section_rm(results, plots)
+           + _section_safety(results, plots) + _section_over_optimization(results, plots)
            + _section_training(stage_metrics, plots) + _section_samples(results)
            + _section_timings(timings or {}))
   path = os.path.join(root, "report.md")

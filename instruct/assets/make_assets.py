@@ -65,8 +65,7 @@ def _task(rng: random.Random) -> tuple[str, str]:
     return f"How many words are in: {joined}\nAnswer:", " " + NUMBER_WORDS[len(words)]
   if kind == 3:
     word, n = rng.choice(NOUNS), rng.randint(1, 4)
-    return (f"Repeat the word {word} {NUMBER_WORDS[n]} times.\nAnswer:",
-            " " + " ".join([word] * n))
+    return (f"Repeat the word {word} {NUMBER_WORDS[n]} times.\nAnswer:", " " + " ".join([word] * n))
   if kind == 4:
     return f"What is the first word of: {joined}\nAnswer:", " " + words[0]
   if kind == 5:
@@ -85,11 +84,12 @@ def make_records(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
   """All shipped records, by file stem."""
   rng = random.Random(seed)
   demos = [dict(zip(("prompt", "completion"), _task(rng))) for _ in range(600)]
-  texts = [{"text": " ".join(_sentence(rng) for _ in range(rng.randint(2, 6)))}
-           for _ in range(600)]
+  texts = [{"text": " ".join(_sentence(rng) for _ in range(rng.randint(2, 6)))} for _ in range(600)]
   return {
-      "demos_train": demos[:512], "demos_validation": demos[512:],
-      "pretrain_train": texts[:512], "pretrain_validation": texts[512:],
+      "demos_train": demos[:512],
+      "demos_validation": demos[512:],
+      "pretrain_train": texts[:512],
+      "pretrain_validation": texts[512:],
   }
 
 
@@ -171,8 +171,7 @@ def _comparison(rng: random.Random) -> dict:
     ranking = sorted(range(len(picked)), key=lambda i: (-picked[i][0], picked[i][1]))
     return {"prompt": prompt, "responses": [c[2] for c in picked], "ranking": ranking}
   if shape < 0.85:
-    better, worse = sorted(_pick(rng, graded, 2, rng.random() < 0.6),
-                           key=lambda c: (-c[0], c[1]))
+    better, worse = sorted(_pick(rng, graded, 2, rng.random() < 0.6), key=lambda c: (-c[0], c[1]))
     return {"prompt": prompt, "chosen": better[2], "rejected": worse[2]}
   picked = _pick(rng, graded, 4, True)
   best = next(i for i, c in enumerate(picked) if c[1] == 0)
@@ -183,8 +182,7 @@ def make_comparison_records(seed: int = SEED + 1) -> dict[str, list[dict]]:
   """The shipped comparisons, by file stem (a random stream separate from `make_records`)."""
   rng = random.Random(seed)
   comparisons = [_comparison(rng) for _ in range(608)]
-  return {"comparisons_train": comparisons[:512],
-          "comparisons_validation": comparisons[512:]}
+  return {"comparisons_train": comparisons[:512], "comparisons_validation": comparisons[512:]}
 
 
 def make_prompt_records(seed: int = SEED + 2) -> dict[str, list[dict[str, str]]]:
@@ -203,12 +201,12 @@ def train_tokenizer(corpus: list[str], out_dir: str) -> None:
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=VOCAB_SIZE, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
   tok.train_from_iterator(corpus, trainer=trainer)
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN,
-                                 pad_token=PAD_TOKEN, bos_token=EOS_TOKEN)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                 bos_token=EOS_TOKEN)
   fast.save_pretrained(out_dir)
 
 
@@ -223,15 +221,15 @@ def main() -> None:
   os.makedirs(DATA_DIR, exist_ok=True)
   for stem, recs in records.items():
     write_jsonl(os.path.join(DATA_DIR, f"{stem}.jsonl"), recs)
-  corpus = [r.get("text") or r["prompt"] + r["completion"]
-            for recs in records.values() for r in recs]
+  corpus = [
+      r.get("text") or r["prompt"] + r["completion"] for recs in records.values() for r in recs
+  ]
   train_tokenizer(corpus, TOKENIZER_DIR)
   comparisons = make_comparison_records()  # Not in the tokenizer corpus.
   prompts = make_prompt_records()  # Nor these.
   for stem, recs in {**comparisons, **prompts}.items():
     write_jsonl(os.path.join(DATA_DIR, f"{stem}.jsonl"), recs)
-  count = sum(len(recs) for group in (records, comparisons, prompts)
-              for recs in group.values())
+  count = sum(len(recs) for group in (records, comparisons, prompts) for recs in group.values())
   print(f"wrote {count} records and a tokenizer to {ASSETS_DIR}")
 
 

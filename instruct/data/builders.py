@@ -1,28 +1,29 @@
 """TFDS builders that prepare local record files as ArrayRecord datasets.
 
 The builders never download anything: each split is generated from a local
-file named in a `LocalFilesConfig`. The config name is a fingerprint of the
-files (absolute path, size and modification time), so editing a file makes
-TFDS prepare a fresh dataset version instead of reusing a stale one.
-`load_split` prepares (or reuses) a dataset and returns a random-access source
-of python examples (strings, and lists of strings or ints); it does not import
-TensorFlow. Builders that can skip invalid records (`Comparisons`) store how
-many they skipped per split in their DatasetInfo metadata, so the counts
-survive reuse of the prepared dataset.
+file named in a `LocalFilesConfig` (see `instruct.data.local_files`, whose
+base builder these and the public-format builders subclass). The config name
+is a fingerprint of the files (absolute path, size and modification time), so
+editing a file makes TFDS prepare a fresh dataset version instead of reusing a
+stale one. `load_split` prepares (or reuses) a dataset and returns a
+random-access source of python examples (strings, and lists of strings or
+ints); it does not import TensorFlow. Builders that can skip invalid records
+(`Comparisons`) store how many they skipped per split in their DatasetInfo
+metadata, so the counts survive reuse of the prepared dataset.
 
 Files are this repo's record files (`data_format='records'`, the default) or
 public datasets in their published formats (`data_format` one of
 `public.FORMAT_KINDS`, e.g. 'hh_rlhf'; see `instruct.data.public`), whose
-paths may also be directories.
+paths may also be directories. `builder_class` chooses the builder of a kind
+and format, from `BUILDERS` or `public.BUILDERS`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
@@ -30,147 +31,36 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from instruct.data import comparisons
+from instruct.data import local_files
+from instruct.data import public
 from instruct.data import records
 
-_VERSION = tfds.core.Version('1.0.0')
-_RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-# The data format of this repo's own record files (see `records`,
-# `comparisons`); other formats are public datasets (`instruct.data.public`).
-RECORDS_FORMAT = 'records'
-# DatasetInfo metadata key: split name mapped to its skipped-record count.
-NUM_SKIPPED_KEY = 'num_skipped'
+# Defined in `local_files` (below `public`, which subclasses the base builder
+# too) and kept importable from here.
+LocalFilesConfig = local_files.LocalFilesConfig
+NUM_SKIPPED_KEY = local_files.NUM_SKIPPED_KEY
+RECORDS_FORMAT = local_files.RECORDS_FORMAT
+files_fingerprint = local_files.files_fingerprint
 
 
-def _directory_files(directory: str) -> Iterator[str]:
-  """Yields the files under `directory` in a fixed order, skipping dot names."""
-  for root, dirs, names in os.walk(directory):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    for name in sorted(names):
-      if not name.startswith('.'):
-        yield os.path.join(root, name)
-
-
-def files_fingerprint(files: Mapping[str, str],
-                      allow_directories: bool = False) -> str:
-  """Returns a hex digest of each split's absolute path, size and mtime.
-
-  Args:
-    files: Split name mapped to a local file path.
-    allow_directories: Whether a path may be a directory; its digest covers
-      every file under it (recursively, dot names skipped).
-
-  Raises:
-    FileNotFoundError: One of the files does not exist.
-  """
-  digest = hashlib.sha1()
-  for split in sorted(files):
-    path = os.path.abspath(files[split])
-    if allow_directories and os.path.isdir(path):
-      paths = list(_directory_files(path))
-    elif os.path.isfile(path):
-      paths = [path]
-    else:
-      raise FileNotFoundError(f'Record file for split {split!r} not found: '
-                              f'{path}')
-    for file_path in paths:
-      stat = os.stat(file_path)
-      digest.update(
-          f'{split}\0{file_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0'
-          .encode('utf-8'))
-  return digest.hexdigest()
-
-
-class LocalFilesConfig(tfds.core.BuilderConfig):
-  """Builder config naming one local file (or directory) per split.
-
-  Attributes:
-    files: Split name mapped to the absolute path of its file.
-    skip_invalid: Whether invalid records are skipped (and counted) instead
-      of failing preparation; only some builders support it.
-  """
-
-  def __init__(self, *, files: Mapping[str, str],
-               skip_invalid: bool = False,
-               allow_directories: bool = False) -> None:
-    """Initializes the config; its name fingerprints the files' contents.
-
-    Args:
-      files: Split name (e.g. 'train') mapped to a local file path.
-      skip_invalid: Whether to skip invalid records; when True the name ends
-        with '-skip-invalid' (so both datasets can coexist).
-      allow_directories: Whether a path may be a directory (public formats);
-        the name then fingerprints every file under it.
-
-    Raises:
-      ValueError: `files` is empty.
-      FileNotFoundError: One of the files does not exist.
-    """
-    if not files:
-      raise ValueError('LocalFilesConfig needs at least one split file.')
-    absolute = {split: os.path.abspath(path) for split, path in files.items()}
-    suffix = '-skip-invalid' if skip_invalid else ''
-    fingerprint = files_fingerprint(absolute, allow_directories)
-    super().__init__(name=f'files-{fingerprint[:12]}{suffix}',
-                     version=_VERSION, release_notes=_RELEASE_NOTES,
-                     description=f'Local files: {absolute}{suffix}')
-    self.files = absolute
-    self.skip_invalid = bool(skip_invalid)
-
-
-class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder,
-                         skip_registration=True):
-  """Shared logic: one split per config file, keyed by record index."""
-
-  VERSION = _VERSION
-  RELEASE_NOTES = _RELEASE_NOTES
-  # Whether `_read` honours `LocalFilesConfig.skip_invalid`.
-  SUPPORTS_SKIP_INVALID = False
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    """Returns None: these builders have no checksums file beside the code.
-
-    TFDS's default looks up the module's resource path, which needs the
-    optional `importlib_resources` package for modules inside packages.
-    """
-    return None
-
-  def _split_generators(
-      self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    """Returns one example generator per split file of the config."""
-    del dl_manager  # Nothing is downloaded.
-    return {split: self._generate_examples(path)
-            for split, path in self.builder_config.files.items()}
-
-  def _read(self, path: str) -> list[dict]:
-    """Reads and validates the records of one file."""
-    raise NotImplementedError
-
-  def _generate_examples(self, path: str) -> Iterator[tuple[int, dict]]:
-    """Yields `(record_index, record)`; bad records raise RecordError."""
-    yield from enumerate(self._read(path))
-
-
-class Demonstrations(_LocalFilesBuilder, skip_registration=True):
+class Demonstrations(local_files.LocalFilesBuilder, skip_registration=True):
   """Prompt/completion demonstrations from local JSON-lines files."""
 
   name = 'instruct_demonstrations'
 
   def _info(self) -> tfds.core.DatasetInfo:
     """Returns the dataset info: text features `prompt` and `completion`."""
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(),
-            'completion': tfds.features.Text(),
-        }))
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        'prompt': tfds.features.Text(),
+        'completion': tfds.features.Text(),
+    }))
 
   def _read(self, path: str) -> list[dict]:
     """Reads demonstrations validated against DEMONSTRATION_SCHEMA."""
     return records.read_jsonl(path, records.DEMONSTRATION_SCHEMA)
 
 
-class Prompts(_LocalFilesBuilder, skip_registration=True):
+class Prompts(local_files.LocalFilesBuilder, skip_registration=True):
   """Prompts for RL rollouts from local JSON-lines files.
 
   Each record needs a non-empty string `prompt`; other fields (such as a
@@ -190,7 +80,7 @@ class Prompts(_LocalFilesBuilder, skip_registration=True):
     return records.read_jsonl(path, records.PROMPT_SCHEMA)
 
 
-class PlainText(_LocalFilesBuilder, skip_registration=True):
+class PlainText(local_files.LocalFilesBuilder, skip_registration=True):
   """Pretraining text from local `.jsonl` or blank-line-separated files."""
 
   name = 'instruct_plain_text'
@@ -205,7 +95,7 @@ class PlainText(_LocalFilesBuilder, skip_registration=True):
     return records.read_text_records(path)
 
 
-class Comparisons(_LocalFilesBuilder, skip_registration=True):
+class Comparisons(local_files.LocalFilesBuilder, skip_registration=True):
   """Ranked responses to prompts (reward-model data) from JSON-lines files.
 
   See `comparisons` for the accepted record shapes. With the config's
@@ -223,8 +113,7 @@ class Comparisons(_LocalFilesBuilder, skip_registration=True):
             'prompt': tfds.features.Text(),
             'responses': tfds.features.Sequence(tfds.features.Text()),
             'ranks': tfds.features.Sequence(np.int32),
-        }),
-        metadata=tfds.core.MetadataDict())
+        }), metadata=tfds.core.MetadataDict())
 
   def _read(self, path: str) -> list[dict]:
     """Reads comparisons, recording the skipped count of each split of it."""
@@ -240,7 +129,7 @@ class Comparisons(_LocalFilesBuilder, skip_registration=True):
     return examples
 
 
-BUILDERS: Mapping[str, type[_LocalFilesBuilder]] = {
+BUILDERS: Mapping[str, type[local_files.LocalFilesBuilder]] = {
     'comparisons': Comparisons,
     'demonstrations': Demonstrations,
     'prompts': Prompts,
@@ -268,8 +157,7 @@ def _num_skipped(info: tfds.core.DatasetInfo, split: str) -> int:
   if info.metadata is None:
     return 0
   counts = info.metadata.get(NUM_SKIPPED_KEY, {})
-  return sum(int(counts.get(part.split('[')[0].strip(), 0))
-             for part in split.split('+'))
+  return sum(int(counts.get(part.split('[')[0].strip(), 0)) for part in split.split('+'))
 
 
 class StringSource:
@@ -295,8 +183,8 @@ class StringSource:
     return {key: _to_python(value) for key, value in example.items()}
 
 
-def builder_class(
-    kind: str, data_format: str = RECORDS_FORMAT) -> type[_LocalFilesBuilder]:
+def builder_class(kind: str,
+                  data_format: str = RECORDS_FORMAT) -> type[local_files.LocalFilesBuilder]:
   """Returns the builder of `kind` records read from `data_format` files.
 
   Args:
@@ -313,15 +201,11 @@ def builder_class(
       raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
                        f'{sorted(BUILDERS)}.')
     return BUILDERS[kind]
-  # `public` subclasses the builders here, so it is imported on first use.
-  from instruct.data import public  # pylint: disable=g-import-not-at-top
   return public.builder_class(kind, data_format)
 
 
-def load_split(kind: str, files: Mapping[str, str], split: str,
-               data_dir: str | os.PathLike[str],
-               skip_invalid: bool = False,
-               data_format: str = RECORDS_FORMAT) -> StringSource:
+def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | os.PathLike[str],
+               skip_invalid: bool = False, data_format: str = RECORDS_FORMAT) -> StringSource:
   """Prepares (or reuses) a local dataset and returns one split.
 
   Args:
@@ -358,19 +242,16 @@ def load_split(kind: str, files: Mapping[str, str], split: str,
   """
   builder_cls = builder_class(kind, data_format)
   if skip_invalid and not builder_cls.SUPPORTS_SKIP_INVALID:
-    supported = sorted(k for k, b in BUILDERS.items()
-                       if b.SUPPORTS_SKIP_INVALID)
+    supported = sorted(k for k, b in BUILDERS.items() if b.SUPPORTS_SKIP_INVALID)
     raise ValueError(f'skip_invalid is not supported for kind {kind!r}; only '
                      f'for {supported} and public data formats.')
   tfds.disable_progress_bar()
-  config = LocalFilesConfig(
-      files=files, skip_invalid=skip_invalid,
-      allow_directories=data_format != RECORDS_FORMAT)
-  builder = builder_cls(config=config, data_dir=os.fspath(data_dir),
-                        file_format='array_record')
+  config = LocalFilesConfig(files=files, skip_invalid=skip_invalid,
+                            allow_directories=(data_format != RECORDS_FORMAT))
+  builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format='array_record')
   if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
-    logging.info('Preparing %s from local files %s into %s.', builder.name,
-                 dict(files), builder.data_dir)
+    logging.info('Preparing %s from local files %s into %s.', builder.name, dict(files),
+                 builder.data_dir)
   # TFDS prints "Downloading and preparing ..." on stdout even for local files; nothing is
   # downloaded, so keep that line out of the output.
   with contextlib.redirect_stdout(io.StringIO()):

@@ -53,8 +53,7 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shape(record: dict, path: str | os.PathLike[str],
-           line_number: int) -> str:
+def _shape(record: dict, path: str | os.PathLike[str], line_number: int) -> str:
   """Returns the shape of a record: 'ranking', 'pair' or 'best'.
 
   Raises:
@@ -88,8 +87,7 @@ def _shape(record: dict, path: str | os.PathLike[str],
               "first) or 'best' (the index of the best response)")
 
 
-def _check_responses(values: Sequence[Any], names: Sequence[str],
-                     path: str | os.PathLike[str],
+def _check_responses(values: Sequence[Any], names: Sequence[str], path: str | os.PathLike[str],
                      line_number: int) -> list[str]:
   """Checks the number, types, emptiness and distinctness of responses.
 
@@ -173,8 +171,7 @@ def _ranks_from_best(best: Any, k: int, path: str | os.PathLike[str],
   return [0 if i == best else 1 for i in range(k)]
 
 
-def parse_comparison(record: Any, path: str | os.PathLike[str],
-                     line_number: int) -> dict:
+def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int) -> dict:
   """Validates one decoded comparison record and converts it to ranks.
 
   Args:
@@ -189,13 +186,11 @@ def parse_comparison(record: Any, path: str | os.PathLike[str],
   Raises:
     RecordError: The record is invalid; the message says why.
   """
-  prompt = records.validate_record(record, {'prompt': str}, path,
-                                   line_number)['prompt']
+  prompt = records.validate_record(record, {'prompt': str}, path, line_number)['prompt']
   shape = _shape(record, path, line_number)
   if shape == 'pair':
     pair = [record['chosen'], record['rejected']]
-    responses = _check_responses(pair, ["field 'chosen'", "field 'rejected'"],
-                                 path, line_number)
+    responses = _check_responses(pair, ["field 'chosen'", "field 'rejected'"], path, line_number)
     return {'prompt': prompt, 'responses': responses, 'ranks': [0, 1]}
   values = record['responses']
   if not isinstance(values, list):
@@ -205,11 +200,9 @@ def parse_comparison(record: Any, path: str | os.PathLike[str],
   names = [f'response {i}' for i in range(len(values))]
   responses = _check_responses(values, names, path, line_number)
   if shape == 'ranking':
-    ranks = _ranks_from_ranking(record['ranking'], len(responses), path,
-                                line_number)
+    ranks = _ranks_from_ranking(record['ranking'], len(responses), path, line_number)
   else:
-    ranks = _ranks_from_best(record['best'], len(responses), path,
-                             line_number)
+    ranks = _ranks_from_best(record['best'], len(responses), path, line_number)
   return {'prompt': prompt, 'responses': responses, 'ranks': ranks}
 
 
@@ -234,8 +227,7 @@ def read_comparisons(path: str | os.PathLike[str],
   return records.read_json_lines([path], parse_comparison, skip_invalid)
 
 
-def encode_comparison(tokenizer: Any, example: dict,
-                      max_length: int) -> EncodedComparison:
+def encode_comparison(tokenizer: Any, example: dict, max_length: int) -> EncodedComparison:
   """Encodes a comparison: one token sequence per response.
 
   Each sequence is `tokenize(prompt) + tokenize(response) + [eos]`, truncated
@@ -260,16 +252,15 @@ def encode_comparison(tokenizer: Any, example: dict,
                      f'{len(ranks)} ranks.')
   sequences, truncated = [], False
   for response in responses:
-    tokens, _, cut = tokenization.encode_demonstration(
-        tokenizer, example['prompt'], response, max_length)
+    tokens, _, cut = tokenization.encode_demonstration(tokenizer, example['prompt'], response,
+                                                       max_length)
     sequences.append(tokens)
     truncated = truncated or cut
   return sequences, np.asarray(ranks, np.int32), truncated
 
 
-def collate_comparisons(rows: Sequence[EncodedComparison],
-                        local_batch_size: int, max_responses: int,
-                        buckets: Sequence[int],
+def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int,
+                        max_responses: int, buckets: Sequence[int],
                         pad_id: int) -> dict[str, np.ndarray]:
   """Pads encoded comparisons (plus dummy rows) into one batch.
 
@@ -296,8 +287,7 @@ def collate_comparisons(rows: Sequence[EncodedComparison],
   if len(rows) > local_batch_size:
     raise ValueError(f'Got {len(rows)} rows for a batch of '
                      f'{local_batch_size}.')
-  longest = max((len(t) for sequences, _, _ in rows for t in sequences),
-                default=0)
+  longest = max((len(t) for sequences, _, _ in rows for t in sequences), default=0)
   fitting = [int(b) for b in buckets if b >= longest]
   if not fitting:
     raise ValueError(f'A response sequence has {longest} tokens, more than '
@@ -321,5 +311,7 @@ def collate_comparisons(rows: Sequence[EncodedComparison],
       attention_mask[row, slot, :len(sequence)] = 1
     ranks[row, :k] = row_ranks
     response_mask[row, :k] = 1
-  return {'tokens': tokens, 'attention_mask': attention_mask, 'ranks': ranks,
-          'response_mask': response_mask}
+  return {
+      'tokens': tokens, 'attention_mask': attention_mask, 'ranks': ranks,
+      'response_mask': response_mask
+  }

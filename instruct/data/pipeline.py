@@ -70,10 +70,9 @@ class Batches:
       (its `num_skipped`, else 0).
   """
 
-  def __init__(self, source: Any, encode: Encode, *, global_batch_size: int,
-               buckets: Sequence[int], pad_id: int, seed: int, shuffle: bool,
-               repeat: bool, process_index: int = 0, process_count: int = 1,
-               cache_encoded: bool = True,
+  def __init__(self, source: Any, encode: Encode, *, global_batch_size: int, buckets: Sequence[int],
+               pad_id: int, seed: int, shuffle: bool, repeat: bool, process_index: int = 0,
+               process_count: int = 1, cache_encoded: bool = True,
                collate: Collate | None = None) -> None:
     """Initializes the iterator at epoch 0, batch 0.
 
@@ -99,8 +98,7 @@ class Batches:
     Raises:
       ValueError: On inconsistent sizes or buckets (see the messages).
     """
-    _check_sizes(len(source), global_batch_size, process_index, process_count,
-                 repeat)
+    _check_sizes(len(source), global_batch_size, process_index, process_count, repeat)
     self._buckets = _check_buckets(buckets, process_count)
     self._source = source
     self._encode = encode
@@ -113,8 +111,7 @@ class Batches:
     self._process_index = process_index
     self._collate = collate or self._pad_sequences
     self._check_sequences = collate is None
-    self._cache: dict[int, tuple[Any, ...]] | None = (
-        {} if cache_encoded else None)
+    self._cache: dict[int, tuple[Any, ...]] | None = {} if cache_encoded else None
     self._order: tuple[int, np.ndarray] | None = None
     self._epoch = 0
     self._batch = 0
@@ -149,8 +146,7 @@ class Batches:
                        f"and 'epoch', got {got}.")
     for key in sorted(_STATE_KEYS):
       value = state[key]
-      if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-          or value < 0):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise ValueError(f'Batches state {key!r} must be a non-negative '
                          f'integer, got {value!r}.')
     if state['batch'] >= max(self.batches_per_epoch, 1):
@@ -170,12 +166,10 @@ class Batches:
     if self.batches_per_epoch == 0:  # Only possible for an empty eval source.
       self._epoch = 1
       raise StopIteration
-    start = (self._batch * self._global_batch_size +
-             self._process_index * self._local_batch_size)
+    start = (self._batch * self._global_batch_size + self._process_index * self._local_batch_size)
     order = self._permutation(self._epoch)
     rows = [int(i) for i in order[start:start + self._local_batch_size]]
-    batch = self._collate([self._encoded(i) for i in rows],
-                          self._local_batch_size)
+    batch = self._collate([self._encoded(i) for i in rows], self._local_batch_size)
     self._batch += 1
     if self._batch == self.batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
@@ -219,16 +213,14 @@ class Batches:
       tokens[row, :n] = row_tokens
       loss_mask[row, :n] = row_mask
       attention_mask[row, :n] = 1
-    return {'tokens': tokens, 'loss_mask': loss_mask,
-            'attention_mask': attention_mask}
+    return {'tokens': tokens, 'loss_mask': loss_mask, 'attention_mask': attention_mask}
 
 
-def _check_sizes(num_examples: int, global_batch_size: int, process_index: int,
-                 process_count: int, repeat: bool) -> None:
+def _check_sizes(num_examples: int, global_batch_size: int, process_index: int, process_count: int,
+                 repeat: bool) -> None:
   """Raises ValueError on inconsistent batch, host or dataset sizes."""
   if global_batch_size < 1:
-    raise ValueError(
-        f'global_batch_size must be positive, got {global_batch_size}.')
+    raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'Need 0 <= process_index ({process_index}) < '
                      f'process_count ({process_count}).')
@@ -236,14 +228,12 @@ def _check_sizes(num_examples: int, global_batch_size: int, process_index: int,
     raise ValueError(f'global_batch_size ({global_batch_size}) must be '
                      f'divisible by process_count ({process_count}).')
   if repeat and num_examples < global_batch_size:
-    raise ValueError(
-        f'The dataset has {num_examples} examples, fewer than one global '
-        f'batch (global_batch_size={global_batch_size}); with repeat=True '
-        'and the incomplete last batch dropped there would be no batches.')
+    raise ValueError(f'The dataset has {num_examples} examples, fewer than one global '
+                     f'batch (global_batch_size={global_batch_size}); with repeat=True '
+                     'and the incomplete last batch dropped there would be no batches.')
 
 
-def _check_buckets(buckets: Sequence[int],
-                   process_count: int) -> tuple[int, ...]:
+def _check_buckets(buckets: Sequence[int], process_count: int) -> tuple[int, ...]:
   """Returns `buckets` as a tuple after checking them.
 
   Raises:
@@ -251,20 +241,17 @@ def _check_buckets(buckets: Sequence[int],
       several while `process_count > 1` (hosts could disagree on lengths).
   """
   buckets = tuple(int(b) for b in buckets)
-  if not buckets or buckets[0] < 1 or any(
-      a >= b for a, b in zip(buckets, buckets[1:])):
+  if not buckets or buckets[0] < 1 or any(a >= b for a, b in zip(buckets, buckets[1:])):
     raise ValueError('buckets must be positive and strictly increasing, got '
                      f'{buckets}.')
   if process_count > 1 and len(buckets) > 1:
-    raise ValueError(
-        f'With process_count={process_count} use a single bucket (got '
-        f'{buckets}): each host picks its length from its own rows, so '
-        'several buckets could give hosts different shapes.')
+    raise ValueError(f'With process_count={process_count} use a single bucket (got '
+                     f'{buckets}): each host picks its length from its own rows, so '
+                     'several buckets could give hosts different shapes.')
   return buckets
 
 
-def _check_encoded(encoded: tokenization.Encoded, index: int,
-                   max_length: int) -> None:
+def _check_encoded(encoded: tokenization.Encoded, index: int, max_length: int) -> None:
   """Raises ValueError if an encoded example is malformed or too long."""
   tokens, loss_mask, _ = encoded
   if len(tokens) != len(loss_mask):
@@ -279,12 +266,11 @@ def _check_encoded(encoded: tokenization.Encoded, index: int,
 def _encode_demonstration(tokenizer: Any, max_length: int,
                           example: Example) -> tokenization.Encoded:
   """Encodes a `{"prompt", "completion"}` example."""
-  return tokenization.encode_demonstration(
-      tokenizer, example['prompt'], example['completion'], max_length)
+  return tokenization.encode_demonstration(tokenizer, example['prompt'], example['completion'],
+                                           max_length)
 
 
-def _encode_text(tokenizer: Any, max_length: int,
-                 example: Example) -> tokenization.Encoded:
+def _encode_text(tokenizer: Any, max_length: int, example: Example) -> tokenization.Encoded:
   """Encodes a `{"text"}` example."""
   return tokenization.encode_text(tokenizer, example['text'], max_length)
 
@@ -295,8 +281,7 @@ def _encode_comparison(tokenizer: Any, max_length: int,
   return comparisons.encode_comparison(tokenizer, example, max_length)
 
 
-def encode_prompt(tokenizer: Any, prompt: str,
-                  max_length: int) -> tuple[np.ndarray, bool]:
+def encode_prompt(tokenizer: Any, prompt: str, max_length: int) -> tuple[np.ndarray, bool]:
   """Encodes a prompt for generation: its tokens, without special tokens.
 
   When longer than `max_length`, the LAST `max_length` tokens are kept: the
@@ -323,8 +308,7 @@ def encode_prompt(tokenizer: Any, prompt: str,
   return np.asarray(ids[-max_length:], dtype=np.int32), truncated
 
 
-def collate_prompts(rows: Sequence[EncodedPrompt], local_batch_size: int,
-                    prompt_length: int,
+def collate_prompts(rows: Sequence[EncodedPrompt], local_batch_size: int, prompt_length: int,
                     pad_id: int) -> dict[str, np.ndarray]:
   """Left-pads encoded prompts (plus dummy rows) into one batch.
 
@@ -365,8 +349,7 @@ def collate_prompts(rows: Sequence[EncodedPrompt], local_batch_size: int,
   return {'prompt_tokens': tokens, 'prompt_mask': mask}
 
 
-def _encode_prompt_row(tokenizer: Any, max_length: int,
-                       example: Example) -> EncodedPrompt:
+def _encode_prompt_row(tokenizer: Any, max_length: int, example: Example) -> EncodedPrompt:
   """Encodes a `{"prompt"}` example as a `Batches` row."""
   tokens, truncated = encode_prompt(tokenizer, example['prompt'], max_length)
   return tokens, None, truncated
@@ -378,13 +361,10 @@ _ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
 }
 
 
-def make_batches(kind: str, files: Mapping[str, str], split: str,
-                 tokenizer: Any, *, global_batch_size: int,
-                 buckets: Sequence[int], seed: int, shuffle: bool,
-                 repeat: bool, data_dir: str, process_index: int = 0,
-                 process_count: int = 1,
-                 cache_encoded: bool = True,
-                 data_format: str = builders.RECORDS_FORMAT,
+def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any, *,
+                 global_batch_size: int, buckets: Sequence[int], seed: int, shuffle: bool,
+                 repeat: bool, data_dir: str, process_index: int = 0, process_count: int = 1,
+                 cache_encoded: bool = True, data_format: str = builders.RECORDS_FORMAT,
                  skip_invalid: bool = False) -> Batches:
   """Loads a split of local files and returns its batches.
 
@@ -425,25 +405,21 @@ def make_batches(kind: str, files: Mapping[str, str], split: str,
                      f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
   max_length = _check_buckets(buckets, process_count)[-1]
-  source = builders.load_split(kind, files, split, data_dir,
-                               skip_invalid=skip_invalid,
+  source = builders.load_split(kind, files, split, data_dir, skip_invalid=skip_invalid,
                                data_format=data_format)
   encode = functools.partial(_ENCODERS[kind], tokenizer, max_length)
-  return Batches(source, encode, global_batch_size=global_batch_size,
-                 buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed,
-                 shuffle=shuffle, repeat=repeat, process_index=process_index,
-                 process_count=process_count, cache_encoded=cache_encoded)
+  return Batches(source, encode, global_batch_size=global_batch_size, buckets=buckets,
+                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
+                 process_index=process_index, process_count=process_count,
+                 cache_encoded=cache_encoded)
 
 
-def make_comparison_batches(files: Mapping[str, str], split: str,
-                            tokenizer: Any, *, global_batch_size: int,
-                            max_responses: int, buckets: Sequence[int],
-                            seed: int, shuffle: bool, repeat: bool,
-                            data_dir: str, skip_invalid: bool = False,
-                            process_index: int = 0, process_count: int = 1,
-                            cache_encoded: bool = True,
-                            data_format: str = builders.RECORDS_FORMAT
-                            ) -> Batches:
+def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any, *,
+                            global_batch_size: int, max_responses: int, buckets: Sequence[int],
+                            seed: int, shuffle: bool, repeat: bool, data_dir: str,
+                            skip_invalid: bool = False, process_index: int = 0,
+                            process_count: int = 1, cache_encoded: bool = True,
+                            data_format: str = builders.RECORDS_FORMAT) -> Batches:
   """Loads a split of comparison files and returns its batches.
 
   Each row is one comparison; each of its responses is encoded as
@@ -489,26 +465,21 @@ def make_comparison_batches(files: Mapping[str, str], split: str,
                      f'{comparisons.MIN_RESPONSES}, got {max_responses}.')
   tokenization.check_special_tokens(tokenizer)
   buckets = _check_buckets(buckets, process_count)
-  source = builders.load_split('comparisons', files, split, data_dir,
-                               skip_invalid=skip_invalid,
+  source = builders.load_split('comparisons', files, split, data_dir, skip_invalid=skip_invalid,
                                data_format=data_format)
   encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
-  collate = functools.partial(
-      comparisons.collate_comparisons, max_responses=max_responses,
-      buckets=buckets, pad_id=tokenizer.pad_token_id)
-  return Batches(source, encode, global_batch_size=global_batch_size,
-                 buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed,
-                 shuffle=shuffle, repeat=repeat, process_index=process_index,
-                 process_count=process_count, cache_encoded=cache_encoded,
-                 collate=collate)
+  collate = functools.partial(comparisons.collate_comparisons, max_responses=max_responses,
+                              buckets=buckets, pad_id=tokenizer.pad_token_id)
+  return Batches(source, encode, global_batch_size=global_batch_size, buckets=buckets,
+                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
+                 process_index=process_index, process_count=process_count,
+                 cache_encoded=cache_encoded, collate=collate)
 
 
-def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
-                        *, global_batch_size: int, prompt_length: int,
-                        seed: int, shuffle: bool, repeat: bool, data_dir: str,
-                        process_index: int = 0, process_count: int = 1,
-                        cache_encoded: bool = True,
-                        data_format: str = builders.RECORDS_FORMAT,
+def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any, *,
+                        global_batch_size: int, prompt_length: int, seed: int, shuffle: bool,
+                        repeat: bool, data_dir: str, process_index: int = 0, process_count: int = 1,
+                        cache_encoded: bool = True, data_format: str = builders.RECORDS_FORMAT,
                         skip_invalid: bool = False) -> Batches:
   """Loads a split of prompt files and returns its batches (RL rollouts).
 
@@ -550,14 +521,12 @@ def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any,
   if prompt_length < 1:
     raise ValueError(f'prompt_length must be positive, got {prompt_length}.')
   tokenization.check_special_tokens(tokenizer)
-  source = builders.load_split('prompts', files, split, data_dir,
-                               skip_invalid=skip_invalid,
+  source = builders.load_split('prompts', files, split, data_dir, skip_invalid=skip_invalid,
                                data_format=data_format)
   encode = functools.partial(_encode_prompt_row, tokenizer, prompt_length)
   collate = functools.partial(collate_prompts, prompt_length=prompt_length,
                               pad_id=tokenizer.pad_token_id)
-  return Batches(source, encode, global_batch_size=global_batch_size,
-                 buckets=(prompt_length,), pad_id=tokenizer.pad_token_id,
-                 seed=seed, shuffle=shuffle, repeat=repeat,
+  return Batches(source, encode, global_batch_size=global_batch_size, buckets=(prompt_length,),
+                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
                  process_index=process_index, process_count=process_count,
                  cache_encoded=cache_encoded, collate=collate)

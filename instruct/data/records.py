@@ -31,8 +31,7 @@ class RecordError(ValueError):
     what: What is wrong with the record.
   """
 
-  def __init__(self, path: str | os.PathLike[str], line_number: int,
-               what: str) -> None:
+  def __init__(self, path: str | os.PathLike[str], line_number: int, what: str) -> None:
     """Initializes the error with message `f"{path}:{line_number}: {what}"`."""
     super().__init__(f'{path}:{line_number}: {what}')
     self.path = os.fspath(path)
@@ -55,8 +54,8 @@ def _type_name(value: Any) -> str:
   return type(value).__name__
 
 
-def validate_record(record: Any, schema: Mapping[str, type],
-                    path: str | os.PathLike[str], line_number: int) -> dict:
+def validate_record(record: Any, schema: Mapping[str, type], path: str | os.PathLike[str],
+                    line_number: int) -> dict:
   """Checks one decoded record against a schema.
 
   Args:
@@ -74,8 +73,7 @@ def validate_record(record: Any, schema: Mapping[str, type],
       the wrong type, or has an empty string field.
   """
   if not isinstance(record, dict):
-    raise RecordError(path, line_number,
-                      f'expected a JSON object, got {_type_name(record)}')
+    raise RecordError(path, line_number, f'expected a JSON object, got {_type_name(record)}')
   out = {}
   for field, field_type in schema.items():
     if field not in record:
@@ -85,12 +83,10 @@ def validate_record(record: Any, schema: Mapping[str, type],
     wrong_bool = isinstance(value, bool) and field_type is not bool
     if not isinstance(value, field_type) or wrong_bool:
       raise RecordError(
-          path, line_number,
-          f'field {field!r} must be of type {field_type.__name__}, '
+          path, line_number, f'field {field!r} must be of type {field_type.__name__}, '
           f'got {_type_name(value)}')
     if isinstance(value, str) and not value.strip():
-      raise RecordError(path, line_number,
-                        f'field {field!r} is empty or whitespace-only')
+      raise RecordError(path, line_number, f'field {field!r} is empty or whitespace-only')
     out[field] = value
   return out
 
@@ -102,8 +98,7 @@ def _open_text(path: str | os.PathLike[str]) -> TextIO:
   return open(path, encoding='utf-8')
 
 
-def read_json_lines(paths: Sequence[str | os.PathLike[str]],
-                    parse: Callable[[Any, str, int], Any],
+def read_json_lines(paths: Sequence[str | os.PathLike[str]], parse: Callable[[Any, str, int], Any],
                     skip_invalid: bool = False) -> tuple[list[Any], int]:
   """Reads JSON-lines files (gzip when named `*.gz`) through a row parser.
 
@@ -150,8 +145,7 @@ def read_json_lines(paths: Sequence[str | os.PathLike[str]],
   return parsed, num_skipped
 
 
-def read_jsonl(path: str | os.PathLike[str],
-               schema: Mapping[str, type]) -> list[dict]:
+def read_jsonl(path: str | os.PathLike[str], schema: Mapping[str, type]) -> list[dict]:
   """Reads and validates a JSON-lines file.
 
   Args:

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import transformers
 
-DEFAULT_TOKENIZER: str = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
-    'tokenizer')
+DEFAULT_TOKENIZER: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      'assets', 'tokenizer')
 
 Encoded = tuple[np.ndarray, np.ndarray, bool]
 
@@ -33,21 +32,18 @@ def check_special_tokens(tokenizer: Any) -> None:
   if tokenizer.eos_token_id is None:
     raise ValueError('The tokenizer has no EOS token; one is required to end '
                      'sequences.')
-  if tokenizer.pad_token_id is None or (
-      tokenizer.pad_token_id == tokenizer.eos_token_id):
-    raise ValueError(
-        'The tokenizer needs a dedicated pad token distinct from EOS (got '
-        f'pad_token_id={tokenizer.pad_token_id}, '
-        f'eos_token_id={tokenizer.eos_token_id}). Padding is masked out of '
-        'the loss; if pad were EOS, EOS would be masked too and policies '
-        'would not learn to stop. Declare a token of the vocabulary that '
-        'does not occur in your data as the pad token with '
-        '--config.data.pad_token=TOKEN (e.g. Pythia: "<|padding|>"; '
-        'Llama 3.1 / 3.2: "<|finetune_right_pad_id|>").')
+  if tokenizer.pad_token_id is None or (tokenizer.pad_token_id == tokenizer.eos_token_id):
+    raise ValueError('The tokenizer needs a dedicated pad token distinct from EOS (got '
+                     f'pad_token_id={tokenizer.pad_token_id}, '
+                     f'eos_token_id={tokenizer.eos_token_id}). Padding is masked out of '
+                     'the loss; if pad were EOS, EOS would be masked too and policies '
+                     'would not learn to stop. Declare a token of the vocabulary that '
+                     'does not occur in your data as the pad token with '
+                     '--config.data.pad_token=TOKEN (e.g. Pythia: "<|padding|>"; '
+                     'Llama 3.1 / 3.2: "<|finetune_right_pad_id|>").')
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
-                   pad_token: str = '',
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, pad_token: str = '',
                    local_files_only: bool = True) -> Any:
   """Loads a Hugging Face tokenizer and checks its special tokens.
 
@@ -69,22 +65,20 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *,
       or `pad_token` is not in its vocabulary.
   """
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        name_or_path, local_files_only=local_files_only)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path,
+                                                           local_files_only=local_files_only)
   except (OSError, ValueError) as e:
     if os.path.isdir(name_or_path):
       raise
-    raise OSError(
-        f'Could not load tokenizer {name_or_path!r}: it is not a local '
-        'directory, and models/tokenizers are not downloaded at run time '
-        'unless the Hugging Face cache already has them (offline by '
-        f'default; local_files_only={local_files_only}).') from e
+    raise OSError(f'Could not load tokenizer {name_or_path!r}: it is not a local '
+                  'directory, and models/tokenizers are not downloaded at run time '
+                  'unless the Hugging Face cache already has them (offline by '
+                  f'default; local_files_only={local_files_only}).') from e
   if pad_token:
     if pad_token not in tokenizer.get_vocab():
-      raise ValueError(
-          f'config.data.pad_token={pad_token!r} is not a token of the '
-          f'tokenizer {name_or_path!r}; use one of its existing tokens that '
-          'does not occur in the data (a new token would have no embedding).')
+      raise ValueError(f'config.data.pad_token={pad_token!r} is not a token of the '
+                       f'tokenizer {name_or_path!r}; use one of its existing tokens that '
+                       'does not occur in the data (a new token would have no embedding).')
     tokenizer.pad_token = pad_token
   check_special_tokens(tokenizer)
   return tokenizer
@@ -101,8 +95,7 @@ def _check_max_length(max_length: int) -> None:
     raise ValueError(f'max_length must be positive, got {max_length}.')
 
 
-def encode_demonstration(tokenizer: Any, prompt: str, completion: str,
-                         max_length: int) -> Encoded:
+def encode_demonstration(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Encoded:
   """Encodes a prompt/completion pair for supervised fine-tuning.
 
   The tokens are `tokenize(prompt) + tokenize(completion) + [eos]`; the loss
@@ -133,10 +126,9 @@ def encode_demonstration(tokenizer: Any, prompt: str, completion: str,
     prompt_ids = prompt_ids[drop_prompt:]
     target_ids = target_ids[:max_length - len(prompt_ids)]
   tokens = np.asarray(prompt_ids + target_ids, dtype=np.int32)
-  loss_mask = np.concatenate([
-      np.zeros(len(prompt_ids), np.int32),
-      np.ones(len(target_ids), np.int32)
-  ])
+  loss_mask = np.concatenate(
+      [np.zeros(len(prompt_ids), np.int32),
+       np.ones(len(target_ids), np.int32)])
   return tokens, loss_mask, truncated
 
 

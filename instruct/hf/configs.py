@@ -14,11 +14,13 @@ from instruct.hf.files import read_hf_config, resolve_checkpoint
 from instruct.model.config import ModelConfig
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
-CAUSAL_LM = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
-             "llama": "LlamaForCausalLM"}
-SEQUENCE_CLASSIFICATION = {"gpt2": "GPT2ForSequenceClassification",
-                           "gpt_neox": "GPTNeoXForSequenceClassification",
-                           "llama": "LlamaForSequenceClassification"}
+CAUSAL_LM = {
+    "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"
+}
+SEQUENCE_CLASSIFICATION = {
+    "gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
+    "llama": "LlamaForSequenceClassification"
+}
 SCORE_BIAS_KEY = "instruct_score_bias"
 NORMALIZATION_KEY = "instruct_reward_normalization"
 # Fields of config.model that say how to compute, not what the architecture is: an HF
@@ -67,19 +69,21 @@ def _rope(hf_config) -> dict[str, Any]:
   if rope_type not in ("default", "linear", "llama3"):
     raise ValueError(f"Unsupported rotary embedding scaling rope_type={rope_type!r} "
                      f"({scaling}); instruct implements 'default', 'linear' and 'llama3'.")
-  theta = scaling.get("rope_theta", _get(hf_config, "rope_theta",
-                                         _get(hf_config, "rotary_emb_base", 10000.0)))
-  fraction = scaling.get("partial_rotary_factor",
-                         _get(hf_config, "partial_rotary_factor",
-                              _get(hf_config, "rotary_pct", 1.0)))
+  theta = scaling.get("rope_theta",
+                      _get(hf_config, "rope_theta", _get(hf_config, "rotary_emb_base", 10000.0)))
+  fraction = scaling.get(
+      "partial_rotary_factor",
+      _get(hf_config, "partial_rotary_factor", _get(hf_config, "rotary_pct", 1.0)))
   fields = dict(rope_theta=float(theta), rotary_fraction=float(fraction))
   if rope_type == "default":
     return fields
+
   def need(key):
     if scaling.get(key) is None:
       raise ValueError(f"rope_type={rope_type!r} needs {key!r} in the checkpoint's rope "
                        f"parameters; got {scaling}.")
     return scaling[key]
+
   fields.update(rope_scaling=rope_type, rope_factor=float(need("factor")))
   if rope_type == "llama3":
     fields.update(rope_low_freq_factor=float(need("low_freq_factor")),
@@ -90,8 +94,10 @@ def _rope(hf_config) -> dict[str, Any]:
 
 def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
   """The transformers `rope_parameters` of `cfg` (the inverse of `_rope`)."""
-  rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
-          "rope_theta": cfg.rope_theta}
+  rope = {
+      "rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+      "rope_theta": cfg.rope_theta
+  }
   if cfg.rope_scaling != "none":
     rope["factor"] = cfg.rope_factor
   if cfg.rope_scaling == "llama3":
@@ -129,11 +135,10 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
     attention_bias = bool(getattr(c, "attention_bias", True))
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
-                  d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
-                  norm="layernorm", norm_eps=c.layer_norm_eps,
-                  mlp="gelu" if c.hidden_act == "gelu" else "gelu_tanh", position="rope",
-                  **_rope(c), tie_embeddings=bool(c.tie_word_embeddings), use_bias=True,
-                  attention_bias=None if attention_bias else False,
+                  d_ff=c.intermediate_size, max_length=c.max_position_embeddings, norm="layernorm",
+                  norm_eps=c.layer_norm_eps, mlp="gelu" if c.hidden_act == "gelu" else "gelu_tanh",
+                  position="rope", **_rope(c), tie_embeddings=bool(c.tie_word_embeddings),
+                  use_bias=True, attention_bias=None if attention_bias else False,
                   parallel_residual=bool(c.use_parallel_residual))
   else:  # llama
     d, heads = c.hidden_size, c.num_attention_heads
@@ -142,11 +147,10 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
     attention_bias, mlp_bias = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
     fields = dict(vocab_size=c.vocab_size, d_model=d, num_layers=c.num_hidden_layers,
                   num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
-                  head_dim=getattr(c, "head_dim", None) or d // heads,
-                  d_ff=c.intermediate_size, max_length=c.max_position_embeddings,
-                  norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp="swiglu", position="rope",
-                  **_rope(c), tie_embeddings=bool(c.tie_word_embeddings),
-                  use_bias=mlp_bias,
+                  head_dim=getattr(c, "head_dim", None) or d // heads, d_ff=c.intermediate_size,
+                  max_length=c.max_position_embeddings, norm="rmsnorm", norm_eps=c.rms_norm_eps,
+                  mlp="swiglu", position="rope", **_rope(c),
+                  tie_embeddings=bool(c.tie_word_embeddings), use_bias=mlp_bias,
                   attention_bias=None if attention_bias == mlp_bias else attention_bias,
                   parallel_residual=False)
   if unsupported:
@@ -161,9 +165,11 @@ def family_problems(cfg: ModelConfig, family: str) -> list[str]:
   if family not in FAMILIES:
     raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}.")
   problems = []
+
   def need(ok, what):
     if not ok:
       problems.append(what)
+
   if family in ("gpt2", "gpt_neox"):
     need(cfg.norm == "layernorm", "norm='layernorm'")
     need(cfg.mlp in ("gelu", "gelu_tanh"), "mlp='gelu' or 'gelu_tanh'")
@@ -192,12 +198,12 @@ def infer_family(cfg: ModelConfig) -> str:
     reasons[family] = family_problems(cfg, family)
     if not reasons[family]:
       return family
-  raise ValueError("This model has no Hugging Face equivalent: " + "; ".join(
-      f"{family} needs {', '.join(r)}" for family, r in reasons.items()))
+  raise ValueError("This model has no Hugging Face equivalent: "
+                   + "; ".join(f"{family} needs {', '.join(r)}" for family, r in reasons.items()))
 
 
-def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, *,
-                                head: str = "lm", **token_ids: Optional[int]):
+def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, *, head: str = "lm",
+                                **token_ids: Optional[int]):
   """The transformers config of `cfg` as an HF `family` model ('lm': causal LM; 'scalar':
   sequence classification with one label). `token_ids`: bos/eos/pad_token_id."""
   family = family or infer_family(cfg)
@@ -210,19 +216,19 @@ def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, 
   unknown = set(token_ids) - {"bos_token_id", "eos_token_id", "pad_token_id"}
   if unknown:
     raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
-  common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-                dtype="float32", **token_ids)
+  common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32",
+                **token_ids)
   if head == "scalar":
     common.update(num_labels=1, architectures=[SEQUENCE_CLASSIFICATION[family]])
   else:
     common.update(architectures=[CAUSAL_LM[family]])
   if family == "gpt2":
-    return transformers.GPT2Config(
-        n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
-        n_positions=cfg.max_length, layer_norm_epsilon=cfg.norm_eps,
-        activation_function="gelu" if cfg.mlp == "gelu" else "gelu_new",
-        resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0,
-        summary_first_dropout=0.0, **common)
+    return transformers.GPT2Config(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                                   n_inner=cfg.d_ff, n_positions=cfg.max_length,
+                                   layer_norm_epsilon=cfg.norm_eps,
+                                   activation_function="gelu" if cfg.mlp == "gelu" else "gelu_new",
+                                   resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
+                                   attn_pdrop=0.0, summary_first_dropout=0.0, **common)
   rope = _rope_parameters(cfg)
   if family == "gpt_neox":
     return transformers.GPTNeoXConfig(
@@ -232,14 +238,12 @@ def hf_config_from_model_config(cfg: ModelConfig, family: Optional[str] = None, 
         hidden_act="gelu" if cfg.mlp == "gelu" else "gelu_new",
         rope_parameters=dict(rope, partial_rotary_factor=cfg.rotary_fraction),
         use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.attn_bias,
-        hidden_dropout=cfg.dropout_rate, attention_dropout=0.0, classifier_dropout=0.0,
-        **common)
+        hidden_dropout=cfg.dropout_rate, attention_dropout=0.0, classifier_dropout=0.0, **common)
   return transformers.LlamaConfig(
-      hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_length,
-      rms_norm_eps=cfg.norm_eps, hidden_act="silu", rope_parameters=rope,
-      attention_bias=cfg.attn_bias, mlp_bias=cfg.use_bias, **common)
+      hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
+      max_position_embeddings=cfg.max_length, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+      rope_parameters=rope, attention_bias=cfg.attn_bias, mlp_bias=cfg.use_bias, **common)
 
 
 def resolve_model_config(model_config: Mapping[str, Any], local_files_only: bool = True,

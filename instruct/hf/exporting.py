@@ -94,8 +94,10 @@ def hf_state_dict(params, cfg: ModelConfig, family: Optional[str] = None,
 
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
-               "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20,
+    "GIB": 2 ** 30
+}
 
 
 def parse_size(size: "int | str") -> int:
@@ -147,8 +149,10 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
   for i, name in enumerate(names):
     os.replace(os.path.join(out_dir, f".shard-{i}"), os.path.join(out_dir, name))
   if len(shards) > 1:
-    index = {"metadata": {"total_size": total},
-             "weight_map": {t: names[i] for i, shard in enumerate(shards) for t in shard}}
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {t: names[i] for i, shard in enumerate(shards) for t in shard}
+    }
     with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
       json.dump(index, f, indent=2, sort_keys=True)
     names.append(SAFE_INDEX)
@@ -173,9 +177,8 @@ def _load_run(workdir: str, step: Optional[int],
   return run_lib.load_run(workdir, step, mesh=mesh, rules=shd.rules_from_config(mesh_config))
 
 
-def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
-           family: Optional[str] = None, overwrite: bool = False, dtype: str = "float32",
-           max_shard_size: "int | str" = "5GB",
+def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Optional[str] = None,
+           overwrite: bool = False, dtype: str = "float32", max_shard_size: "int | str" = "5GB",
            mesh_shape: Optional[Sequence[int]] = None) -> str:
   """Writes a run's model as a Hugging Face directory; returns `out_dir`.
 
@@ -200,9 +203,10 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
   family = family or infer_family(cfg)
   tokenizer = load_tokenizer(config["data"]["tokenizer"],
                              pad_token=config["data"].get("pad_token", ""))
-  hf_config = hf_config_from_model_config(
-      cfg, family, head=head, bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  hf_config = hf_config_from_model_config(cfg, family, head=head,
+                                          bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id)
   hf_config.dtype = dtype
   if head == "scalar":
     bias = float(np.asarray(jax.device_get(params["scalar_head"]["bias"])).reshape(-1)[0])
@@ -229,16 +233,17 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *,
       os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  logging.info("Exported %s (step %d) as %s to %s.", workdir, step,
-               hf_config.architectures[0], out_dir)
+  logging.info("Exported %s (step %d) as %s to %s.", workdir, step, hf_config.architectures[0],
+               out_dir)
   return out_dir
 
 
 def _readme(workdir, stage: table.Stage, step, family, hf_config, norm) -> str:
-  lines = [f"# {hf_config.architectures[0]} exported by instruct", "",
-           f"- source run: `{os.path.abspath(workdir)}` (stage `{stage.name}`, step {step})",
-           f"- family: `{family}`; {hf_config.dtype} safetensors weights; the run's tokenizer.",
-           ""]
+  lines = [
+      f"# {hf_config.architectures[0]} exported by instruct", "",
+      f"- source run: `{os.path.abspath(workdir)}` (stage `{stage.name}`, step {step})",
+      f"- family: `{family}`; {hf_config.dtype} safetensors weights; the run's tokenizer.", ""
+  ]
   if stage.head == "scalar":
     bias = getattr(hf_config, SCORE_BIAS_KEY)
     gain, offset = (norm["gain"], norm["bias"]) if norm else (1.0, 0.0)
@@ -253,5 +258,6 @@ def _readme(workdir, stage: table.Stage, step, family, hf_config, norm) -> str:
         f", and its normalised reward (what PPO optimised) is", "",
         f"    reward = {gain!r} * (logits + {bias!r}) + {offset!r}", "",
         f"(`{NORMALIZATION_KEY}` in config.json: gain and bias; "
-        f"{'absent: the run did not reach its final step' if norm is None else 'from the run'})."]
+        f"{'absent: the run did not reach its final step' if norm is None else 'from the run'})."
+    ]
   return "\n".join(lines) + "\n"

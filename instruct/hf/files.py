@@ -36,8 +36,10 @@ def resolve_checkpoint(name_or_path: str, *, local_files_only: bool = True,
   if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
     raise FileNotFoundError(f"Hugging Face checkpoint directory {name_or_path!r} does not "
                             "exist.")
-  patterns = ["config.json", "*.safetensors", SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX,
-              "pytorch_model-*.bin"]
+  patterns = [
+      "config.json", "*.safetensors", SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX,
+      "pytorch_model-*.bin"
+  ]
   try:
     return huggingface_hub.snapshot_download(name_or_path, local_files_only=True,
                                              cache_dir=cache_dir, allow_patterns=patterns)
@@ -94,8 +96,9 @@ def _weight_files(path: str, allow_pickle: bool) -> tuple[str, list[str]]:
 
 
 # safetensors dtypes numpy has no type for, read through a memory map with ml_dtypes.
-_MEMMAP_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-                  "F8_E5M2": ml_dtypes.float8_e5m2}
+_MEMMAP_DTYPES = {
+    "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2
+}
 
 
 class _Tensors:
@@ -141,8 +144,8 @@ class _Tensors:
     offset, header = self._headers[file]
     info = header[name]
     start, _ = info["data_offsets"]
-    return np.memmap(file, dtype=_MEMMAP_DTYPES[info["dtype"]], mode="r",
-                     offset=offset + start, shape=tuple(info["shape"]))
+    return np.memmap(file, dtype=_MEMMAP_DTYPES[info["dtype"]], mode="r", offset=offset + start,
+                     shape=tuple(info["shape"]))
 
   def close(self) -> None:
     self._handles.clear()

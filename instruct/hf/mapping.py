@@ -35,6 +35,7 @@ from instruct.model.transformer import Transformer
 PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "llama": "model."}
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One of our parameters as a view of an HF tensor.
@@ -100,6 +101,7 @@ class Source:
     remaining = [a for a in range(len(self.view)) if a not in selected]
     index = tuple(selected.get(a, slice(None)) for a in range(len(self.view)))
     view[index] = np.transpose(value, [self.perm.index(v) for v in remaining])
+# yapf: enable
 
 
 def _src(shape, view, perm, select=()) -> Source:
@@ -111,20 +113,20 @@ def _layer_sources(cfg: ModelConfig, family: str) -> dict[tuple[str, ...], tuple
   d, f, h, kv, hd = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   vec = lambda n: _src((n,), (n,), (0,))
   out = {}
+
   def norm(ours, theirs):
     out[(ours, "scale")] = (f"{theirs}.weight", vec(d))
     if cfg.norm == "layernorm":
       out[(ours, "bias")] = (f"{theirs}.bias", vec(d))
+
   if family == "gpt2":  # Conv1D weights are [in, out]; c_attn's out is (q|k|v, heads, hd).
     norm("attn_norm", "ln_1")
     norm("mlp_norm", "ln_2")
     for j, p in enumerate(("q_proj", "k_proj", "v_proj")):
       out[("attn", p, "kernel")] = ("attn.c_attn.weight",
                                     _src((d, 3 * d), (d, 3, h, hd), (0, 2, 3), ((1, j),)))
-      out[("attn", p, "bias")] = ("attn.c_attn.bias",
-                                  _src((3 * d,), (3, h, hd), (1, 2), ((0, j),)))
-    out[("attn", "o_proj", "kernel")] = ("attn.c_proj.weight",
-                                         _src((d, d), (h, hd, d), (0, 1, 2)))
+      out[("attn", p, "bias")] = ("attn.c_attn.bias", _src((3 * d,), (3, h, hd), (1, 2), ((0, j),)))
+    out[("attn", "o_proj", "kernel")] = ("attn.c_proj.weight", _src((d, d), (h, hd, d), (0, 1, 2)))
     out[("attn", "o_proj", "bias")] = ("attn.c_proj.bias", vec(d))
     out[("mlp", "up_proj", "kernel")] = ("mlp.c_fc.weight", _src((d, f), (d, f), (0, 1)))
     out[("mlp", "up_proj", "bias")] = ("mlp.c_fc.bias", vec(f))
@@ -141,11 +143,9 @@ def _layer_sources(cfg: ModelConfig, family: str) -> dict[tuple[str, ...], tuple
     out[("attn", "o_proj", "kernel")] = ("attention.dense.weight",
                                          _src((d, d), (d, h, hd), (1, 2, 0)))
     out[("attn", "o_proj", "bias")] = ("attention.dense.bias", vec(d))
-    out[("mlp", "up_proj", "kernel")] = ("mlp.dense_h_to_4h.weight",
-                                         _src((f, d), (f, d), (1, 0)))
+    out[("mlp", "up_proj", "kernel")] = ("mlp.dense_h_to_4h.weight", _src((f, d), (f, d), (1, 0)))
     out[("mlp", "up_proj", "bias")] = ("mlp.dense_h_to_4h.bias", vec(f))
-    out[("mlp", "down_proj", "kernel")] = ("mlp.dense_4h_to_h.weight",
-                                           _src((d, f), (d, f), (1, 0)))
+    out[("mlp", "down_proj", "kernel")] = ("mlp.dense_4h_to_h.weight", _src((d, f), (d, f), (1, 0)))
     out[("mlp", "down_proj", "bias")] = ("mlp.dense_4h_to_h.bias", vec(d))
   else:  # llama: Linear weights [out, in], heads-major outputs.
     norm("attn_norm", "input_layernorm")
@@ -153,8 +153,7 @@ def _layer_sources(cfg: ModelConfig, family: str) -> dict[tuple[str, ...], tuple
     for p, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
       out[("attn", p, "kernel")] = (f"self_attn.{p}.weight",
                                     _src((heads * hd, d), (heads, hd, d), (2, 0, 1)))
-      out[("attn", p, "bias")] = (f"self_attn.{p}.bias",
-                                  _src((heads * hd,), (heads, hd), (0, 1)))
+      out[("attn", p, "bias")] = (f"self_attn.{p}.bias", _src((heads * hd,), (heads, hd), (0, 1)))
     out[("attn", "o_proj", "kernel")] = ("self_attn.o_proj.weight",
                                          _src((d, h * hd), (d, h, hd), (1, 2, 0)))
     out[("attn", "o_proj", "bias")] = ("self_attn.o_proj.bias", vec(d))
@@ -163,10 +162,12 @@ def _layer_sources(cfg: ModelConfig, family: str) -> dict[tuple[str, ...], tuple
       out[("mlp", p, "bias")] = (f"mlp.{p}.bias", vec(f))
     out[("mlp", "down_proj", "kernel")] = ("mlp.down_proj.weight", _src((d, f), (d, f), (1, 0)))
     out[("mlp", "down_proj", "bias")] = ("mlp.down_proj.bias", vec(d))
+
   def keep(key):
     if key[-1] != "bias" or key[0].endswith("norm"):
       return True
     return cfg.attn_bias if key[0] == "attn" else cfg.use_bias
+
   return {k: v for k, v in out.items() if keep(k)}
 
 
@@ -181,12 +182,14 @@ def param_sources(cfg: ModelConfig, family: str, head: str = "lm",
   embed, pos, final, layers = {
       "gpt2": ("wte", "wpe", "ln_f", "h"),
       "gpt_neox": ("embed_in", None, "final_layer_norm", "layers"),
-      "llama": ("embed_tokens", None, "norm", "layers")}[family]
+      "llama": ("embed_tokens", None, "norm", "layers")
+  }[family]
   named = lambda name, src: dataclasses.replace(src, names=(name,))
   sources = {("embed", "embedding"): named(f"{p}{embed}.weight", _src((v, d), (v, d), (0, 1)))}
   if cfg.position == "learned":
-    sources[("pos_embed", "embedding")] = named(
-        f"{p}{pos}.weight", _src((cfg.max_length, d), (cfg.max_length, d), (0, 1)))
+    sources[("pos_embed",
+             "embedding")] = named(f"{p}{pos}.weight",
+                                   _src((cfg.max_length, d), (cfg.max_length, d), (0, 1)))
   sources[("final_norm", "scale")] = named(f"{p}{final}.weight", _src((d,), (d,), (0,)))
   if cfg.norm == "layernorm":
     sources[("final_norm", "bias")] = named(f"{p}{final}.bias", _src((d,), (d,), (0,)))
@@ -196,10 +199,8 @@ def param_sources(cfg: ModelConfig, family: str, head: str = "lm",
       sources[(f"layers_{i}",) + path] = named(f"{p}{layers}.{i}.{local}", src)
   if head == "lm" and not cfg.tie_embeddings:
     # GPT-NeoX checkpoints name the LM head `embed_out` (transformers 5 renames it lm_head).
-    names = ("embed_out.weight", "lm_head.weight") if family == "gpt_neox" else (
-        "lm_head.weight",)
-    sources[("lm_head", "kernel")] = dataclasses.replace(_src((v, d), (v, d), (1, 0)),
-                                                         names=names)
+    names = ("embed_out.weight", "lm_head.weight") if family == "gpt_neox" else ("lm_head.weight",)
+    sources[("lm_head", "kernel")] = dataclasses.replace(_src((v, d), (v, d), (1, 0)), names=names)
   if head == "scalar":
     sources[("scalar_head", "kernel")] = named("score.weight", _src((1, d), (1, d), (1, 0)))
   return sources
@@ -269,12 +270,15 @@ def load_hf_params(path: str, model_config: Optional[ModelConfig] = None, shardi
   path = resolve_checkpoint(path, local_files_only=local_files_only, cache_dir=cache_dir)
   hf_config = read_hf_config(path)
   family = _check_model_type(hf_config.get("model_type"))
-  expected = model_config_from_hf(hf_config, **(
-      {} if model_config is None else {k: getattr(model_config, k) for k in NUMERICS_KEYS}))
+  expected = model_config_from_hf(
+      hf_config,
+      **({} if model_config is None else {k: getattr(model_config, k) for k in NUMERICS_KEYS}))
   if model_config is not None and model_config != expected:
-    diff = [f"{f.name}={getattr(model_config, f.name)!r} (checkpoint: "
-            f"{getattr(expected, f.name)!r})" for f in dataclasses.fields(ModelConfig)
-            if getattr(model_config, f.name) != getattr(expected, f.name)]
+    diff = [
+        f"{f.name}={getattr(model_config, f.name)!r} (checkpoint: "
+        f"{getattr(expected, f.name)!r})" for f in dataclasses.fields(ModelConfig)
+        if getattr(model_config, f.name) != getattr(expected, f.name)
+    ]
     raise ValueError(f"The model config does not match {path}/config.json: {', '.join(diff)}.")
   cfg = expected
   if head is None:
@@ -285,8 +289,7 @@ def load_hf_params(path: str, model_config: Optional[ModelConfig] = None, shardi
   if cfg.scan_layers:  # Layers stacked under 'layers': read layer by layer.
     abstract = {k: v for k, v in abstract.items() if k[0] != "layers"}
     per_layer = _flatten(_abstract_params(dataclasses.replace(cfg, scan_layers=False), head))
-    abstract.update({("layers",) + k[1:]: jax.ShapeDtypeStruct((cfg.num_layers,) + v.shape,
-                                                               v.dtype)
+    abstract.update({("layers",) + k[1:]: jax.ShapeDtypeStruct((cfg.num_layers,) + v.shape, v.dtype)
                      for k, v in per_layer.items() if k[0] == "layers_0"})
   if shardings is None:
     device = jax.local_devices()[0]
@@ -356,8 +359,7 @@ def _callback(tensors: _Tensors, plan: list[tuple[Source, str]], shape, stacked:
     if ranges not in blocks:
       if stacked:
         (l0, l1), inner = ranges[0], ranges[1:]
-        blocks[ranges] = np.stack([src.read(tensors, name, inner)
-                                   for src, name in plan[l0:l1]])
+        blocks[ranges] = np.stack([src.read(tensors, name, inner) for src, name in plan[l0:l1]])
       else:
         src, name = plan[0]
         blocks[ranges] = src.read(tensors, name, ranges)

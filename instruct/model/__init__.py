@@ -4,5 +4,7 @@ from instruct.model.config import ModelConfig, PRESETS, count_params, preset
 from instruct.model.transformer import (KVCache, ModelOutput, Transformer, stack_layers,
                                         unstack_layers)
 
-__all__ = ["ModelConfig", "PRESETS", "count_params", "preset", "KVCache", "ModelOutput",
-           "Transformer", "stack_layers", "unstack_layers"]
+__all__ = [
+    "ModelConfig", "PRESETS", "count_params", "preset", "KVCache", "ModelOutput", "Transformer",
+    "stack_layers", "unstack_layers"
+]

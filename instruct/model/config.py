@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16")
 SOURCE_KEYS = ("hf_checkpoint",)
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and numerics of a decoder-only Transformer."""
@@ -55,7 +56,7 @@ class ModelConfig:
   tie_embeddings: bool = True      # LM head reuses the token embedding.
   use_bias: bool = True            # Biases in attention and MLP projections.
   attention_bias: Optional[bool] = None  # Attention projections only; None: as use_bias
-                                         # (GPT-NeoX / Llama `attention_bias`).
+  # (GPT-NeoX / Llama `attention_bias`).
   parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX).
   dropout_rate: float = 0.0        # Residual and embedding dropout; off by default.
   dtype: str = "float32"           # Compute dtype; parameters are always float32.
@@ -120,6 +121,7 @@ class ModelConfig:
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.rotary_fraction)
+# yapf: enable
 
 
 def count_params(cfg: ModelConfig, head: str = "lm") -> int:
@@ -141,36 +143,35 @@ def count_params(cfg: ModelConfig, head: str = "lm") -> int:
 
 
 def _gpt2(d: int, layers: int, heads: int) -> dict[str, Any]:
-  return dict(vocab_size=50257, d_model=d, num_layers=layers, num_heads=heads,
-              num_kv_heads=heads, head_dim=d // heads, d_ff=4 * d, max_length=1024,
-              norm="layernorm", mlp="gelu_tanh", position="learned", tie_embeddings=True,
-              use_bias=True)
+  return dict(vocab_size=50257, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+              head_dim=d // heads, d_ff=4 * d, max_length=1024, norm="layernorm", mlp="gelu_tanh",
+              position="learned", tie_embeddings=True, use_bias=True)
 
 
 def _pythia(d: int, layers: int, heads: int, vocab: int) -> dict[str, Any]:
   """EleutherAI's Pythia (GPT-NeoX): partial rotary (a quarter of each head), parallel
   residual, exact GELU, LayerNorm, biases everywhere, untied input and output embeddings."""
-  return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
-              num_kv_heads=heads, head_dim=d // heads, d_ff=4 * d, max_length=2048,
-              norm="layernorm", norm_eps=1e-5, mlp="gelu", position="rope",
-              rope_theta=10000.0, rotary_fraction=0.25, tie_embeddings=False, use_bias=True,
-              parallel_residual=True)
+  return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+              head_dim=d // heads, d_ff=4 * d, max_length=2048, norm="layernorm", norm_eps=1e-5,
+              mlp="gelu", position="rope", rope_theta=10000.0, rotary_fraction=0.25,
+              tie_embeddings=False, use_bias=True, parallel_residual=True)
 
 
-def _llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int,
-           tie: bool, rope_factor: float) -> dict[str, Any]:
+def _llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int, tie: bool,
+           rope_factor: float) -> dict[str, Any]:
   """Llama 3.1 / 3.2: RoPE theta 500000 with 'llama3' frequency scaling from 8192 to 131072
   positions, RMSNorm, SwiGLU, grouped-query attention, no biases."""
   return dict(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads,
               num_kv_heads=kv_heads, head_dim=d // heads, d_ff=d_ff, max_length=131072,
-              norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", position="rope",
-              rope_theta=500000.0, rope_scaling="llama3", rope_factor=rope_factor,
-              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-              rope_original_max_length=8192, tie_embeddings=tie, use_bias=False)
+              norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", position="rope", rope_theta=500000.0,
+              rope_scaling="llama3", rope_factor=rope_factor, rope_low_freq_factor=1.0,
+              rope_high_freq_factor=4.0, rope_original_max_length=8192, tie_embeddings=tie,
+              use_bias=False)
 
 
 # Architecture presets: name -> fields of ModelConfig. The vocabulary of the `tiny*` presets
 # matches the embedded tokenizer (instruct/assets/tokenizer).
+# yapf: disable
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                  head_dim=16, d_ff=256, max_length=256),
@@ -197,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama_1b": _llama(128256, 2048, 16, 32, 8, 8192, tie=True, rope_factor=32.0),
     "llama_8b": _llama(128256, 4096, 32, 32, 8, 14336, tie=False, rope_factor=8.0),
 }
+# yapf: enable
 
 
 def preset(name: str, **overrides: Any) -> dict[str, Any]:

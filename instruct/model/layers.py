@@ -60,9 +60,8 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-        "kernel", _kernel_init_std(self.init_std, self.kernel_axes),
-        self.in_shape + self.out_shape, jnp.float32)
+    kernel = self.param("kernel", _kernel_init_std(self.init_std, self.kernel_axes),
+                        self.in_shape + self.out_shape, jnp.float32)
     n_in = len(self.in_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
@@ -78,8 +77,8 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
   ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
   if cfg.norm == "rmsnorm":
     return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), scale_init=ones, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), scale_init=ones,
-                      bias_init=_zeros(("norm",)), name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), scale_init=ones, bias_init=_zeros(
+      ("norm",)), name=name)
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -138,9 +137,11 @@ class Attention(nn.Module):
                layer_cache: Optional[tuple[Array, Array]], cache_index: Optional[Array],
                deterministic: bool) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
+
     def dense(heads, axes, name):
-      return Projection((cfg.d_model,), (heads, cfg.head_dim), ("embed",) + axes,
-                        cfg.attn_bias, _dtype(cfg), cfg.init_std, name=name)(x_btd)
+      return Projection((cfg.d_model,), (heads, cfg.head_dim), ("embed",) + axes, cfg.attn_bias,
+                        _dtype(cfg), cfg.init_std, name=name)(x_btd)
+
     q = dense(cfg.num_heads, ("heads", "kv"), "q_proj")
     k = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "k_proj")
     v = dense(cfg.num_kv_heads, ("kv_heads", "kv"), "v_proj")
@@ -191,8 +192,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_btd: Array, deterministic: bool) -> Array:
     cfg = self.cfg
+
     def dense(x, d_in, d_out, axes, name, std=cfg.init_std):
       return Projection((d_in,), (d_out,), axes, cfg.use_bias, _dtype(cfg), std, name=name)(x)
+
     up = dense(x_btd, cfg.d_model, cfg.d_ff, ("embed", "mlp"), "up_proj")
     if cfg.mlp == "swiglu":
       h = nn.silu(dense(x_btd, cfg.d_model, cfg.d_ff, ("embed", "mlp"), "gate_proj")) * up
@@ -217,14 +220,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_btd, layer_cache, allowed_bqk, positions_bt, cache_index):
     cfg = self.cfg
-    attn_out, layer_cache = Attention(cfg, name="attn")(
-        make_norm(cfg, "attn_norm")(x_btd), allowed_bqk, positions_bt, layer_cache,
-        cache_index, self.deterministic)
+    attn_out, layer_cache = Attention(cfg, name="attn")(make_norm(cfg, "attn_norm")(x_btd),
+                                                        allowed_bqk, positions_bt, layer_cache,
+                                                        cache_index, self.deterministic)
     if cfg.parallel_residual:
       mlp_out = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_btd), self.deterministic)
       x_btd = x_btd + attn_out + mlp_out
     else:
       x_btd = x_btd + attn_out
-      x_btd = x_btd + Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_btd),
-                                           self.deterministic)
+      x_btd = x_btd + Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_btd), self.deterministic)
     return constrain(x_btd, ("act_batch", "act_length", "act_embed")), layer_cache

@@ -2,9 +2,9 @@
 
 `Transformer(cfg, head='lm')` returns next-token logits, `head='scalar'` one scalar per position
 (reward and value models: read it at the last real token), and `head='policy_value'` both:
-the LM head plus a zero-initialised `value_head` on the same trunk (PPO with a shared critic). Both share the same backbone
-parameters, so an SFT checkpoint initialises a reward model by dropping `lm_head` (if any) and
-adding `scalar_head`.
+the LM head plus a zero-initialised `value_head` on the same trunk (PPO with a shared
+critic). Both share the same backbone parameters, so an SFT checkpoint initialises a reward
+model by dropping `lm_head` (if any) and adding `scalar_head`.
 
 Padding: the attention mask ([batch, length], 1 on real tokens) may have padding on either
 side. Positions are the cumulative sum of the mask, so a left-padded prompt gets the same
@@ -58,8 +58,8 @@ class KVCache:
   def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or jnp.dtype(cfg.dtype)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               mask=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros(
+        (batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -121,14 +121,14 @@ class Transformer(nn.Module):
 
     embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), name="embed",
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.init_std), ("vocab", "embed")))
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                    ("vocab", "embed")))
     x = embed(tokens_bt)
     if cfg.position == "learned":
       x = x + nn.Embed(
           cfg.max_length, cfg.d_model, dtype=jnp.dtype(cfg.dtype), name="pos_embed",
-          embedding_init=nn.with_logical_partitioning(
-              nn.initializers.normal(cfg.init_std / 2), ("length", "embed")))(positions_bt)
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std / 2),
+                                                      ("length", "embed")))(positions_bt)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -163,9 +163,9 @@ class Transformer(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     if cfg.tie_embeddings:
-      return jax.lax.dot_general(
-          x.astype(dtype), embed.embedding.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())),
-          preferred_element_type=jnp.float32)
+      return jax.lax.dot_general(x.astype(dtype), embed.embedding.astype(dtype),
+                                 (((x.ndim - 1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
     return Projection((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), False, dtype,
                       cfg.init_std, out_dtype=jnp.float32, name="lm_head")(x)
 
@@ -177,10 +177,10 @@ class Transformer(nn.Module):
     the values are not rounded to bf16; it is one column, so the cost does not matter."""
     std = 0.0 if name == "value_head" else (self.cfg.d_model + 1) ** -0.5
     init = nn.initializers.normal(std) if std else nn.initializers.zeros_init()
-    values = nn.Dense(
-        1, dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
+    values = nn.Dense(1, dtype=jnp.float32, name=name,
+                      kernel_init=nn.with_logical_partitioning(init, ("embed", None)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             (None,)))(x)
     return values[..., 0]
 
   def _layers(self, x, layer_caches, allowed_bqk, positions_bt, cache_index, deterministic):
@@ -192,18 +192,18 @@ class Transformer(nn.Module):
                 if cfg.remat == "dots" else None)
       block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      scanned = nn.scan(
-          block_cls, variable_axes={"params": 0, "intermediates": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(cfg, deterministic, name="layers")(
-          x, layer_caches, allowed_bqk, positions_bt, cache_index)
+      scanned = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return scanned(cfg, deterministic, name="layers")(x, layer_caches, allowed_bqk, positions_bt,
+                                                        cache_index)
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
       layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-      x, layer_cache = block_cls(cfg, deterministic, name=f"layers_{i}")(
-          x, layer_cache, allowed_bqk, positions_bt, cache_index)
+      x, layer_cache = block_cls(cfg, deterministic,
+                                 name=f"layers_{i}")(x, layer_cache, allowed_bqk, positions_bt,
+                                                     cache_index)
       if layer_cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])

@@ -181,8 +181,8 @@ class KLControllerState:
 
 def init_kl_controller(initial_beta: float) -> KLControllerState:
   """A KLControllerState at beta = `initial_beta` and error 0."""
-  return KLControllerState(beta=jnp.asarray(initial_beta, jnp.float32),
-                           error=jnp.zeros((), jnp.float32))
+  return KLControllerState(beta=jnp.asarray(initial_beta, jnp.float32), error=jnp.zeros(
+      (), jnp.float32))
 
 
 def update_kl_controller(state: KLControllerState, observed_kl, n_steps, target, horizon,
@@ -253,8 +253,8 @@ def gae(rewards_bt: Array, values_bt: Array, mask_bt: Array, gamma, lam):
 # ----------------------------------------------------------------------------- PPO losses
 
 
-def clipped_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array,
-                        mask_bt: Array, clip_eps: float = 0.2):
+def clipped_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
+                        clip_eps: float = 0.2):
   """PPO's clipped surrogate objective (Schulman et al. 2017, eq. 7) as a loss to minimise.
 
     ratio_t = exp(logp_t - old_logp_t)
@@ -291,8 +291,8 @@ def clipped_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array
   return loss, jax.tree.map(jax.lax.stop_gradient, stats)
 
 
-def clipped_value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array,
-                       mask_bt: Array, clip_eps: float = 0.2):
+def clipped_value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array, mask_bt: Array,
+                       clip_eps: float = 0.2):
   """PPO's clipped value loss (Schulman et al. 2017's baselines code; Ziegler et al. 2019).
 
     v_clipped = old_v + clip(v - old_v, -eps, eps)

@@ -19,6 +19,7 @@ from instruct.rl import algorithms
 from instruct.run import model_config_or_none
 
 
+# yapf: disable
 def base_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
   """Every field of an RL experiment with `algorithm`, with defaults (CPU-sized)."""
   c = ml_collections.ConfigDict()
@@ -48,7 +49,7 @@ def base_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
   c.ptx = ml_collections.ConfigDict()
   c.ptx.train_file = config_lib.embedded_files("pretrain")["train"]  # {"text"} lines or .txt.
   c.ptx.batch_size = 16        # Rows per epoch over the rollout, split over its minibatch
-                               # steps; fresh rows every epoch.
+  # steps; fresh rows every epoch.
   c.ptx.length = 64
 
   c.optimizer = config_lib.optimizer_config()        # The policy's.
@@ -75,6 +76,7 @@ def base_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
   c.mesh = config_lib.mesh_config()
   c[algorithm] = algorithms.get(algorithm).default_config()
   return c
+# yapf: enable
 
 
 def validate(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:

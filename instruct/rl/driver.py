@@ -47,11 +47,11 @@ def make_data(config, tokenizer, ptx_rows: int):
       skip_invalid=config.data.get("skip_invalid", False))
   ptx = None
   if ptx_rows > 0:
-    ptx = data_lib.make_batches(
-        "text", {"train": config.ptx.train_file}, "train", tokenizer,
-        global_batch_size=ptx_rows, buckets=(config.ptx.length,), seed=config.seed,
-        shuffle=True, repeat=True, data_dir=common.tfds_dir(config),
-        process_index=jax.process_index(), process_count=jax.process_count())
+    ptx = data_lib.make_batches("text", {"train": config.ptx.train_file}, "train", tokenizer,
+                                global_batch_size=ptx_rows, buckets=(config.ptx.length,),
+                                seed=config.seed, shuffle=True, repeat=True,
+                                data_dir=common.tfds_dir(config), process_index=jax.process_index(),
+                                process_count=jax.process_count())
   return prompts, ptx
 
 
@@ -67,8 +67,7 @@ def build(config, tokenizer, devices=None):
   architectures; nothing is loaded."""
   mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.rules_from_config(config.mesh)
-  table.get(config.stage).check(config, shd.data_parallel_size(mesh, rules),
-                                jax.process_count())
+  table.get(config.stage).check(config, shd.data_parallel_size(mesh, rules), jax.process_count())
   module = algorithms.get(config.algorithm)
   policy_cfg, reward_cfg = source_architectures(config.policy_from, config.reward_from)
   roles = build_roles(policy_cfg, reward_cfg, mesh, rules, critic=module.critic_kind(config))
@@ -103,9 +102,9 @@ def train(config, workdir: str, devices=None) -> Any:
   def iteration(state, rng):
     timer = time.perf_counter()
     batch = shd.host_batch_to_global(next(prompts), batch_sh)
-    samples = jax.block_until_ready(sample(
-        algorithm.policy_params(state), batch["prompt_tokens"], batch["prompt_mask"],
-        jax.random.fold_in(rng, 0)))
+    samples = jax.block_until_ready(
+        sample(algorithm.policy_params(state), batch["prompt_tokens"], batch["prompt_mask"],
+               jax.random.fold_in(rng, 0)))
     rollout_s, timer = time.perf_counter() - timer, time.perf_counter()
     experience, metrics = experience_fn(state, frozen, samples, batch["prompt_tokens"],
                                         batch["prompt_mask"])
@@ -121,10 +120,9 @@ def train(config, workdir: str, devices=None) -> Any:
     return state, record
 
   loop = loop_lib.Loop(
-      iteration, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer,
-      writer, log_line=algorithm.log_line, write_every=1,
-      data_state=lambda: {"prompts": prompts.get_state(),
-                          "ptx": ptx.get_state() if ptx is not None else None})
+      iteration, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer, writer,
+      log_line=algorithm.log_line, write_every=1, data_state=lambda:
+      {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else None})
   try:
     with jax.set_mesh(roles.mesh), nn.logical_axis_rules(roles.rules):
       state = loop.run(state, algorithm.iterations_done(state), unit="iteration")

@@ -52,6 +52,7 @@ from instruct.state import TrainState, init_params_fn, state_factory
 Array = jax.Array
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
   """Hyperparameters of the PPO update (InstructGPT / Stiennon et al. defaults)."""
@@ -65,16 +66,17 @@ class PPOConfig:
   kl_estimator: str = "k1"
   whiten_rewards: bool = False
   no_eos_score: Optional[float] = -1.0  # Score of responses that never emit EOS; None: score
-                                        # them as they are (truncated at max_new_tokens).
+  # them as they are (truncated at max_new_tokens).
   temperature: float = 1.0
   banned_ids: tuple[int, ...] = ()  # Tokens the sampler never emits (pad, other specials):
-                                    # log-probs are of the distribution without them.
+  # log-probs are of the distribution without them.
   ptx_coef: float = 0.0        # PPO-ptx's coefficient on the per-token pretraining loss; 0 =
-                               # plain PPO. See `ptx_gamma_equivalent` for the paper's gamma.
+  # plain PPO. See `ptx_gamma_equivalent` for the paper's gamma.
   entropy_coef: float = 0.0
   shared_value_head: bool = False  # Critic = a value head on the policy trunk (one optimiser,
   vf_coef: float = 0.1             # loss = policy + vf_coef * value) instead of a separate
-                                   # model initialised from the RM.
+# yapf: enable
+# model initialised from the RM.
 
 
 @flax.struct.dataclass
@@ -183,10 +185,12 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
                      returns, scores)
     lengths = jnp.sum(rm, axis=1).astype(jnp.float32)
     metrics = {
-        "score": jnp.mean(scores), "score_raw": jnp.mean(raw),
+        "score": jnp.mean(scores),
+        "score_raw": jnp.mean(raw),
         "score_normalised": jnp.mean(normalised),
         **{f"kl_{k}": jnp.mean(jnp.sum(v, axis=1)) for k, v in kl_bt.items()},
-        "entropy": algo.masked_mean(entropy_bt, rm), "response_length": jnp.mean(lengths),
+        "entropy": algo.masked_mean(entropy_bt, rm),
+        "response_length": jnp.mean(lengths),
         "eos_fraction": jnp.mean(samples.ended_with_eos.astype(jnp.float32)),
         "beta": jnp.asarray(beta, jnp.float32),
         "explained_variance": algo.explained_variance(values, returns, rm),
@@ -194,8 +198,9 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
         "advantage_std": jnp.sqrt(algo.masked_var(advantages, rm)),
     }
     if cfg.ptx_coef > 0:
-      metrics["ptx_gamma_equivalent"] = ptx_gamma_equivalent(
-          cfg.ptx_coef, metrics["response_length"], metrics["advantage_std"])
+      metrics["ptx_gamma_equivalent"] = ptx_gamma_equivalent(cfg.ptx_coef,
+                                                             metrics["response_length"],
+                                                             metrics["advantage_std"])
     return exp, metrics
 
   return experience
@@ -251,8 +256,7 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
       (_, stats), grads = jax.value_and_grad(shared_loss, has_aux=True)(policy.params, mb, ptx)
       policy = _apply(policy, grads, policy_opt)
       return (policy, value), dict(stats, policy_grad_norm=optax.tree.norm(grads))
-    (_, p_stats), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb,
-                                                                         ptx)
+    (_, p_stats), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb, ptx)
     (_, v_stats), v_grads = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
     policy = _apply(policy, p_grads, policy_opt)
     value = _apply(value, v_grads, value_opt)
@@ -263,9 +267,8 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
   def update(policy: TrainState, value: TrainState, exp: Experience, ptx_batch, rng):
     b, m, epochs = exp.response_tokens.shape[0], cfg.num_minibatches, cfg.epochs
     # [epochs, m, rows, L]: a fresh strided part of the pretraining batch per minibatch step.
-    ptx_batch = jax.tree.map(
-        lambda x: x.reshape((epochs, m) + x.shape[1:]),
-        split_rows(ptx_batch, epochs * m)) if cfg.ptx_coef > 0 else {}
+    ptx_batch = jax.tree.map(lambda x: x.reshape(
+        (epochs, m) + x.shape[1:]), split_rows(ptx_batch, epochs * m)) if cfg.ptx_coef > 0 else {}
 
     def epoch(carry, xs):
       epoch_rng, ptx = xs
@@ -291,6 +294,7 @@ def _apply(state: TrainState, grads, optimizer) -> TrainState:
 # ----------------------------------------------------------------------------- the algorithm
 
 
+# yapf: disable
 def default_config() -> ml_collections.ConfigDict:
   """`config.ppo`: PPO's hyperparameters and its KL penalty (InstructGPT-style defaults)."""
   c = ml_collections.ConfigDict()
@@ -314,6 +318,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.kl.target = 6.0              # Nats per sequence.
   c.kl.horizon = 10000
   return c
+# yapf: enable
 
 
 def validate(config, policy_model=None) -> None:
@@ -364,8 +369,8 @@ class PPO:
     self.value_opt = optim.make_optimizer(config.value_optimizer, updates)
     mesh, rules = roles.mesh, roles.rules
     with jax.set_mesh(mesh):
-      self.policy_factory = state_factory(init_params_fn(roles.policy.model), self.policy_opt,
-                                          mesh, rules)
+      self.policy_factory = state_factory(init_params_fn(roles.policy.model), self.policy_opt, mesh,
+                                          rules)
       self.value_factory = None if roles.critic is None else state_factory(
           init_params_fn(roles.critic.model), self.value_opt, mesh, rules)
 
@@ -384,11 +389,13 @@ class PPO:
     return state
 
   def init_state(self, frozen: dict) -> dict:
-    state = {"policy": self.policy_factory.from_params(frozen["reference"]),
-             "kl": algo.init_kl_controller(self.config.ppo.kl.initial_beta)}
+    state = {
+        "policy": self.policy_factory.from_params(frozen["reference"]),
+        "kl": algo.init_kl_controller(self.config.ppo.kl.initial_beta)
+    }
     if self.value_factory is not None:
-      state["value"] = self.value_factory.from_params(critic_from_reward_model(
-          frozen["reward"], frozen["reward_gain"], frozen["reward_bias"]))
+      state["value"] = self.value_factory.from_params(
+          critic_from_reward_model(frozen["reward"], frozen["reward_gain"], frozen["reward_bias"]))
     return state
 
   def iterations_done(self, state) -> int:
@@ -402,9 +409,11 @@ class PPO:
     metrics)`."""
     roles, batch, repl = self.roles, self.roles.batch_sharding, self.roles.replicated
     critic = roles.critic or roles.policy
-    frozen_sh = {"policy": roles.policy.shardings, "reference": roles.reference.shardings,
-                 "value": critic.shardings, "reward": roles.reward.shardings,
-                 "reward_gain": repl, "reward_bias": repl}
+    frozen_sh = {
+        "policy": roles.policy.shardings, "reference": roles.reference.shardings,
+        "value": critic.shardings, "reward": roles.reward.shardings, "reward_gain": repl,
+        "reward_bias": repl
+    }
     experience = jax.jit(
         make_experience_fn(roles.policy.model, critic.model, roles.reward.model, self.cfg),
         in_shardings=(frozen_sh, roles.samples_sharding, batch, batch, repl))
@@ -425,20 +434,17 @@ class PPO:
     critic_model = (self.roles.critic or self.roles.policy).model
     update = jax.jit(
         make_update_fn(self.roles.policy.model, critic_model, self.policy_opt, self.value_opt,
-                       self.cfg),
-        in_shardings=(pol_sh, val_sh, None, None, self.roles.replicated),
+                       self.cfg), in_shardings=(pol_sh, val_sh, None, None, self.roles.replicated),
         out_shardings=(pol_sh, val_sh, self.roles.replicated), donate_argnums=(0, 1))
     kl, batch_size = self.config.ppo.kl, self.config.train.global_batch_size
 
     def run(state, experience, metrics, ptx_batch, rng):
       policy, value, update_metrics = update(state["policy"], state.get("value"), experience,
                                              ptx_batch, rng)
-      kl_state = algo.update_kl_controller(
-          state["kl"], metrics[f"kl_{self.cfg.kl_estimator}"], batch_size, kl.target,
-          kl.horizon, kl.controller)
+      kl_state = algo.update_kl_controller(state["kl"], metrics[f"kl_{self.cfg.kl_estimator}"],
+                                           batch_size, kl.target, kl.horizon, kl.controller)
       state = {"policy": policy, "kl": kl_state, **({"value": value} if value else {})}
-      return state, dict(update_metrics,
-                         kl_estimator_is_k3=float(self.cfg.kl_estimator == "k3"))
+      return state, dict(update_metrics, kl_estimator_is_k3=float(self.cfg.kl_estimator == "k3"))
 
     run.jitted = update
     return run

@@ -113,23 +113,24 @@ def load_frozen(roles: Roles, policy_from: str, reward_from: str) -> dict:
   """
   abstract = roles.reference.abstract
   with jax.set_mesh(roles.mesh):
-    source = run_lib.load_run(policy_from, abstract={
-        k: v for k, v in abstract.items() if k != "value_head"}, what="config.policy_from")
+    source = run_lib.load_run(policy_from,
+                              abstract={k: v for k, v in abstract.items() if k != "value_head"},
+                              what="config.policy_from")
     reference = dict(source.params)
     if "value_head" in abstract:
       reference["value_head"] = jax.tree.map(
           lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), abstract["value_head"])
     if run_lib.describe(reward_from, "config.reward_from").stage.head != "scalar":
       raise ValueError(f"config.reward_from={reward_from!r} is not a reward-model run.")
-    rm = run_lib.load_run(reward_from, abstract=roles.reward.abstract,
-                          what="config.reward_from")
+    rm = run_lib.load_run(reward_from, abstract=roles.reward.abstract, what="config.reward_from")
   gain, bias = run_lib.reward_normalization(rm, "config.reward_from")
-  return {"reference": reference, "reward": rm.params, "reward_gain": jnp.float32(gain),
-          "reward_bias": jnp.float32(bias)}
+  return {
+      "reference": reference, "reward": rm.params, "reward_gain": jnp.float32(gain),
+      "reward_bias": jnp.float32(bias)
+  }
 
 
-def source_architectures(policy_from: str, reward_from: str) -> tuple[ModelConfig,
-                                                                       ModelConfig]:
+def source_architectures(policy_from: str, reward_from: str) -> tuple[ModelConfig, ModelConfig]:
   """The policy's and the reward model's architectures, from their source runs."""
   return (run_lib.describe(policy_from, "config.policy_from").model_config,
           run_lib.describe(reward_from, "config.reward_from").model_config)

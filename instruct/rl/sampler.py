@@ -36,6 +36,7 @@ from instruct.model.transformer import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache, 
 Array = jax.Array
 
 
+# yapf: disable
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How to sample. eos_id, pad_id and banned_ids come from the tokenizer.
@@ -59,6 +60,7 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.banned_ids={banned} contains eos_id={self.eos_id}: "
                        "a policy that cannot emit EOS can never stop.")
     object.__setattr__(self, "banned_ids", banned)  # Frozen: normalise once, here.
+# yapf: enable
 
 
 @flax.struct.dataclass
@@ -183,12 +185,12 @@ def make_sampler(model: Transformer, cfg: SamplingConfig):
       token = jnp.where(live, token, cfg.pad_id).astype(jnp.int32)
       at = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
                                                        (0, s["step"]))
-      step_out = model.apply({"params": params}, token[:, None],
-                             live[:, None].astype(jnp.int32), cache=s["cache"])
+      step_out = model.apply({"params": params}, token[:, None], live[:, None].astype(jnp.int32),
+                             cache=s["cache"])
       return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0],
-                  done=s["done"] | (token == cfg.eos_id),
-                  tokens=at(s["tokens"], token), logprobs=at(s["logprobs"], logprob * live),
-                  mask=at(s["mask"], live.astype(jnp.int32)))
+                  done=s["done"] | (token == cfg.eos_id), tokens=at(s["tokens"], token),
+                  logprobs=at(s["logprobs"], logprob * live), mask=at(s["mask"],
+                                                                      live.astype(jnp.int32)))
 
     final = jax.lax.while_loop(cond, body, init)
     ended = jnp.any((final["tokens"] == cfg.eos_id) & (final["mask"] > 0), axis=1)

@@ -22,9 +22,8 @@ Array = jax.Array
 
 
 def sequence_logprobs(model: Transformer, params: Any, prompt_tokens_bp: Array,
-                      prompt_mask_bp: Array, response_tokens_br: Array,
-                      response_mask_br: Array, temperature: float = 1.0, *,
-                      banned_ids: tuple[int, ...] = ()):
+                      prompt_mask_bp: Array, response_tokens_br: Array, response_mask_br: Array,
+                      temperature: float = 1.0, *, banned_ids: tuple[int, ...] = ()):
   """Log-probs of the response tokens by one full forward pass, as the sampler computes them.
 
     logits_t = mask_banned(logits(prefix_{<t}) / T, banned_ids);

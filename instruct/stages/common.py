@@ -26,8 +26,10 @@ LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]
 def split_microbatches(batch: Batch, num: int) -> Batch:
   """[B, ...] -> [num, B/num, ...]; microbatch i takes rows i, i+num, ... so every microbatch
   keeps the batch sharding of the whole batch."""
+
   def split(x):
     return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -63,8 +65,7 @@ def make_train_step(loss_fn: LossFn, count_fn: Callable[[Batch], jax.Array],
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(grad_fn, state.params, first, total, rng))
-      (grads, sums), _ = jax.lax.scan(accumulate, zeros,
-                                      (micro, jnp.arange(grad_accum_steps)))
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics_fn(sums), grad_norm=optax.tree.norm(grads),

@@ -39,8 +39,7 @@ def sequence_rewards(model: Transformer, params, tokens, attention_mask, determi
   shape = tokens.shape
   flat_tokens = tokens.reshape(-1, shape[-1])
   flat_mask = attention_mask.reshape(-1, shape[-1])
-  values = model.apply({"params": params}, flat_tokens, flat_mask,
-                       deterministic=deterministic,
+  values = model.apply({"params": params}, flat_tokens, flat_mask, deterministic=deterministic,
                        rngs=None if rng is None else {"dropout": rng}).values
   return objectives.last_token_values(values, flat_mask).reshape(shape[:-1])
 
@@ -67,11 +66,13 @@ def _train_metrics(sums: dict) -> dict:
   responses = jnp.maximum(sums["responses"], 1.0)
   mean = sums["reward_sum"] / responses
   pairs = jnp.maximum(sums["pairs"], 1.0)
-  return {"loss": sums["loss_sum"] / jnp.maximum(sums["prompts"], 1.0),
-          "accuracy": sums["correct_pairs"] / pairs, "margin": sums["margin_sum"] / pairs,
-          "reward_mean": mean,
-          "reward_std": jnp.sqrt(jnp.maximum(sums["reward_sq_sum"] / responses - mean**2, 0)),
-          "tokens": sums["tokens"]}
+  return {
+      "loss": sums["loss_sum"] / jnp.maximum(sums["prompts"], 1.0),
+      "accuracy": sums["correct_pairs"] / pairs, "margin": sums["margin_sum"] / pairs,
+      "reward_mean": mean,
+      "reward_std": jnp.sqrt(jnp.maximum(sums["reward_sq_sum"] / responses - mean ** 2,
+                                         0)), "tokens": sums["tokens"]
+  }
 
 
 def make_eval_step(model: Transformer, loss_name: str) -> Callable:
@@ -81,8 +82,10 @@ def make_eval_step(model: Transformer, loss_name: str) -> Callable:
   def eval_step(params, batch):
     rewards = sequence_rewards(model, params, batch["tokens"], batch["attention_mask"])
     loss_sum, prompts, _ = loss(rewards, batch["ranks"], batch["response_mask"])
-    return {"rewards": rewards, "ranks": batch["ranks"],
-            "response_mask": batch["response_mask"], "loss_sum": loss_sum, "prompts": prompts}
+    return {
+        "rewards": rewards, "ranks": batch["ranks"], "response_mask": batch["response_mask"],
+        "loss_sum": loss_sum, "prompts": prompts
+    }
 
   return eval_step
 
@@ -106,9 +109,11 @@ def calibration_table(rewards, ranks, mask, bins: int = CALIBRATION_BINS) -> dic
     mean_observed = np.bincount(index, observed, bins) / count
   ece = float(np.nansum(count * np.abs(mean_predicted - mean_observed)) / max(count.sum(), 1))
   nan_to_none = lambda a: [None if np.isnan(x) else float(x) for x in a]
-  return {"calibration_predicted": nan_to_none(mean_predicted),
-          "calibration_observed": nan_to_none(mean_observed),
-          "calibration_count": count.tolist(), "val_calibration_error": ece}
+  return {
+      "calibration_predicted": nan_to_none(mean_predicted),
+      "calibration_observed": nan_to_none(mean_observed), "calibration_count": count.tolist(),
+      "val_calibration_error": ece
+  }
 
 
 def summarize_eval(outputs: list[dict]) -> dict:
@@ -163,14 +168,13 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
     batches = data_lib.make_comparison_batches(
         files, split, tokenizer, global_batch_size=config.train.global_batch_size,
         max_responses=rm.max_responses, buckets=tuple(config.data.buckets), seed=config.seed,
-        shuffle=config.data.shuffle and repeat, repeat=repeat,
-        data_dir=common.tfds_dir(config),
+        shuffle=config.data.shuffle and repeat, repeat=repeat, data_dir=common.tfds_dir(config),
         skip_invalid=rm.skip_invalid or config.data.get("skip_invalid", False),
         process_index=jax.process_index(), process_count=jax.process_count(),
         data_format=config.data.get("format", "records"))
     if batches.num_skipped:
-      logging.warning("Skipped %d invalid comparison records in the %s split.",
-                      batches.num_skipped, split)
+      logging.warning("Skipped %d invalid comparison records in the %s split.", batches.num_skipped,
+                      split)
     return batches
 
   def score_step(params, batch):
@@ -189,22 +193,23 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
         global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
         seed=config.seed, shuffle=False, repeat=False, data_dir=common.tfds_dir(config),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        data_format=norm_format,
-        skip_invalid=norm_format != "records" and config.data.get("skip_invalid", False))
+        data_format=norm_format, skip_invalid=norm_format != "records"
+        and config.data.get("skip_invalid", False))
     scores = np.concatenate([score(b) for b in batches] or [np.zeros(0)])
     scores = scores[~np.isnan(scores)]
     norm = normalization(scores, rm.normalization)
     logging.info("Reward normalisation (%s over %d sequences): gain %.4f, bias %.4f",
                  rm.normalization, scores.size, norm["gain"], norm["bias"])
-    return {"reward_normalization": dict(norm, mode=rm.normalization, num_scored=scores.size),
-            "reward_gain": norm["gain"], "reward_bias": norm["bias"]}
+    return {
+        "reward_normalization": dict(norm, mode=rm.normalization, num_scored=scores.size),
+        "reward_gain": norm["gain"], "reward_bias": norm["bias"]
+    }
 
-  count = lambda batch: objectives.RANKING_LOSSES[rm.loss](
-      jnp.zeros(batch["ranks"].shape), batch["ranks"], batch["response_mask"])[1]
-  train_step = common.make_train_step(
-      ranking_loss(model, rm.loss, deterministic=False), count, _train_metrics, optimizer,
-      schedule, config.train.grad_accum_steps)
-  return common.Task(model=model, train_step=train_step,
-                     eval_step=make_eval_step(model, rm.loss), summarize_eval=summarize_eval,
-                     make_data=make_data, fresh_param_keys=("scalar_head",),
-                     score_step=score_step, finalize=finalize)
+  count = lambda batch: objectives.RANKING_LOSSES[rm.loss](jnp.zeros(batch["ranks"].shape), batch[
+      "ranks"], batch["response_mask"])[1]
+  train_step = common.make_train_step(ranking_loss(model, rm.loss,
+                                                   deterministic=False), count, _train_metrics,
+                                      optimizer, schedule, config.train.grad_accum_steps)
+  return common.Task(model=model, train_step=train_step, eval_step=make_eval_step(model, rm.loss),
+                     summarize_eval=summarize_eval, make_data=make_data,
+                     fresh_param_keys=("scalar_head",), score_step=score_step, finalize=finalize)

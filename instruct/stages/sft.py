@@ -33,27 +33,30 @@ def lm_loss(model: Transformer, deterministic: bool):
   def loss_fn(params, batch: Batch, rng):
     logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"],
                          deterministic=deterministic, rngs={"dropout": rng}).logits
-    loss_sum, targets, correct = objectives.masked_next_token_loss(
-        logits, batch["tokens"], batch["loss_mask"])
+    loss_sum, targets, correct = objectives.masked_next_token_loss(logits, batch["tokens"],
+                                                                   batch["loss_mask"])
     tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
-    return loss_sum, {"loss_sum": loss_sum, "targets": targets, "correct": correct,
-                      "tokens": tokens}
+    return loss_sum, {
+        "loss_sum": loss_sum, "targets": targets, "correct": correct, "tokens": tokens
+    }
 
   return loss_fn
 
 
 def _metrics(sums: dict) -> dict:
   targets = jnp.maximum(sums["targets"], 1.0)
-  return {"loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets,
-          "target_tokens": sums["targets"], "tokens": sums["tokens"]}
+  return {
+      "loss": sums["loss_sum"] / targets, "accuracy": sums["correct"] / targets,
+      "target_tokens": sums["targets"], "tokens": sums["tokens"]
+  }
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
   """The pure SFT / pretraining step (see `common.make_train_step`)."""
   count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:])
-  return common.make_train_step(lm_loss(model, deterministic=False), count, _metrics,
-                                optimizer, schedule, grad_accum_steps)
+  return common.make_train_step(lm_loss(model, deterministic=False), count, _metrics, optimizer,
+                                schedule, grad_accum_steps)
 
 
 def make_eval_step(model: Transformer) -> Callable[[Any, Batch], dict[str, jax.Array]]:
@@ -67,18 +70,19 @@ def summarize_eval(outputs: list[dict]) -> dict:
   sums = common.sum_outputs(outputs)
   targets = max(sums["targets"], 1.0)
   loss = sums["loss_sum"] / targets
-  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 80.0))),
-          "val_accuracy": sums["correct"] / targets}
+  return {
+      "val_loss": loss, "val_perplexity": float(np.exp(min(loss, 80.0))),
+      "val_accuracy": sums["correct"] / targets
+  }
 
 
 def make_lm_data(config, tokenizer, split: str, repeat: bool):
   """Host-local batches of `config.data` (demonstrations or text) for `split`."""
   files = {"train": config.data.train_file, "validation": config.data.validation_file}
   return data_lib.make_batches(
-      config.data.kind, files, split, tokenizer,
-      global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
-      seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
-      data_dir=common.tfds_dir(config), process_index=jax.process_index(),
+      config.data.kind, files, split, tokenizer, global_batch_size=config.train.global_batch_size,
+      buckets=tuple(config.data.buckets), seed=config.seed, shuffle=config.data.shuffle and repeat,
+      repeat=repeat, data_dir=common.tfds_dir(config), process_index=jax.process_index(),
       process_count=jax.process_count(), data_format=config.data.get("format", "records"),
       skip_invalid=config.data.get("skip_invalid", False))
 
@@ -87,7 +91,7 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
   """The SFT / pretraining task for the shared driver."""
   model = make_model(config.model)
   return common.Task(
-      model=model,
-      train_step=make_train_step(model, optimizer, schedule, config.train.grad_accum_steps),
+      model=model, train_step=make_train_step(model, optimizer, schedule,
+                                              config.train.grad_accum_steps),
       eval_step=make_eval_step(model), summarize_eval=summarize_eval,
       make_data=lambda split, repeat: make_lm_data(config, tokenizer, split, repeat))

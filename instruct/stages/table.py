@@ -68,18 +68,21 @@ class Stage:
 _SUPERVISED = dict(runner="instruct.trainer:train_and_evaluate",
                    validate="instruct.config_lib:validate_supervised")
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("pretrain", task="instruct.stages.sft:make_task", **_SUPERVISED,
-          description="LM loss on every token of plain text"),
-    Stage("sft", task="instruct.stages.sft:make_task", **_SUPERVISED,
-          description="LM loss on the completion tokens of demonstrations"),
-    Stage("rm", task="instruct.stages.rm:make_task", head="scalar",
-          runner=_SUPERVISED["runner"], validate="instruct.config_lib:validate_rm",
-          description="reward model on K-wise ranked comparisons"),
-    Stage("rl", runner="instruct.rl.driver:train", validate="instruct.rl.config:validate",
-          params_at=("policy", "params"), model_from="policy_from",
-          description="online RL (config.algorithm, e.g. PPO / PPO-ptx) against a reward model"),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s for s in (
+        Stage("pretrain", task="instruct.stages.sft:make_task", **_SUPERVISED,
+              description="LM loss on every token of plain text"),
+        Stage("sft", task="instruct.stages.sft:make_task", **_SUPERVISED,
+              description="LM loss on the completion tokens of demonstrations"),
+        Stage("rm", task="instruct.stages.rm:make_task", head="scalar",
+              runner=_SUPERVISED["runner"], validate="instruct.config_lib:validate_rm",
+              description="reward model on K-wise ranked comparisons"),
+        Stage(
+            "rl", runner="instruct.rl.driver:train", validate="instruct.rl.config:validate",
+            params_at=("policy", "params"), model_from="policy_from",
+            description="online RL (config.algorithm, e.g. PPO / PPO-ptx) against a reward model"),
+    )
+}
 # Runs saved before the RL stage took its algorithm from `config.algorithm` say 'ppo'.
 ALIASES = {"ppo": "rl"}
 
