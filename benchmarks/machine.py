@@ -1,6 +1,10 @@
 """What machine a benchmark ran on (shared by the benchmark scripts)."""
 
+import datetime
+import os
 import platform
+
+import jax
 
 
 def cpu_model() -> str:
@@ -13,3 +17,14 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def run_record() -> dict:
+  """When and where a benchmark ran: date, JAX version, devices, CPU and load average."""
+  devices = jax.devices()
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__, "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind, "device_count": len(devices), "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())
+  }

@@ -38,7 +38,6 @@ function's first call.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from machine import cpu_model  # benchmarks/machine.py (the script directory is on sys.path)
+from machine import cpu_model, run_record  # benchmarks/machine.py (the script directory)
 
 from instruct import sharding as shd
 from instruct.model import ModelConfig, count_params, preset
@@ -314,19 +313,7 @@ def main(argv=None) -> None:
 
 
 def write_json(args: argparse.Namespace, results: list[dict]) -> None:
-  devices = jax.devices()
-  out = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "platform": devices[0].platform,
-      "device_kind": devices[0].device_kind,
-      "device_count": len(devices),
-      "cpu_model": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "load_average": list(os.getloadavg()),
-      "args": vars(args),
-      "results": results,
-  }
+  out = dict(run_record(), args=vars(args), results=results)
   with open(args.json_out, "w") as f:
     json.dump(out, f, indent=2)
   print(f"\nwrote {args.json_out}")

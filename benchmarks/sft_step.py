@@ -33,7 +33,6 @@ time is the median over `--steps` steps after `--warmup` untimed ones.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -44,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from machine import cpu_model  # benchmarks/machine.py (the script directory is on sys.path)
+from machine import cpu_model, run_record  # benchmarks/machine.py (the script directory)
 
 from instruct import config_lib
 from instruct import sharding as shd
@@ -217,22 +216,11 @@ def main(argv=None) -> None:
 
 
 def write_json(args: argparse.Namespace, results: list[dict], peaks: list[float]) -> None:
-  devices = jax.devices()
-  out = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "platform": devices[0].platform,
-      "device_kind": devices[0].device_kind,
-      "device_count": len(devices),
-      "cpu_model": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "load_average": list(os.getloadavg()),
-      "peak": {
-          "matmul_size": args.peak_size, "reps": args.peak_reps, "flops": max(peaks),
-          "measurements": peaks
-      },
-      "results": results,
+  peak = {
+      "matmul_size": args.peak_size, "reps": args.peak_reps, "flops": max(peaks),
+      "measurements": peaks
   }
+  out = dict(run_record(), peak=peak, results=results)
   with open(args.json_out, "w") as f:
     json.dump(out, f, indent=2)
   print(f"\nwrote {args.json_out}")
