@@ -15,10 +15,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class NonFiniteStateError(FloatingPointError):
   """Raised instead of writing a state with NaN or Inf values."""
+
+
+class NoReadableCheckpointError(FileNotFoundError):
+  """Every checkpoint of a workdir was damaged (each was moved aside, none deleted)."""
 
 
 @jax.jit
@@ -40,9 +45,11 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Damaged checkpoints are moved here on resume (never deleted); see `restore_latest`.
+    self.damaged_directory = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -67,6 +74,47 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       extras=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["extras"])
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict[str, Any]]]:
+    """(step, state, extras) of the newest checkpoint that can be read; None if there is none.
+
+    A checkpoint that cannot be read (truncated or missing files, a damaged manifest or
+    metadata) is reported in one line naming its step and the error, moved aside to
+    `checkpoints_damaged/<step>` (never deleted) and the previous one is tried; when every
+    checkpoint was damaged, `NoReadableCheckpointError` says where they went.
+    """
+    moved = []
+    while (step := self.latest_step()) is not None:
+      try:
+        state, extras = self.restore(step, abstract_state)
+        return step, state, extras
+      except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+        where = self._move_aside(step)
+        moved.append(where)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        logging.warning(
+            "Checkpoint %d in %s cannot be read (%s: %s); moved it to %s and "
+            "trying the previous one.", step, self.directory,
+            type(e).__name__, message[:300], where)
+    if moved:
+      raise NoReadableCheckpointError(
+          f"No readable checkpoint in {self.directory}: every one was damaged and moved to "
+          f"{self.damaged_directory} ({', '.join(moved)}). Start the run again in a new "
+          "workdir, or move a checkpoint back if it can be repaired.")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `checkpoints_damaged/` and re-reads the step list."""
+    os.makedirs(self.damaged_directory, exist_ok=True)
+    target = os.path.join(self.damaged_directory, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+      suffix += 1
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.close()
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return target
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only `state.params` (for initialising a later stage from this run)."""

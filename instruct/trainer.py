@@ -44,10 +44,11 @@ def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
   `task.fresh_param_keys` is loaded directly into the state's shardings (a reward model takes
   the SFT backbone and a new scalar head).
   """
-  step = checkpointer.latest_step()
-  if step is not None:
+  latest = checkpointer.restore_latest(factory.abstract)
+  if latest is not None:
+    step, state, extras = latest
     logging.info("Resuming from %s (step %d).", checkpointer.directory, step)
-    return checkpointer.restore(step, factory.abstract)
+    return state, extras
   hf_checkpoint = config.model.get("hf_checkpoint", "")
   if config.init_from and hf_checkpoint:
     raise ValueError(f"config.init_from={config.init_from!r} and config.model.hf_checkpoint="

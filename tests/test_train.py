@@ -135,6 +135,48 @@ def test_impossible_configs_are_clear_errors(tmp_path, tfds_dir, key, value, pat
   assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+def _damage(step_dir, kind: str) -> None:
+  """Damages a checkpoint directory the ways a crash or a full disk does."""
+  if kind == "manifest_deleted":
+    os.remove(os.path.join(step_dir, "state", "manifest.ocdbt"))
+  elif kind == "arrays_truncated":
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+      for name in files:
+        if os.path.basename(root) == "d":
+          with open(os.path.join(root, name), "r+b") as f:
+            f.truncate(max(1, os.path.getsize(os.path.join(root, name)) // 2))
+  elif kind == "extras_truncated":
+    path = os.path.join(step_dir, "extras", "metadata")
+    with open(path, "r+b") as f:
+      f.truncate(10)
+  else:
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["manifest_deleted", "arrays_truncated", "extras_truncated"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
+    tmp_path, tfds_dir, kind):
+  full = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), str(tmp_path / "a"))
+  run = str(tmp_path / "b")
+  trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10, stop_at_step=9), run)
+  _damage(os.path.join(run, "checkpoints", "9"), kind)
+  resumed = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), run)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               jax.device_get(full.params), jax.device_get(resumed.params))
+  assert os.path.isdir(os.path.join(run, "checkpoints_damaged", "9", "state"))  # Kept.
+  assert ckpt_lib.Checkpointer(run).all_steps() == [4, 8, 10]
+
+
+def test_no_readable_checkpoint_is_an_error_that_keeps_them(tmp_path, tfds_dir):
+  run = str(tmp_path)
+  trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=8, stop_at_step=8), run)
+  for step in (4, 8):
+    _damage(os.path.join(run, "checkpoints", str(step)), "manifest_deleted")
+  with pytest.raises(ckpt_lib.NoReadableCheckpointError, match="checkpoints_damaged"):
+    trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=8), run)
+  assert sorted(os.listdir(os.path.join(run, "checkpoints_damaged"))) == ["4", "8"]
+
+
 def test_command_line_trains_and_resumes(tmp_path, tfds_dir):
   command = [
       sys.executable, "-m", "instruct.train", "--config=configs/sft.py:tiny",

@@ -86,11 +86,11 @@ def train(config, workdir: str, devices=None) -> Any:
   prompts, ptx = make_data(config, tokenizer, algorithm.ptx_rows)
   checkpointer, writer = loop_lib.open_run(workdir, config)
   frozen = load_frozen(roles, config.policy_from, config.reward_from)
-  step = checkpointer.latest_step()
   with jax.set_mesh(roles.mesh):
-    if step is not None:
+    latest = checkpointer.restore_latest(algorithm.abstract_state())
+    if latest is not None:
+      step, state, extras = latest
       logging.info("Resuming from %s (iteration %d).", checkpointer.directory, step)
-      state, extras = checkpointer.restore(step, algorithm.abstract_state())
       prompts.set_state(extras["prompts"])
       if ptx is not None:
         ptx.set_state(extras["ptx"])
