@@ -92,20 +92,17 @@ def model_config_or_none(workdir: str) -> Optional[ModelConfig]:
     return None
 
 
-def latest_step(workdir: str) -> Optional[int]:
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    return checkpointer.latest_step()
-  finally:
-    checkpointer.close()
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of a run's checkpoints, oldest first."""
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
-    return checkpointer.all_steps()
+    return sorted(checkpointer.all_steps())
   finally:
     checkpointer.close()
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  return max(checkpoint_steps(workdir), default=None)
 
 
 def abstract_params(model: nn.Module, mesh=None, rules=None) -> Any:
