@@ -177,6 +177,8 @@ def load_config(stage: str, preset: str, grad_accum: int = 0, overrides=()):
   """configs/{stage}.py:{preset} with `grad_accum_steps` and 'a.b=value' overrides applied
   (an override naming a field this stage's config lacks is skipped)."""
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{stage}.py"), preset)
+  if stage == "rm":
+    config.rm.random_init = True  # Shapes only: no SFT run to start from.
   if grad_accum:
     config.train.grad_accum_steps = grad_accum
   for override in overrides:
@@ -470,4 +472,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from instruct import cli  # One-line errors (`--debug` for the traceback).
+  cli.run_plain(main)

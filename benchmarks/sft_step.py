@@ -227,4 +227,5 @@ def write_json(args: argparse.Namespace, results: list[dict], peaks: list[float]
 
 
 if __name__ == "__main__":
-  main()
+  from instruct import cli  # One-line errors (`--debug` for the traceback).
+  cli.run_plain(main)

@@ -44,6 +44,7 @@ with intervals over prompts and seeds, the targets judged on the pooled values):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,7 +52,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 
 from experiments.world import evaluate as ev
@@ -63,6 +64,7 @@ from instruct import cli
 from instruct import config_lib
 from instruct import metrics as metrics_lib
 from instruct import run as run_lib
+from instruct import workdir as workdir_lib
 from instruct.data import tokenization
 from instruct.stages import table
 
@@ -241,6 +243,76 @@ def stage_config(stage: str, preset: Preset, root: str):
   c.train.log_every = max(1, c.train.num_steps // 10) if stage not in ("ppo", "ppo_ptx") else (max(
       1, preset.ppo_iterations // 20))
   return c
+
+
+# What each stage is built from; `_inputs` fingerprints them (a training stage by its latest
+# checkpoint step, a file stage by its output's hash).
+UPSTREAM = {
+    "pretrain": ("world",), "pretrain_large": ("world",), "sft": ("world", "pretrain"),
+    "comparisons": ("world", "sft"), "rm": ("world", "sft", "comparisons"),
+    "ppo": ("world", "sft", "rm"), "ppo_ptx": ("world", "sft", "rm"),
+    "evaluate": ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo",
+                 "ppo_ptx")
+}
+OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json"}
+BUILT_FROM = "built_from.json"
+
+
+class StageInputsChangedError(ValueError):
+  """A stage was built from an upstream stage that has changed since."""
+
+
+def _fingerprint(root: str, stage: str) -> dict:
+  workdir = os.path.join(root, stage)
+  if stage in OUTPUT_FILE:
+    path = os.path.join(workdir, OUTPUT_FILE[stage])
+    if not os.path.exists(path):
+      return {"missing": OUTPUT_FILE[stage]}
+    with open(path, "rb") as f:
+      return {"sha256": hashlib.sha256(f.read()).hexdigest()}
+  step = run_lib.latest_step(workdir) if os.path.isdir(os.path.join(workdir,
+                                                                    "checkpoints")) else (None)
+  return {"step": step}
+
+
+def _inputs(root: str, stage: str) -> dict:
+  return {name: _fingerprint(root, name) for name in UPSTREAM.get(stage, ())}
+
+
+def check_inputs(root: str, stage: str) -> None:
+  """Records what `stage` is built from (`DIR/<stage>/built_from.json`) the first time it runs;
+  later, refuses to resume or reuse it when an upstream stage changed since.
+
+  A stage built from an unfinished upstream (e.g. an SFT started on a preempted pretraining)
+  would otherwise be skipped as finished, its results silently stale.
+  """
+  if stage not in UPSTREAM:
+    return
+  workdir = os.path.join(root, stage)
+  path = os.path.join(workdir, BUILT_FROM)
+  current = _inputs(root, stage)
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    changed = [
+        f"{name} ({_describe(recorded.get(name))} -> {_describe(current[name])})"
+        for name in current if recorded.get(name) != current[name]
+    ]
+    if changed:
+      raise StageInputsChangedError(
+          f"{workdir} was built from inputs that have changed since: {', '.join(changed)}. "
+          f"Delete {workdir} (and the stages after it) to rebuild it, or use another --workdir.")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  _write_json_atomic(path, current)
+
+
+def _describe(fingerprint) -> str:
+  if not fingerprint:
+    return "not recorded"
+  if "step" in fingerprint:
+    return f"step {fingerprint['step']}"
+  return fingerprint.get("sha256", "")[:12] or f"no {fingerprint.get('missing')}"
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
@@ -515,7 +587,15 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
   if seed is not None:
     preset = with_seed(preset, seed)
   os.makedirs(root, exist_ok=True)
-  _claim_workdir(root, preset)
+  lock = workdir_lib.WorkdirLock(root)  # One pipeline per root (each stage also locks its own).
+  try:
+    _claim_workdir(root, preset)
+    return _run_stages(root, preset)
+  finally:
+    lock.release()
+
+
+def _run_stages(root: str, preset: Preset) -> dict:
   timings_path = os.path.join(root, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   steps: dict[str, Callable[[], None]] = {
@@ -528,6 +608,9 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
   for i, stage in enumerate(STAGES, 1):
     print(f"[{i}/{len(STAGES)}] {stage} ...", file=sys.stderr, flush=True)
     start = time.time()
+    check_inputs(root, stage)
+    # A preempted stage raises loop.Preempted (after its checkpoint): the pipeline stops
+    # there, and a rerun resumes that stage before anything is built on it.
     steps.get(stage, lambda s=stage: train_stage(s, preset, root))()
     elapsed = time.time() - start
     if elapsed > 1 or stage not in timings:
@@ -543,13 +626,11 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  try:
-    run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
-  except WorkdirError as e:
-    raise SystemExit(f"error: {e}") from None
+  if not _WORKDIR.value:
+    raise ValueError("--workdir is required: the root directory of the pipeline's runs.")
+  run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
   print(f"\nReport: {os.path.join(_WORKDIR.value, 'report.md')}")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -9,7 +9,9 @@ checkpoint stays the latest one.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -17,9 +19,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from instruct import workdir as workdir_lib
+
 
 class NonFiniteStateError(FloatingPointError):
   """Raised instead of writing a state with NaN or Inf values."""
+
+  hint = ("lower config.optimizer.learning_rate (or check the data); a rerun resumes from the "
+          "latest good checkpoint.")
 
 
 class NoReadableCheckpointError(FileNotFoundError):
@@ -40,10 +47,38 @@ def all_finite(tree) -> bool:
   return bool(_all_finite(tree))
 
 
+def _ignore_closed_event_loop_callbacks() -> None:
+  """Drops the follow-on errors of a failed Orbax restore.
+
+  When a restore fails, Orbax closes its event loop while TensorStore reads are still in
+  flight; each of them then fails to call back into the closed loop and reports it as an
+  unraisable exception (`RuntimeError: Event loop is closed`, a traceback each), and asyncio
+  logs each failed read's task ("Task exception was never retrieved"): dozens of tracebacks
+  per damaged checkpoint after the one line that says what happened. Only these are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+  # The other reads' own failures, logged by asyncio when their tasks are collected.
+  std_logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in str(record.msg))
+
+
 class Checkpointer:
   """Saves and restores (state, extras) in `workdir/checkpoints`, keeping the last `keep`."""
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int = 3, exclusive: bool = False):
+    """`exclusive`: this process writes the run, and holds `workdir`'s lock until `close()`
+    (`instruct.workdir.WorkdirLock`; WorkdirBusyError when another live run holds it)."""
+    self._lock = workdir_lib.WorkdirLock(workdir) if exclusive else None
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     # Damaged checkpoints are moved here on resume (never deleted); see `restore_latest`.
     self.damaged_directory = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
@@ -60,9 +95,12 @@ class Checkpointer:
   def save(self, step: int, state: Any, extras: dict[str, Any]) -> None:
     """Writes `state` (a pytree of arrays) and `extras` (JSON-serialisable) at `step`."""
     if not all_finite(state):
+      latest = self.latest_step()
+      kept = (f"the latest good checkpoint is {latest}"
+              if latest is not None else "no checkpoint had been written yet")
       raise NonFiniteStateError(
-          f"Refusing to write checkpoint {step} to {self.directory}: the state has non-finite "
-          f"values. The latest good checkpoint is {self.latest_step()}.")
+          f"Non-finite values (NaN or Inf) in the state at step {step}: checkpoint {step} was "
+          f"not written to {self.directory}; {kept}.")
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       extras=ocp.args.JsonSave(extras)))
@@ -89,9 +127,11 @@ class Checkpointer:
         state, extras = self.restore(step, abstract_state)
         return step, state, extras
       except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+        _ignore_closed_event_loop_callbacks()
         where = self._move_aside(step)
         moved.append(where)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = message.split(" [tensorstore_spec")[0]
         logging.warning(
             "Checkpoint %d in %s cannot be read (%s: %s); moved it to %s and "
             "trying the previous one.", step, self.directory,
@@ -136,6 +176,8 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+    if self._lock is not None:
+      self._lock.release()
 
 
 def write_config(workdir: str, config) -> str:

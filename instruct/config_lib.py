@@ -90,8 +90,11 @@ def data_config() -> ml_collections.ConfigDict:
   # validation_file may then be directories: an HH-RLHF
   # subset (or the repository root), the comparisons/
   # directory, the TL;DR directory.
-  d.skip_invalid = False           # Skip and count invalid records instead of failing (public
-  # formats, and comparisons; see also config.rm.skip_invalid).
+  d.skip_invalid = False           # Skip and count invalid records (bad JSON or UTF-8, missing
+  # fields, ...) instead of failing; see also config.rm.skip_invalid.
+  d.allow_truncation = True        # Examples longer than the length limit (max of buckets; RL:
+  # prompt_length) are cut, counted and logged per split (metrics: {split}_truncated). False:
+  # an error naming the file and the first such line.
   d.tokenizer = DEFAULT_TOKENIZER  # Local directory (or cached hub name).
   d.pad_token = ""                 # A vocabulary token to pad with when the tokenizer declares
   # none (Pythia: "<|padding|>"); "" = the tokenizer's own.
@@ -130,6 +133,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3
   t.stop_at_step = -1         # Stop early (with a checkpoint) at this step; -1: never.
+  # Resume a workdir under a config that differs from its saved one in more than the
+  # resumable keys (instruct/workdir.py); by default that is refused.
+  t.allow_config_change = False
   return t
 # yapf: enable
 
@@ -197,6 +203,12 @@ def validate_data_format(config: ml_collections.ConfigDict, kind: str,
   `config.data.format` existed read as 'records'.
   """
   data_format = config.data.get("format", RECORDS_FORMAT)
+  if data_format == RECORDS_FORMAT:
+    for key in ("train_file", "validation_file"):
+      if os.path.isdir(config.data.get(key) or ""):
+        raise ValueError(f"config.data.{key}={config.data[key]!r} is a directory; "
+                         f"config.data.format={RECORDS_FORMAT!r} reads one JSON-lines file per "
+                         "split (directories only for the public formats).")
   if data_format == RECORDS_FORMAT and kind not in BUILDERS:
     return  # An unknown kind is reported by the stage's data loading, as before.
   try:
@@ -206,8 +218,7 @@ def validate_data_format(config: ml_collections.ConfigDict, kind: str,
                      f"that {reader}: {e}") from e
   if config.data.get("skip_invalid", False) and not builder.SUPPORTS_SKIP_INVALID:
     raise ValueError(f"config.data.skip_invalid=True is not supported for {kind!r} records in "
-                     f"config.data.format={data_format!r}: only public formats and "
-                     "comparisons skip invalid records.")
+                     f"config.data.format={data_format!r}.")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -271,6 +282,8 @@ def rm_config() -> ml_collections.ConfigDict:
   rm.normalization_file = embedded_files("demos")["train"]  # {prompt, completion} JSON lines.
   rm.normalization_format = RECORDS_FORMAT  # Format of normalization_file (its 'train' split):
   # 'records' | 'hh_rlhf' | 'tldr' (a file or dir).
+  rm.random_init = False         # True: train from random weights without `init_from` (else an
+  # error: a reward model starts from an SFT model, InstructGPT's 6B RM from its SFT).
   return rm
 # yapf: enable
 
@@ -296,6 +309,20 @@ def validate_rm(config: ml_collections.ConfigDict, data_parallel: int, process_c
     except ValueError as e:
       raise ValueError(f"config.rm.normalization_format={norm_format!r} cannot be read as "
                        f"demonstrations: {e}") from e
+    # Read only after the last step: a wrong path is refused before training starts.
+    path = rm.normalization_file
+    if norm_format == RECORDS_FORMAT and not os.path.isfile(path):
+      what = "is a directory" if os.path.isdir(path) else "is not a file"
+      raise ValueError(f"config.rm.normalization_file={path!r} {what}; it should be "
+                       "demonstrations ({\"prompt\", \"completion\"} JSON lines) to normalise the "
+                       "reward on (or set config.rm.normalization='none').")
+    elif norm_format != RECORDS_FORMAT and not os.path.exists(path):
+      raise ValueError(f"config.rm.normalization_file={path!r} does not exist.")
+  if not (config.init_from or config.model.get("hf_checkpoint", "") or rm.get("random_init")):
+    raise ValueError("config.init_from is empty: a reward model starts from an SFT run "
+                     "(--config.init_from=SFT_WORKDIR) or a Hugging Face checkpoint "
+                     "(--config.model.hf_checkpoint); set --config.rm.random_init=True if "
+                     "random initialisation is meant.")
 
 
 def validate_sampling(sampling, prefix: str = "config.sampling") -> None:

@@ -16,7 +16,7 @@ present; --mesh_shape overrides it) and written one tensor at a time, so neither
 the host holds the whole model. A failed export leaves --out as it was.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from instruct import cli
 from instruct import hf
@@ -38,25 +38,20 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
+  del argv
   cli.quiet_library_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    mesh_shape = None
-    if _MESH_SHAPE.value:
-      try:
-        mesh_shape = tuple(int(x) for x in _MESH_SHAPE.value)
-      except ValueError:
-        raise ValueError(f"--mesh_shape={','.join(_MESH_SHAPE.value)}: expected integers, "
-                         "e.g. 1,-1,1.") from None
-    out = hf.export(_WORKDIR.value, _OUT.value, _STEP.value, family=_FAMILY.value,
-                    overwrite=_OVERWRITE.value, dtype=_DTYPE.value,
-                    max_shard_size=_MAX_SHARD_SIZE.value, mesh_shape=mesh_shape)
-  except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+  mesh_shape = None
+  if _MESH_SHAPE.value:
+    try:
+      mesh_shape = tuple(int(x) for x in _MESH_SHAPE.value)
+    except ValueError:
+      raise ValueError(f"--mesh_shape={','.join(_MESH_SHAPE.value)}: expected integers, "
+                       "e.g. 1,-1,1.") from None
+  out = hf.export(_WORKDIR.value, _OUT.value, _STEP.value, family=_FAMILY.value,
+                  overwrite=_OVERWRITE.value, dtype=_DTYPE.value,
+                  max_shard_size=_MAX_SHARD_SIZE.value, mesh_shape=mesh_shape)
   print(f"Exported {_WORKDIR.value} to {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

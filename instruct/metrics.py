@@ -26,6 +26,19 @@ def _to_python(value: Any):
   return value
 
 
+def _summary_writer(directory: str, purge_step: Optional[int] = None):
+  from tensorboardX import SummaryWriter  # Lightweight; no TensorFlow needed.
+  return SummaryWriter(directory, purge_step=purge_step)
+
+
+def _record_step(line: str) -> float:
+  """The step of a metrics.jsonl line; a damaged (half-written) line sorts last (dropped)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
 class MetricWriter:
   """Writes scalar metrics; a no-op on processes other than 0."""
 
@@ -33,11 +46,31 @@ class MetricWriter:
     index = jax.process_index() if process_index is None else process_index
     self.active = index == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb_dir = os.path.join(workdir, "tensorboard")
     self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # Lightweight; no TensorFlow needed.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer(self._tb_dir)
+
+  def rollback(self, step: int) -> None:
+    """Forgets what was written after `step` (a run resuming from its checkpoint at `step`).
+
+    `metrics.jsonl` keeps only its records up to `step` (rewritten atomically); TensorBoard
+    hides the events past it (a purge marker at `step + 1` in a new event file).
+    """
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = [line for line in f if line.strip()]
+      kept = [line for line in lines if _record_step(line) <= step]
+      if len(kept) < len(lines):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+          f.writelines(kept)
+        os.replace(tmp, self.path)
+    self._tb.close()
+    self._tb = _summary_writer(self._tb_dir, purge_step=step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:

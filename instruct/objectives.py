@@ -57,7 +57,9 @@ def pairwise_ranking_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: 
 
   where P(x) is the number of ranked pairs of the prompt (C(K, 2) for a full ranking of K
   responses), so each prompt weighs the same whatever its K, and the K rewards come from K
-  forward passes rather than C(K, 2) pair examples. Padded responses (mask 0) are in no pair.
+  forward passes rather than C(K, 2) pair examples. Padded responses (mask 0) are in no pair,
+  and their rewards are never used: whatever they hold (even NaN or Inf), the loss and its
+  gradient are those of the real responses alone.
 
   Args:
     rewards_bk: [batch, K] float rewards.
@@ -77,9 +79,14 @@ def pairwise_ranking_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: 
 
 
 def _pair_stats(rewards_bk, ranks_bk, response_mask_bk):
-  """Ranked pairs as float [b, K, K], reward differences r_i - r_j, and pair statistics."""
+  """Ranked pairs as float [b, K, K], reward differences r_i - r_j, and pair statistics.
+
+  Padded responses' rewards are replaced by 0 before any arithmetic (`jnp.where`, whose
+  gradient there is 0), so a NaN in a padded slot reaches neither the loss, the statistics nor
+  the gradient (a product with a 0 pair weight would still give NaN).
+  """
   pairs = preference_pairs(ranks_bk, response_mask_bk).astype(jnp.float32)
-  rewards = rewards_bk.astype(jnp.float32)
+  rewards = jnp.where(response_mask_bk > 0, rewards_bk.astype(jnp.float32), 0.0)
   diff = rewards[:, :, None] - rewards[:, None, :]
   stats = {
       "pairs": jnp.sum(pairs), "correct_pairs": jnp.sum(pairs * (diff > 0)),
@@ -98,7 +105,10 @@ def best_of_k_loss(rewards_bk: Array, ranks_bk: Array, response_mask_bk: Array):
   (num_prompts counts prompts with at least 2 responses).
   """
   valid = response_mask_bk > 0
-  rewards = jnp.where(valid, rewards_bk.astype(jnp.float32), -jnp.inf)
+  # Padded responses are left out of the softmax (-inf); a row with no real response (an
+  # evaluation batch's dummy row) gets finite zeros so that its log-partition is not -inf.
+  padding = jnp.where(jnp.any(valid, axis=1, keepdims=True), -jnp.inf, 0.0)
+  rewards = jnp.where(valid, rewards_bk.astype(jnp.float32), padding)
   log_z = jax.nn.logsumexp(rewards, axis=1)
   is_best = valid & (ranks_bk == 0)
   best_reward = jnp.sum(jnp.where(is_best, rewards_bk, 0.0), axis=1) / jnp.maximum(

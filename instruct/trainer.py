@@ -151,15 +151,24 @@ def train_and_evaluate(config, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   train_data = task.make_data("train", True)
   eval_data = task.make_data("validation", False)
+  # Invalid records skipped and examples truncated when loading: in every metrics record.
+  data_metrics = dict(train_data.data_metrics("train"), **eval_data.data_metrics("validation"))
   checkpointer, writer = loop_lib.open_run(workdir, config)
-  with jax.set_mesh(built.mesh):
-    state, extras = _initial_state(config, built.factory, task, checkpointer)
+  try:
+    with jax.set_mesh(built.mesh):
+      state, extras = _initial_state(config, built.factory, task, checkpointer)
+  except BaseException:
+    checkpointer.close()
+    writer.close()
+    raise
   if extras:
     train_data.set_state(extras["data"])
   batch_sh = built.batch_sharding
 
   def step_fn(state, rng):
-    return built.train_step(state, shd.host_batch_to_global(next(train_data), batch_sh), rng)
+    state, metrics = built.train_step(state, shd.host_batch_to_global(next(train_data), batch_sh),
+                                      rng)
+    return state, dict(metrics, **data_metrics)
 
   def finalize(state):
     score = lambda batch: np.asarray(
@@ -171,7 +180,7 @@ def train_and_evaluate(config, workdir: str,
       data_state=lambda: {"data": train_data.get_state()}, log_line=_log_line,
       evaluate=lambda state: evaluate(task, built.eval_step, state.params, eval_data, batch_sh,
                                       config.train.eval_batches),
-      finalize=finalize if task.finalize is not None else None)
+      finalize=finalize if task.finalize is not None else None, extras=extras)
   try:
     with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):
       state = loop.run(state, int(state.step))

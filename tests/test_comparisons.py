@@ -158,8 +158,7 @@ def test_skip_invalid_counts_and_survives_reuse(tmp_path, caplog):
                          skip_invalid=True).num_skipped == 3
   strict = data.LocalFilesConfig(files=files).name
   assert data.LocalFilesConfig(files=files, skip_invalid=True).name == (strict + '-skip-invalid')
-  with pytest.raises(ValueError, match='skip_invalid is not supported'):
-    data.load_split('demonstrations', files, 'train', data_dir, skip_invalid=True)
+  assert data.LocalFilesConfig(files=files, max_responses=2).name == strict + '-max2'
   all_bad = write_lines(tmp_path / 'bad.jsonl', ['{', '[]'])
   with pytest.raises(ValueError, match=r'no valid records.*2 invalid'):
     data.read_comparisons(all_bad, skip_invalid=True)
@@ -311,9 +310,38 @@ def test_comparison_batches_errors(data_dir, tokenizer):
                       buckets=(64,), seed=0, shuffle=False, repeat=False, data_dir=data_dir)
   with pytest.raises(ValueError, match='max_responses must be at least 2'):
     _comparison_batches(data_dir, tokenizer, max_responses=1)
-  batches = _comparison_batches(data_dir, tokenizer, max_responses=3)
+  # A record with more responses than max_responses is refused when the split is loaded.
+  path = COMPARISON_FILES['train']
+  with pytest.raises(data.RecordError,
+                     match=rf'^{path}:1: has 4 responses, more than config.rm.max_responses=3$'):
+    _comparison_batches(data_dir, tokenizer, max_responses=3)
+  rows = [([np.arange(3)] * 4, np.arange(4, dtype=np.int32), False)]
   with pytest.raises(ValueError, match=r'K=4 .*max_responses=3'):
-    _take(batches, 10)
+    data.collate_comparisons(rows, 2, 3, (8,), 1)
+
+
+def test_more_responses_than_max_responses_are_invalid_records(tmp_path, data_dir, tokenizer):
+  lines = [_line(), _line(responses=[' a', ' b'], ranking=[1, 0])] * 9
+  path = write_lines(tmp_path / 'k3.jsonl', lines)
+  with pytest.raises(data.RecordError, match=rf'^{path}:1: has 3 responses, more than '
+                     r'config.rm.max_responses=2$'):
+    data.read_comparisons(path, max_responses=2)
+  records, num_skipped = data.read_comparisons(path, skip_invalid=True, max_responses=2)
+  assert num_skipped == 9 and all(len(r['responses']) == 2 for r in records)
+  assert data.read_comparisons(path, max_responses=3)[1] == 0
+  files = {'train': str(path)}
+  batches = data.make_comparison_batches(files, 'train', tokenizer, global_batch_size=4,
+                                         max_responses=2, buckets=(32,), seed=0, shuffle=False,
+                                         repeat=True, data_dir=data_dir, skip_invalid=True)
+  assert batches.num_skipped == 9 and batches.num_examples == 9
+  assert next(batches)['tokens'].shape[:2] == (4, 2)
+  # The prepared strict dataset of a larger limit is not reused for a smaller one.
+  data.make_comparison_batches(files, 'train', tokenizer, global_batch_size=4, max_responses=3,
+                               buckets=(32,), seed=0, shuffle=False, repeat=True, data_dir=data_dir)
+  with pytest.raises(data.RecordError, match=f'{path}:1: has 3 responses'):
+    data.make_comparison_batches(files, 'train', tokenizer, global_batch_size=4, max_responses=2,
+                                 buckets=(32,), seed=0, shuffle=False, repeat=True,
+                                 data_dir=data_dir)
 
 
 # ----------------------------------------------------------- shipped set

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import os
 import types
 
@@ -104,6 +106,67 @@ def test_read_text_records_splits_txt_paragraphs(tmp_path):
   path.write_text('First line\nstill first.\n\n\nSecond.\n  \nThird.', encoding='utf-8')
   assert data.read_text_records(path) == [{'text': 'First line\nstill first.'}, {'text': 'Second.'},
                                           {'text': 'Third.'}]
+
+
+def _write_bytes(path, content, gzipped=False):
+  with (gzip.open(path, 'wb') if gzipped else open(path, 'wb')) as f:
+    f.write(content)
+  return path
+
+
+@pytest.mark.parametrize('name', ['demos.jsonl', 'demos.jsonl.gz'])
+def test_lines_that_are_not_utf8_name_file_line_and_column(tmp_path, name):
+  good = _demo_line().encode('utf-8')
+  content = good + b'\n' + b'{"prompt": "\xe2\x82\xac \xc3(", "completion": " c"}\n' + good + b'\n'
+  path = _write_bytes(tmp_path / name, content, gzipped=name.endswith('.gz'))
+  with pytest.raises(data.RecordError) as info:
+    data.read_jsonl(path, data.DEMONSTRATION_SCHEMA)
+  assert str(info.value) == f'{path}:2: not valid UTF-8 (byte 0xc3 at column 15)'
+  records, num_skipped = data.records.read_records(path, data.DEMONSTRATION_SCHEMA,
+                                                   skip_invalid=True, line_numbers=True)
+  assert num_skipped == 1 and [n for n, _ in records] == [1, 3]
+
+
+@pytest.mark.parametrize('name', ['corpus.txt', 'corpus.txt.gz'])
+def test_plain_text_that_is_not_utf8_names_the_line_and_skips_the_paragraph(tmp_path, name):
+  content = b'One,\r\nstill one.\r\n\r\nTwo \xff\nstill two.\n\nThree.\n'
+  path = _write_bytes(tmp_path / name, content, gzipped=name.endswith('.gz'))
+  with pytest.raises(data.RecordError, match=rf'^{path}:4: not valid UTF-8 \(byte 0xff at '
+                     r'column 5\)$'):
+    data.read_text_records(path)
+  records, num_skipped = data.records.read_text_file(path, skip_invalid=True, line_numbers=True)
+  assert num_skipped == 1
+  assert records == [(1, {'text': 'One,\nstill one.'}), (7, {'text': 'Three.'})]
+
+
+def test_a_byte_order_mark_starts_a_file_and_is_dropped(tmp_path):
+  bom = b'\xef\xbb\xbf'
+  line = _demo_line().encode('utf-8') + b'\n'
+  for name in ('demos.jsonl', 'demos.jsonl.gz'):
+    path = _write_bytes(tmp_path / name, bom + line + line, gzipped=name.endswith('.gz'))
+    assert data.read_jsonl(path, data.DEMONSTRATION_SCHEMA) == [json.loads(line)] * 2
+  text = _write_bytes(tmp_path / 'corpus.txt', bom + b'First.\n\nSecond.\n')
+  assert data.read_text_records(text) == [{'text': 'First.'}, {'text': 'Second.'}]
+  pretraining = _write_bytes(tmp_path / 'text.jsonl', bom + b'{"text": "First."}\n')
+  assert data.read_text_records(pretraining) == [{'text': 'First.'}]
+  # Only at the start of the file: elsewhere it is a character of the record.
+  later = _write_bytes(tmp_path / 'later.jsonl', line + bom + line)
+  with pytest.raises(data.RecordError, match=f'{later}:2: invalid JSON'):
+    data.read_jsonl(later, data.DEMONSTRATION_SCHEMA)
+
+
+def test_damaged_gzip_and_directories_are_errors_naming_the_path(tmp_path):
+  line = (_demo_line() + '\n').encode('utf-8')
+  cut = _write_bytes(tmp_path / 'cut.jsonl.gz', gzip.compress(line * 2000)[:-40])
+  with pytest.raises(data.RecordError, match=rf'^{cut}:\d+: cannot read the gzip data'):
+    data.read_jsonl(cut, data.DEMONSTRATION_SCHEMA)
+  plain = _write_bytes(tmp_path / 'plain.jsonl.gz', line)
+  with pytest.raises(data.RecordError, match=rf'^{plain}:1: cannot read the gzip data'):
+    data.read_jsonl(plain, data.DEMONSTRATION_SCHEMA)
+  with pytest.raises(IsADirectoryError, match=f'is a directory: {tmp_path}'):
+    data.read_text_records(tmp_path)
+  with pytest.raises(IsADirectoryError, match=f"split 'train' is a directory: {tmp_path}"):
+    data.load_split('demonstrations', {'train': str(tmp_path)}, 'train', str(tmp_path / 'tfds'))
 
 
 # --------------------------------------------------------------- builders
@@ -366,3 +429,63 @@ def test_make_batches_text_kind(tmp_path, tokenizer):
   texts = sorted(tokenizer.decode(row) for row in _real_rows(batch))
   eos = tokenizer.eos_token
   assert texts == sorted(t + eos for t in ['The red door opens.', 'The cold ship sails.', 'A cat.'])
+
+
+# ----------------------------------------------------- checks when loading
+
+
+def test_skip_invalid_for_records_counts_and_survives_reuse(tmp_path, tokenizer, caplog):
+  lines = [_demo_line(), '{"prompt": "p"}', _demo_line(completion=' bye'), '[]']
+  files = {'train': str(write_lines(tmp_path / 'demos.jsonl', lines))}
+  data_dir = str(tmp_path / 'tfds')
+  for kind in ('demonstrations', 'prompts'):
+    for _ in range(2):  # Prepared, then reused: the count is kept in the dataset's metadata.
+      source = data.load_split(kind, files, 'train', data_dir, skip_invalid=True)
+      assert (len(source), source.num_skipped) == ((2, 2) if kind == 'demonstrations' else (3, 1))
+  text = tmp_path / 'corpus.txt'
+  text.write_bytes(b'One.\n\nTwo \xff.\n\nThree.\n')
+  source = data.load_split('text', {'train': str(text)}, 'train', data_dir, skip_invalid=True)
+  assert (len(source), source.num_skipped) == (2, 1)
+  with caplog.at_level(logging.WARNING):
+    batches = data.make_batches('text', {'train': str(text)}, 'train', tokenizer, data_dir=data_dir,
+                                global_batch_size=2, buckets=(16,), seed=0, shuffle=False,
+                                repeat=True, skip_invalid=True)
+  assert f'train split ({text}): skipped 1 invalid records (skip_invalid=True)' in caplog.text
+  assert batches.data_metrics('train') == {'train_skipped': 1, 'train_truncated': 0}
+
+
+def test_truncated_examples_are_counted_when_loading_or_refused(tmp_path, tokenizer, caplog):
+  long = _demo_line(completion=' word' * 40)
+  lines = [_demo_line()] * 3 + [long] + [_demo_line()] * 4 + [long]
+  path = write_lines(tmp_path / 'demos.jsonl', lines)
+  args = dict(global_batch_size=4, buckets=(8, 16), seed=0, shuffle=True, repeat=True,
+              data_dir=str(tmp_path / 'tfds'))
+  with caplog.at_level(logging.WARNING):
+    batches = data.make_batches('demonstrations', {'train': str(path)}, 'train', tokenizer, **args)
+  assert (f'train split ({path}): 2 of 9 examples longer than 16 tokens were truncated.'
+          in caplog.text)
+  assert batches.num_truncated_examples == 2 and batches.num_truncated == 0
+  assert batches.data_metrics('train') == {'train_skipped': 0, 'train_truncated': 2}
+  with pytest.raises(ValueError) as info:
+    data.make_batches('demonstrations', {'train': str(path)}, 'train', tokenizer,
+                      allow_truncation=False, **args)
+  assert str(info.value).startswith(
+      f'train split ({path}): 2 of 9 examples are longer than 16 tokens, the first at {path}:4; '
+      'config.data.allow_truncation=False refuses')
+  text = tmp_path / 'corpus.txt'
+  text.write_text('Short.\n\nA long\nparagraph of' + ' words' * 30 + '.\n', encoding='utf-8')
+  with pytest.raises(ValueError, match=rf'1 of 2 examples .* the first at {text}:3;'):
+    data.make_batches('text', {'train': str(text)}, 'train', tokenizer, allow_truncation=False,
+                      **dict(args, global_batch_size=2))
+
+
+def test_a_split_smaller_than_a_batch_names_split_file_and_key(tmp_path, tokenizer):
+  path = write_lines(tmp_path / 'demos.jsonl', [_demo_line()] * 3 + ['{"prompt": "p"}'])
+  with pytest.raises(ValueError) as info:
+    data.make_batches('demonstrations', {'train': str(path)}, 'train', tokenizer,
+                      global_batch_size=4, buckets=(16,), seed=0, shuffle=True, repeat=True,
+                      data_dir=str(tmp_path / 'tfds'), skip_invalid=True,
+                      batch_size_name='config.train.global_batch_size')
+  assert str(info.value).startswith(
+      f'train split ({path}) has 3 examples (after skipping 1 invalid ones), fewer than one '
+      'global batch of 4 (config.train.global_batch_size)')

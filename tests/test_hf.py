@@ -376,7 +376,7 @@ def test_unsupported_checkpoints_are_clear_errors(saved, tmp_path):
       })
   with pytest.raises(ValueError, match="rope_type='yarn'.*'default', 'linear' and 'llama3'"):
     hf.model_config_from_hf(yarn)
-  with pytest.raises(ValueError, match="Invalid llama config.json.*'llama3'.*low_freq_factor"):
+  with pytest.raises(ValueError, match="Invalid llama config.*'llama3'.*low_freq_factor"):
     hf.model_config_from_hf({
         "model_type": "llama", "rope_scaling": {
             "rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,

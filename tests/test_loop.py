@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 from instruct import config_lib
 from instruct import loop as loop_lib
 from instruct import metrics as metrics_lib
+from instruct import workdir as workdir_lib
 from instruct.model import config as model_config
 from instruct.stages import table
 from tests.test_sharding import load_config
@@ -54,13 +55,18 @@ def test_loop_writes_averages_saves_and_stops_at_stop_at_step(tmp_path):
   state = loop.run({"count": np.zeros((), np.int32)}, 0)
   assert int(state["count"]) == 4
   records = metrics_lib.read_metrics(str(tmp_path))
-  assert [r["step"] for r in records] == [2, 3, 4]  # Every log_every, and at each save.
+  assert [r["step"] for r in records] == [2, 4]  # Every log_every (and at num_steps).
   assert records[0]["loss"] == pytest.approx((1.0 + 0.5) / 2)  # Mean over the two steps.
   assert "tokens" not in records[0] and records[0]["tokens_per_second"] > 0
   assert checkpointer.all_steps() == [3, 4]
   extras = checkpointer.restore_extras(4)
   assert extras["data"] == {"position": 0} and extras["config"]["seed"] == 0
   assert extras["rng"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
+  # The checkpoint between two writes carries the unwritten step's metrics.
+  assert extras["pending_metrics"] == []
+  assert checkpointer.restore_extras(3)["pending_metrics"] == [{
+      "loss": pytest.approx(1 / 3), "extra": 2.0, "tokens": 10.0
+  }]
   checkpointer.close()
   writer.close()
 
@@ -71,22 +77,45 @@ def test_loop_stops_on_any_non_finite_metric_without_saving(tmp_path):
                      match=r"Non-finite extra \(nan\) at step 5\b.*last good checkpoint \(3\)"):
     loop.run({"count": np.zeros((), np.int32)}, 0)
   assert checkpointer.all_steps() == [3]
-  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [2, 3, 4]
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [2, 4]
+  checkpointer.close()
+  writer.close()
+  loop, checkpointer, writer = _loop(tmp_path / "b", _counting_step(bad_at=2), _train())
+  with pytest.raises(loop_lib.NonFiniteLossError, match="no checkpoint had been written yet"):
+    loop.run({"count": np.zeros((), np.int32)}, 0)
   checkpointer.close()
   writer.close()
 
 
-def test_loop_writes_every_step_when_asked_and_finalizes_at_the_last(tmp_path):
-  loop, checkpointer, writer = _loop(tmp_path, _counting_step(), _train(), write_every=1,
-                                     finalize=lambda state: {"final": float(state["count"])})
-  loop.run({"count": np.zeros((), np.int32)}, 0)
-  records = metrics_lib.read_metrics(str(tmp_path))
-  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
-  assert {"step": 6, "final": 6.0} in records
-  assert checkpointer.restore_extras(6)["final"] == 6.0
-  assert "final" not in checkpointer.restore_extras(3)
+def _without_timing(records):
+  return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def test_a_resumed_run_logs_each_step_once_as_an_uninterrupted_run_does(tmp_path):
+  """A stop between two writes (stop_at_step=5, log_every=2), records a killed process wrote
+  past the checkpoint, then a resume: metrics.jsonl equals the uninterrupted run's."""
+  init = {"count": np.zeros((), np.int32)}
+  loop, checkpointer, writer = _loop(tmp_path / "a", _counting_step(), _train(num_steps=8))
+  loop.run(init, 0)
   checkpointer.close()
   writer.close()
+  expected = metrics_lib.read_metrics(str(tmp_path / "a"))
+  run = tmp_path / "b"
+  loop, checkpointer, writer = _loop(run, _counting_step(), _train(num_steps=8, stop_at_step=5))
+  loop.run(init, 0)
+  writer.write(6, {"loss": 123.0})  # Written after the checkpoint by a process then killed.
+  checkpointer.close()
+  writer.close()
+  loop, checkpointer, writer = _loop(run, _counting_step(), _train(num_steps=8))
+  step, state, extras = checkpointer.restore_latest(jax.eval_shape(lambda: init))
+  assert step == 5 and len(extras["pending_metrics"]) == 1
+  loop.extras = extras
+  loop.run(state, step)
+  checkpointer.close()
+  writer.close()
+  resumed = metrics_lib.read_metrics(str(run))
+  assert [r["step"] for r in resumed] == [2, 4, 6, 8]
+  assert _without_timing(resumed) == _without_timing(expected)
 
 
 @pytest.mark.parametrize("key,value", [("stop_at_step", 0), ("stop_at_step", -2), ("log_every", 0),
@@ -143,3 +172,26 @@ def test_layering():
     assert not any(n.startswith("experiments") for n in _imports(path)), path
     with open(path) as f:
       assert sum(1 for _ in f) <= 600, path
+
+
+def test_config_differences_skip_resumable_added_and_moved_keys():
+  saved = {
+      "train": {"num_steps": 10, "log_every": 5}, "optimizer": {"learning_rate": 0.1},
+      "data": {"train_file": "/a/run/world/x.jsonl", "tokenizer": "/data/tok_a"}
+  }
+  new = {
+      "train": {"num_steps": 20, "log_every": 1}, "optimizer": {"learning_rate": 0.2},
+      "data": {"train_file": "/b/copy/world/x.jsonl", "tokenizer": "/data/tok_b", "added": 1}
+  }
+  # The world moved with the workdir's root (/a/run -> /b/copy); the tokenizer did not.
+  assert workdir_lib.config_differences(
+      saved, new, "/b/copy/sft") == ["data.tokenizer", "optimizer.learning_rate"]
+  assert "data.train_file" in workdir_lib.config_differences(saved, new, "/elsewhere/sft")
+
+
+def test_a_workdir_lock_is_exclusive_until_released(tmp_path):
+  lock = workdir_lib.WorkdirLock(str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirBusyError, match=f"pid {os.getpid()}"):
+    workdir_lib.WorkdirLock(str(tmp_path))
+  lock.release()
+  workdir_lib.WorkdirLock(str(tmp_path)).release()

@@ -82,6 +82,26 @@ def test_padded_responses_get_no_gradient_and_do_not_change_the_loss():
   assert float(loss(noisy)) == float(loss(rewards))
 
 
+@pytest.mark.parametrize("name", sorted(objectives.RANKING_LOSSES))
+def test_nan_in_padded_slots_and_dummy_rows_give_finite_loss_and_gradients(name):
+  """A padded response slot may hold anything (here NaN, as a reward read from an all-padding
+  sequence can be); an evaluation batch's dummy row has no real response at all."""
+  loss = objectives.RANKING_LOSSES[name]
+  rewards, ranks, mask = padded(BATCH + [([], [])])
+  poisoned = jnp.where(mask > 0, rewards, jnp.nan)
+  value, prompts, stats = loss(poisoned, ranks, mask)
+  expected, expected_prompts, expected_stats = loss(rewards, ranks, mask)
+  assert np.isfinite(float(value)) and float(prompts) == float(expected_prompts) == 3
+  np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
+  for key, stat in stats.items():
+    np.testing.assert_allclose(float(stat), float(expected_stats[key]), rtol=1e-6, err_msg=key)
+  grad = np.asarray(jax.grad(lambda r: loss(r, ranks, mask)[0])(poisoned))
+  assert np.all(np.isfinite(grad)), grad
+  assert np.all(grad[np.asarray(mask) == 0] == 0.0)
+  np.testing.assert_allclose(grad, np.asarray(jax.grad(lambda r: loss(r, ranks, mask)[0])(rewards)),
+                             rtol=1e-6)
+
+
 def test_ties_form_no_pairs_and_best_of_k_loss_is_the_softmax_on_the_best():
   r = [0.2, 1.5, -0.3, 0.7]
   ranks = [1, 0, 1, 1]  # Best-of-4: response 1 chosen, the others tied.

@@ -17,7 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str):
-  return config_lib.load_config_file(os.path.join(ROOT, "configs", name + ".py"), arg)
+  """A config of `configs/NAME.py:ARG`; reward models may start from random weights (tests
+  that need an SFT run set `init_from`)."""
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", name + ".py"), arg)
+  if name == "rm":
+    config.rm.random_init = True
+  return config
 
 
 def mesh_config(shape):

@@ -17,11 +17,11 @@ from instruct.data.comparisons import encode_comparison
 from instruct.data.comparisons import parse_comparison
 from instruct.data.comparisons import read_comparisons
 from instruct.data.pipeline import Batches
-from instruct.data.pipeline import collate_prompts
-from instruct.data.pipeline import encode_prompt
 from instruct.data.pipeline import make_batches
 from instruct.data.pipeline import make_comparison_batches
-from instruct.data.pipeline import make_prompt_batches
+from instruct.data.prompts import collate_prompts
+from instruct.data.prompts import encode_prompt
+from instruct.data.prompts import make_prompt_batches
 from instruct.data.public import FORMAT_KINDS
 from instruct.data.records import DEMONSTRATION_SCHEMA
 from instruct.data.records import PROMPT_SCHEMA

@@ -7,9 +7,10 @@ is a fingerprint of the files (absolute path, size and modification time), so
 editing a file makes TFDS prepare a fresh dataset version instead of reusing a
 stale one. `load_split` prepares (or reuses) a dataset and returns a
 random-access source of python examples (strings, and lists of strings or
-ints); it does not import TensorFlow. Builders that can skip invalid records
-(`Comparisons`) store how many they skipped per split in their DatasetInfo
-metadata, so the counts survive reuse of the prepared dataset.
+ints); it does not import TensorFlow. Builders that skip invalid records
+(every records builder, and the public-format ones) store how many they
+skipped per split in their DatasetInfo metadata, so the counts survive reuse
+of the prepared dataset.
 
 Files are this repo's record files (`data_format='records'`, the default) or
 public datasets in their published formats (`data_format` one of
@@ -43,24 +44,91 @@ RECORDS_FORMAT = local_files.RECORDS_FORMAT
 files_fingerprint = local_files.files_fingerprint
 
 
-class Demonstrations(local_files.LocalFilesBuilder, skip_registration=True):
+def read_file(kind: str, path: str | os.PathLike[str], skip_invalid: bool = False,
+              max_responses: int | None = None, *,
+              line_numbers: bool = False) -> tuple[list[Any], int]:
+  """Reads one file of this repo's records of `kind`, in file order.
+
+  This is what the record builders store (before TFDS's write-time shuffle).
+
+  Args:
+    kind: 'comparisons', 'demonstrations', 'prompts' or 'text'.
+    path: The file.
+    skip_invalid: Skip and count invalid records instead of raising.
+    max_responses: For comparisons, the most responses a record may have
+      (default `comparisons.MAX_RESPONSES`).
+    line_numbers: If True, each record is returned as `(line_number, record)`.
+
+  Returns:
+    `(records, num_skipped)`.
+
+  Raises:
+    ValueError: `kind` is unknown, or the file holds no valid records.
+    RecordError: A record is invalid and `skip_invalid` is False.
+    FileNotFoundError, IsADirectoryError: `path` is not a file.
+  """
+  if kind == 'comparisons':
+    limit = comparisons.MAX_RESPONSES if max_responses is None else max_responses
+    return comparisons.read_comparisons(path, skip_invalid, limit, line_numbers=line_numbers)
+  if kind == 'text':
+    return records.read_text_file(path, skip_invalid, line_numbers=line_numbers)
+  schemas = {'demonstrations': records.DEMONSTRATION_SCHEMA, 'prompts': records.PROMPT_SCHEMA}
+  if kind not in schemas:
+    raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
+                     f"{sorted(['comparisons', 'text', *schemas])}.")
+  return records.read_records(path, schemas[kind], skip_invalid, line_numbers=line_numbers)
+
+
+class _RecordsBuilder(local_files.LocalFilesBuilder, skip_registration=True):
+  """This repo's record files of one kind (`read_file`).
+
+  With the config's `skip_invalid`, invalid records are skipped; the count
+  per split is logged and stored in the DatasetInfo metadata under
+  `NUM_SKIPPED_KEY`, so it survives reuse of the prepared dataset.
+  """
+
+  SUPPORTS_SKIP_INVALID = True
+  KIND: str = ''
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns the features of one record."""
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Returns the dataset info: the record's features, with metadata."""
+    return self.dataset_info_from_configs(features=self._features(),
+                                          metadata=tfds.core.MetadataDict())
+
+  def _read(self, path: str) -> list[dict]:
+    """Reads the records of one file, recording the skipped count of each split of it."""
+    config = self.builder_config
+    examples, num_skipped = read_file(self.KIND, path, skip_invalid=config.skip_invalid,
+                                      max_responses=getattr(config, 'max_responses', None))
+    counts = self.info.metadata.setdefault(NUM_SKIPPED_KEY, {})
+    for split, split_path in config.files.items():
+      if split_path == path:
+        counts[split] = num_skipped
+        if num_skipped:
+          logging.warning('Split %r: skipped %d invalid records of %s '
+                          '(skip_invalid=True).', split, num_skipped, path)
+    return examples
+
+
+class Demonstrations(_RecordsBuilder, skip_registration=True):
   """Prompt/completion demonstrations from local JSON-lines files."""
 
   name = 'instruct_demonstrations'
+  KIND = 'demonstrations'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    """Returns the dataset info: text features `prompt` and `completion`."""
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns text features `prompt` and `completion`."""
+    return tfds.features.FeaturesDict({
         'prompt': tfds.features.Text(),
         'completion': tfds.features.Text(),
-    }))
-
-  def _read(self, path: str) -> list[dict]:
-    """Reads demonstrations validated against DEMONSTRATION_SCHEMA."""
-    return records.read_jsonl(path, records.DEMONSTRATION_SCHEMA)
+    })
 
 
-class Prompts(local_files.LocalFilesBuilder, skip_registration=True):
+class Prompts(_RecordsBuilder, skip_registration=True):
   """Prompts for RL rollouts from local JSON-lines files.
 
   Each record needs a non-empty string `prompt`; other fields (such as a
@@ -69,64 +137,41 @@ class Prompts(local_files.LocalFilesBuilder, skip_registration=True):
   """
 
   name = 'instruct_prompts'
+  KIND = 'prompts'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    """Returns the dataset info: one text feature `prompt`."""
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({'prompt': tfds.features.Text()}))
-
-  def _read(self, path: str) -> list[dict]:
-    """Reads prompts validated against PROMPT_SCHEMA."""
-    return records.read_jsonl(path, records.PROMPT_SCHEMA)
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns one text feature `prompt`."""
+    return tfds.features.FeaturesDict({'prompt': tfds.features.Text()})
 
 
-class PlainText(local_files.LocalFilesBuilder, skip_registration=True):
-  """Pretraining text from local `.jsonl` or blank-line-separated files."""
+class PlainText(_RecordsBuilder, skip_registration=True):
+  """Pretraining text from local `.jsonl` or blank-line-separated files (either gzipped)."""
 
   name = 'instruct_plain_text'
+  KIND = 'text'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    """Returns the dataset info: one text feature `text`."""
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
-
-  def _read(self, path: str) -> list[dict]:
-    """Reads text records (see `records.read_text_records`)."""
-    return records.read_text_records(path)
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns one text feature `text`."""
+    return tfds.features.FeaturesDict({'text': tfds.features.Text()})
 
 
-class Comparisons(local_files.LocalFilesBuilder, skip_registration=True):
+class Comparisons(_RecordsBuilder, skip_registration=True):
   """Ranked responses to prompts (reward-model data) from JSON-lines files.
 
-  See `comparisons` for the accepted record shapes. With the config's
-  `skip_invalid`, invalid records are skipped; the count per split is logged
-  and stored in the DatasetInfo metadata under `NUM_SKIPPED_KEY`.
+  See `comparisons` for the accepted record shapes. The config's
+  `max_responses` limits the responses of a record (more make it invalid).
   """
 
   name = 'instruct_comparisons'
-  SUPPORTS_SKIP_INVALID = True
+  KIND = 'comparisons'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    """Returns the dataset info: `prompt`, `responses` and `ranks`."""
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(),
-            'responses': tfds.features.Sequence(tfds.features.Text()),
-            'ranks': tfds.features.Sequence(np.int32),
-        }), metadata=tfds.core.MetadataDict())
-
-  def _read(self, path: str) -> list[dict]:
-    """Reads comparisons, recording the skipped count of each split of it."""
-    examples, num_skipped = comparisons.read_comparisons(
-        path, skip_invalid=self.builder_config.skip_invalid)
-    counts = self.info.metadata.setdefault(NUM_SKIPPED_KEY, {})
-    for split, split_path in self.builder_config.files.items():
-      if split_path == path:
-        counts[split] = num_skipped
-        if num_skipped:
-          logging.warning('Split %r: skipped %d invalid records of %s '
-                          '(skip_invalid=True).', split, num_skipped, path)
-    return examples
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns `prompt`, `responses` and `ranks`."""
+    return tfds.features.FeaturesDict({
+        'prompt': tfds.features.Text(),
+        'responses': tfds.features.Sequence(tfds.features.Text()),
+        'ranks': tfds.features.Sequence(np.int32),
+    })
 
 
 BUILDERS: Mapping[str, type[local_files.LocalFilesBuilder]] = {
@@ -205,7 +250,8 @@ def builder_class(kind: str,
 
 
 def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | os.PathLike[str],
-               skip_invalid: bool = False, data_format: str = RECORDS_FORMAT) -> StringSource:
+               skip_invalid: bool = False, data_format: str = RECORDS_FORMAT,
+               max_responses: int | None = None) -> StringSource:
   """Prepares (or reuses) a local dataset and returns one split.
 
   Args:
@@ -217,12 +263,15 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
       'train[:10]' also works.
     data_dir: Where TFDS keeps prepared datasets.
     skip_invalid: Skip (and count) invalid records instead of raising; only
-      for builders that support it ('comparisons', and every public format).
-      Part of the dataset's config, so it is prepared separately from the
-      strict one.
+      for builders that support it (every records builder, and every public
+      format). Part of the dataset's config, so it is prepared separately
+      from the strict one.
     data_format: `RECORDS_FORMAT` (this repo's JSON-lines records) or a
       public format: 'hh_rlhf', 'summarize_from_feedback' or 'tldr' (see
       `public.FORMAT_KINDS` for the kinds each provides).
+    max_responses: For comparison records, the most responses a record may
+      have: a record with more is invalid (a RecordError naming its line, or
+      skipped with `skip_invalid`). Public comparisons have two responses.
 
   Preparation is not coordinated between processes: several hosts should
   not prepare the same dataset in one shared `data_dir` at the same time (use
@@ -236,18 +285,27 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
 
   Raises:
     ValueError: `kind` or `data_format` is unknown, the format does not
-      provide `kind` records, or `skip_invalid` is given for a builder that
-      does not support it.
+      provide `kind` records, `skip_invalid` is given for a builder that
+      does not support it, or `max_responses` for records other than
+      comparisons.
     RecordError: A record file is invalid (raised during preparation).
+    FileNotFoundError, IsADirectoryError: A records file is missing or is a
+      directory.
   """
   builder_cls = builder_class(kind, data_format)
   if skip_invalid and not builder_cls.SUPPORTS_SKIP_INVALID:
     supported = sorted(k for k, b in BUILDERS.items() if b.SUPPORTS_SKIP_INVALID)
     raise ValueError(f'skip_invalid is not supported for kind {kind!r}; only '
                      f'for {supported} and public data formats.')
+  if max_responses is not None and kind != 'comparisons':
+    raise ValueError(f'max_responses is only for comparisons, not {kind!r} records.')
+  if data_format != RECORDS_FORMAT or (max_responses is not None
+                                       and max_responses >= comparisons.MAX_RESPONSES):
+    max_responses = None  # No limit beyond the format's own (public comparisons are pairs).
   tfds.disable_progress_bar()
   config = LocalFilesConfig(files=files, skip_invalid=skip_invalid,
-                            allow_directories=(data_format != RECORDS_FORMAT))
+                            allow_directories=(data_format
+                                               != RECORDS_FORMAT), max_responses=max_responses)
   builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format='array_record')
   if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
     logging.info('Preparing %s from local files %s into %s.', builder.name, dict(files),

@@ -16,7 +16,10 @@ of three shapes:
   response `i` and rank 1 (tied) to all others.
 
 Invalid records raise `RecordError` (`path:line: what`), or are skipped and
-counted by `read_comparisons(..., skip_invalid=True)`.
+counted by `read_comparisons(..., skip_invalid=True)`. A record with more
+responses than the reward model's `max_responses` slots is invalid too, so it
+is reported (or skipped) when the file is read rather than when a batch is
+built.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def _shape(record: dict, path: str | os.PathLike[str], line_number: int) -> str:
 
 
 def _check_responses(values: Sequence[Any], names: Sequence[str], path: str | os.PathLike[str],
-                     line_number: int) -> list[str]:
+                     line_number: int, max_responses: int = MAX_RESPONSES) -> list[str]:
   """Checks the number, types, emptiness and distinctness of responses.
 
   Args:
@@ -96,6 +99,8 @@ def _check_responses(values: Sequence[Any], names: Sequence[str], path: str | os
     names: How error messages name each response, e.g. 'response 0'.
     path: The file the record came from (for error messages).
     line_number: The 1-based line of the record (for error messages).
+    max_responses: The most responses a record may have (the reward model's
+      `config.rm.max_responses`).
 
   Returns:
     The responses, as a list.
@@ -108,6 +113,9 @@ def _check_responses(values: Sequence[Any], names: Sequence[str], path: str | os
   if not MIN_RESPONSES <= len(values) <= MAX_RESPONSES:
     raise error(f'has {len(values)} responses; a comparison needs between '
                 f'{MIN_RESPONSES} and {MAX_RESPONSES}')
+  if len(values) > max_responses:
+    raise error(f'has {len(values)} responses, more than '
+                f'config.rm.max_responses={max_responses}')
   seen = {}
   for name, value in zip(names, values):
     if not isinstance(value, str):
@@ -171,7 +179,8 @@ def _ranks_from_best(best: Any, k: int, path: str | os.PathLike[str],
   return [0 if i == best else 1 for i in range(k)]
 
 
-def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int) -> dict:
+def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int,
+                     max_responses: int = MAX_RESPONSES) -> dict:
   """Validates one decoded comparison record and converts it to ranks.
 
   Args:
@@ -179,6 +188,7 @@ def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int
       module docstring). Extra fields are ignored.
     path: The file the record came from (for error messages).
     line_number: The 1-based line of the record (for error messages).
+    max_responses: The most responses a record may have.
 
   Returns:
     `{'prompt': str, 'responses': list[str], 'ranks': list[int]}`.
@@ -190,7 +200,8 @@ def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int
   shape = _shape(record, path, line_number)
   if shape == 'pair':
     pair = [record['chosen'], record['rejected']]
-    responses = _check_responses(pair, ["field 'chosen'", "field 'rejected'"], path, line_number)
+    responses = _check_responses(pair, ["field 'chosen'", "field 'rejected'"], path, line_number,
+                                 max_responses)
     return {'prompt': prompt, 'responses': responses, 'ranks': [0, 1]}
   values = record['responses']
   if not isinstance(values, list):
@@ -198,7 +209,7 @@ def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int
         path, line_number, "field 'responses' must be a list of strings, got "
         f'{_type_name(values)}')
   names = [f'response {i}' for i in range(len(values))]
-  responses = _check_responses(values, names, path, line_number)
+  responses = _check_responses(values, names, path, line_number, max_responses)
   if shape == 'ranking':
     ranks = _ranks_from_ranking(record['ranking'], len(responses), path, line_number)
   else:
@@ -206,14 +217,18 @@ def parse_comparison(record: Any, path: str | os.PathLike[str], line_number: int
   return {'prompt': prompt, 'responses': responses, 'ranks': ranks}
 
 
-def read_comparisons(path: str | os.PathLike[str],
-                     skip_invalid: bool = False) -> tuple[list[dict], int]:
+def read_comparisons(path: str | os.PathLike[str], skip_invalid: bool = False,
+                     max_responses: int = MAX_RESPONSES, *,
+                     line_numbers: bool = False) -> tuple[list[Any], int]:
   """Reads and validates a JSON-lines file of comparisons.
 
   Args:
     path: The file to read; one JSON object per line, blank lines skipped.
-    skip_invalid: If True, invalid records (JSON syntax errors included) are
-      skipped and counted instead of raising.
+    skip_invalid: If True, invalid records (JSON syntax errors, lines that
+      are not UTF-8 and records with more than `max_responses` responses
+      included) are skipped and counted instead of raising.
+    max_responses: The most responses a record may have.
+    line_numbers: If True, each record is returned as `(line_number, record)`.
 
   Returns:
     `(records, num_skipped)`: the parsed records in file order (see
@@ -224,7 +239,8 @@ def read_comparisons(path: str | os.PathLike[str],
     RecordError: A record is invalid and `skip_invalid` is False.
     ValueError: The file holds no valid records.
   """
-  return records.read_json_lines([path], parse_comparison, skip_invalid)
+  parse = functools.partial(parse_comparison, max_responses=max_responses)
+  return records.read_json_lines([path], parse, skip_invalid, line_numbers=line_numbers)
 
 
 def encode_comparison(tokenizer: Any, example: dict, max_length: int) -> EncodedComparison:

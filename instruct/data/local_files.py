@@ -48,11 +48,17 @@ def files_fingerprint(files: Mapping[str, str], allow_directories: bool = False)
 
   Raises:
     FileNotFoundError: One of the files does not exist.
+    IsADirectoryError: A path is a directory and `allow_directories` is
+      False.
   """
   digest = hashlib.sha1()
   for split in sorted(files):
     path = os.path.abspath(files[split])
-    if allow_directories and os.path.isdir(path):
+    if os.path.isdir(path):
+      if not allow_directories:
+        raise IsADirectoryError(f'Record file for split {split!r} is a directory: {path}; '
+                                'records are read from one file per split (only public '
+                                'data formats read directories)')
       paths = list(_directory_files(path))
     elif os.path.isfile(path):
       paths = [path]
@@ -72,10 +78,12 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
     files: Split name mapped to the absolute path of its file.
     skip_invalid: Whether invalid records are skipped (and counted) instead
       of failing preparation; only some builders support it.
+    max_responses: The most responses a comparison record may have (more
+      make it invalid), or None for no limit beyond the format's own.
   """
 
   def __init__(self, *, files: Mapping[str, str], skip_invalid: bool = False,
-               allow_directories: bool = False) -> None:
+               allow_directories: bool = False, max_responses: int | None = None) -> None:
     """Initializes the config; its name fingerprints the files' contents.
 
     Args:
@@ -84,20 +92,27 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
         with '-skip-invalid' (so both datasets can coexist).
       allow_directories: Whether a path may be a directory (public formats);
         the name then fingerprints every file under it.
+      max_responses: For comparisons, the most responses a record may have;
+        when set the name ends with '-max{max_responses}', since the limit
+        decides which records are valid.
 
     Raises:
       ValueError: `files` is empty.
       FileNotFoundError: One of the files does not exist.
+      IsADirectoryError: A path is a directory and `allow_directories` is
+        False.
     """
     if not files:
       raise ValueError('LocalFilesConfig needs at least one split file.')
     absolute = {split: os.path.abspath(path) for split, path in files.items()}
-    suffix = '-skip-invalid' if skip_invalid else ''
+    suffix = f'-max{max_responses}' if max_responses is not None else ''
+    suffix += '-skip-invalid' if skip_invalid else ''
     fingerprint = files_fingerprint(absolute, allow_directories)
     super().__init__(name=f'files-{fingerprint[:12]}{suffix}', version=_VERSION,
                      release_notes=_RELEASE_NOTES, description=f'Local files: {absolute}{suffix}')
     self.files = absolute
     self.skip_invalid = bool(skip_invalid)
+    self.max_responses = max_responses
 
 
 class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

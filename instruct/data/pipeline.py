@@ -7,16 +7,25 @@ order are the global batch whatever the number of hosts. The position
 (`get_state`/`set_state`) is two integers, so resuming is exact and cheap.
 How rows become a batch is pluggable (`collate`): padded sequences by
 default, K-wise comparisons with `make_comparison_batches`, left-padded
-prompts of one fixed length for RL rollouts with `make_prompt_batches`.
+prompts of one fixed length for RL rollouts with
+`prompts.make_prompt_batches`.
+
+The `make_*` functions (through `load_batches`) check a split when they load it: every example is
+encoded once, and those longer than the length limit (truncated by the
+encoders) are counted and reported in one warning line naming the split and
+its file, or refused with `allow_truncation=False`. `Batches.data_metrics`
+gives the counts for a run's metrics.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 from instruct.data import builders
@@ -29,9 +38,6 @@ Encode = Callable[[Example], tuple[Any, ...]]
 # Maps up to `local_batch_size` rows to a batch of `local_batch_size` rows.
 Collate = Callable[[Sequence[Any], int], dict[str, np.ndarray]]
 _STATE_KEYS = frozenset({'epoch', 'batch'})
-# A row of prompt batches: the prompt's int32 tokens, no loss mask, and
-# whether the prompt was truncated (the `Batches` row convention).
-EncodedPrompt = tuple[np.ndarray, None, bool]
 
 
 class Batches:
@@ -56,24 +62,30 @@ class Batches:
   so with `process_count > 1` exactly one bucket is allowed (enforced): this
   keeps every host tokenizing only its own rows. A custom `collate` builds
   the batch instead (see `make_comparison_batches` and
-  `make_prompt_batches`); ordering, host slicing, caching, eval padding,
+  `prompts.make_prompt_batches`); ordering, host slicing, caching, eval padding,
   state and `num_truncated` work the same.
 
   Examples are encoded lazily, only for the host's rows, and by default kept
   in memory keyed by source index so later epochs do not re-tokenize (meant
   for small datasets; pass `cache_encoded=False` otherwise).
+  `count_truncated` (which the `make_*` functions call when loading) encodes
+  every example of the source once, filling the cache.
 
   Attributes:
     num_truncated: How many truncated examples this iterator has put in its
       batches (counted per occurrence; not part of the saved state).
     num_skipped: How many invalid records the source skipped when prepared
       (its `num_skipped`, else 0).
+    num_truncated_examples: How many distinct examples of the source are
+      truncated, once `count_truncated` has run (the `make_*` functions run
+      it when loading); else None.
+    name: How messages name the data, e.g. 'train split (/data/x.jsonl)'.
   """
 
   def __init__(self, source: Any, encode: Encode, *, global_batch_size: int, buckets: Sequence[int],
                pad_id: int, seed: int, shuffle: bool, repeat: bool, process_index: int = 0,
-               process_count: int = 1, cache_encoded: bool = True,
-               collate: Collate | None = None) -> None:
+               process_count: int = 1, cache_encoded: bool = True, collate: Collate | None = None,
+               name: str = 'The dataset', batch_size_name: str = 'global_batch_size') -> None:
     """Initializes the iterator at epoch 0, batch 0.
 
     Args:
@@ -94,11 +106,18 @@ class Batches:
       collate: Maps `(rows, local_batch_size)` to a batch, adding dummy rows
         when given fewer rows (the last evaluation batch). Default: the
         sequence padding described above, with its length checks.
+      name: How messages name the data (see `describe_split`).
+      batch_size_name: How messages name the global batch size, e.g. the
+        config key that sets it.
 
     Raises:
       ValueError: On inconsistent sizes or buckets (see the messages).
     """
-    _check_sizes(len(source), global_batch_size, process_index, process_count, repeat)
+    self.name = name
+    self.num_skipped = int(getattr(source, 'num_skipped', 0))
+    self.num_truncated_examples: int | None = None
+    _check_sizes(len(source), global_batch_size, process_index, process_count, repeat, name=name,
+                 batch_size_name=batch_size_name, num_skipped=self.num_skipped)
     self._buckets = _check_buckets(buckets, process_count)
     self._source = source
     self._encode = encode
@@ -116,7 +135,11 @@ class Batches:
     self._epoch = 0
     self._batch = 0
     self.num_truncated = 0
-    self.num_skipped = int(getattr(source, 'num_skipped', 0))
+
+  @property
+  def num_examples(self) -> int:
+    """Examples in the source."""
+    return len(self._source)
 
   @property
   def batches_per_epoch(self) -> int:
@@ -128,6 +151,36 @@ class Batches:
   def local_batch_size(self) -> int:
     """Rows per batch on this host."""
     return self._local_batch_size
+
+  def count_truncated(self) -> tuple[int, int | None]:
+    """Encodes every example of the source once and counts the truncated ones.
+
+    The encoded examples are kept in the cache (when caching), so batching
+    does not encode them again; `num_truncated` (which counts batched rows)
+    is not changed. Sets `num_truncated_examples`.
+
+    Returns:
+      `(count, first)`: how many examples are truncated, and the source index
+      of the first of them (None when there is none).
+
+    Raises:
+      ValueError: An example cannot be encoded; the message starts with
+        `name`.
+    """
+    count, first = 0, None
+    for index in range(len(self._source)):
+      if self._encoded(index, count=False)[2]:
+        count += 1
+        first = index if first is None else first
+    self.num_truncated_examples = count
+    return count, first
+
+  def data_metrics(self, prefix: str) -> dict[str, int]:
+    """`{prefix}_skipped` and (once counted) `{prefix}_truncated` example counts."""
+    metrics = {f'{prefix}_skipped': self.num_skipped}
+    if self.num_truncated_examples is not None:
+      metrics[f'{prefix}_truncated'] = self.num_truncated_examples
+    return metrics
 
   def get_state(self) -> dict[str, int]:
     """Returns the position of the next global batch (JSON-serialisable)."""
@@ -186,17 +239,24 @@ class Batches:
       self._order = (epoch, order)
     return self._order[1]
 
-  def _encoded(self, index: int) -> tuple[Any, ...]:
-    """Returns the encoded example `index`, from the cache if possible."""
+  def _encoded(self, index: int, count: bool = True) -> tuple[Any, ...]:
+    """Returns the encoded example `index`, from the cache if possible.
+
+    `count`: whether to add it to `num_truncated` (a row put in a batch).
+    """
     if self._cache is not None and index in self._cache:
       encoded = self._cache[index]
     else:
-      encoded = self._encode(self._source[index])
-      if self._check_sequences:
-        _check_encoded(encoded, index, self._buckets[-1])
+      try:
+        encoded = self._encode(self._source[index])
+        if self._check_sequences:
+          _check_encoded(encoded, index, self._buckets[-1])
+      except ValueError as e:
+        raise ValueError(f'{self.name}: {e}') from e
       if self._cache is not None:
         self._cache[index] = encoded
-    self.num_truncated += int(encoded[2])
+    if count:
+      self.num_truncated += int(encoded[2])
     return encoded
 
   def _pad_sequences(self, rows: Sequence[tokenization.Encoded],
@@ -217,8 +277,13 @@ class Batches:
 
 
 def _check_sizes(num_examples: int, global_batch_size: int, process_index: int, process_count: int,
-                 repeat: bool) -> None:
-  """Raises ValueError on inconsistent batch, host or dataset sizes."""
+                 repeat: bool, name: str = 'The dataset',
+                 batch_size_name: str = 'global_batch_size', num_skipped: int = 0) -> None:
+  """Raises ValueError on inconsistent batch, host or dataset sizes.
+
+  `name` and `batch_size_name` name the data and the batch size in the
+  message about a dataset smaller than one batch.
+  """
   if global_batch_size < 1:
     raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
   if process_count < 1 or not 0 <= process_index < process_count:
@@ -228,9 +293,11 @@ def _check_sizes(num_examples: int, global_batch_size: int, process_index: int, 
     raise ValueError(f'global_batch_size ({global_batch_size}) must be '
                      f'divisible by process_count ({process_count}).')
   if repeat and num_examples < global_batch_size:
-    raise ValueError(f'The dataset has {num_examples} examples, fewer than one global '
-                     f'batch (global_batch_size={global_batch_size}); with repeat=True '
-                     'and the incomplete last batch dropped there would be no batches.')
+    skipped = f' (after skipping {num_skipped} invalid ones)' if num_skipped else ''
+    raise ValueError(f'{name} has {num_examples} examples{skipped}, fewer than one global '
+                     f'batch of {global_batch_size} ({batch_size_name}); with repeat=True '
+                     'and the incomplete last batch dropped there would be no batches. '
+                     f'Lower {batch_size_name}, or add examples.')
 
 
 def _check_buckets(buckets: Sequence[int], process_count: int) -> tuple[int, ...]:
@@ -281,92 +348,121 @@ def _encode_comparison(tokenizer: Any, max_length: int,
   return comparisons.encode_comparison(tokenizer, example, max_length)
 
 
-def encode_prompt(tokenizer: Any, prompt: str, max_length: int) -> tuple[np.ndarray, bool]:
-  """Encodes a prompt for generation: its tokens, without special tokens.
-
-  When longer than `max_length`, the LAST `max_length` tokens are kept: the
-  end of a prompt (e.g. its final 'Answer:') is what a response continues.
-
-  Args:
-    tokenizer: A tokenizer.
-    prompt: The prompt text.
-    max_length: The maximum number of tokens.
-
-  Returns:
-    `(tokens, truncated)`: the int32 token vector (1 to `max_length` long)
-    and whether any token was dropped.
-
-  Raises:
-    ValueError: `max_length` is not positive, or the prompt has no tokens.
-  """
-  if max_length < 1:
-    raise ValueError(f'max_length must be positive, got {max_length}.')
-  ids = list(tokenizer.encode(prompt, add_special_tokens=False))
-  if not ids:
-    raise ValueError(f'Prompt {prompt!r} encodes to no tokens.')
-  truncated = len(ids) > max_length
-  return np.asarray(ids[-max_length:], dtype=np.int32), truncated
-
-
-def collate_prompts(rows: Sequence[EncodedPrompt], local_batch_size: int, prompt_length: int,
-                    pad_id: int) -> dict[str, np.ndarray]:
-  """Left-pads encoded prompts (plus dummy rows) into one batch.
-
-  Left padding puts every prompt's last token in the last column, where
-  generation continues it; the single fixed length means a sampler compiles
-  once.
-
-  Args:
-    rows: Encoded prompts `(tokens, None, truncated)`, at most
-      `local_batch_size` of them; missing rows become dummy rows.
-    local_batch_size: Rows per batch, B.
-    prompt_length: The fixed prompt length, P.
-    pad_id: The token id used for padding.
-
-  Returns:
-    int32 arrays `[B, P]`: `prompt_tokens` (left-padded with `pad_id`) and
-    `prompt_mask` (1 on real tokens). Dummy rows are all `pad_id` with mask
-    0.
-
-  Raises:
-    ValueError: Too many rows, or an empty prompt or one longer than
-      `prompt_length`.
-  """
-  if len(rows) > local_batch_size:
-    raise ValueError(f'Got {len(rows)} rows for a batch of '
-                     f'{local_batch_size}.')
-  shape = (local_batch_size, prompt_length)
-  tokens = np.full(shape, pad_id, np.int32)
-  mask = np.zeros(shape, np.int32)
-  for row, (row_tokens, _, _) in enumerate(rows):
-    n = len(row_tokens)
-    if not 0 < n <= prompt_length:
-      raise ValueError(f'A prompt has {n} tokens; prompts need 1 to '
-                       f'prompt_length={prompt_length} tokens (encode must '
-                       'truncate them).')
-    tokens[row, prompt_length - n:] = row_tokens
-    mask[row, prompt_length - n:] = 1
-  return {'prompt_tokens': tokens, 'prompt_mask': mask}
-
-
-def _encode_prompt_row(tokenizer: Any, max_length: int, example: Example) -> EncodedPrompt:
-  """Encodes a `{"prompt"}` example as a `Batches` row."""
-  tokens, truncated = encode_prompt(tokenizer, example['prompt'], max_length)
-  return tokens, None, truncated
-
-
 _ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
     'demonstrations': _encode_demonstration,
     'text': _encode_text,
 }
 
 
+def describe_split(files: Mapping[str, str], split: str) -> str:
+  """How messages name a split, e.g. 'train split (/data/demos.jsonl)'."""
+  path = files.get(split)
+  if path is None:
+    return f'{split} split of {dict(files)}'
+  return f'{split} split ({os.fspath(path)})'
+
+
+def _first_truncated(kind: str, files: Mapping[str, str], split: str, data_format: str,
+                     skip_invalid: bool, max_responses: int | None, encode: Encode, source: Any,
+                     index: int) -> str:
+  """Names the first truncated example: `path:line` in a records file, else its beginning.
+
+  A prepared split is not in file order, so a records file is read again in
+  order (only when truncation is refused) to find the line.
+  """
+  path = files.get(split)
+  if data_format == builders.RECORDS_FORMAT and path is not None:
+    numbered, _ = builders.read_file(kind, path, skip_invalid, max_responses, line_numbers=True)
+    for line_number, example in numbered:
+      if encode(example)[2]:
+        return f'{path}:{line_number}'
+  example = source[index]
+  field = 'text' if 'text' in example else 'prompt'
+  return f'the example whose {field} begins {example[field][:60]!r}'
+
+
+def _check_loaded(batches: Batches, *, noun: str, limit: str, allow_truncation: bool,
+                  locate: Callable[[int], str]) -> None:
+  """Logs a loaded split's skipped records, and counts its truncated examples.
+
+  Truncated examples are logged in one warning line, or refused.
+
+  Args:
+    batches: The split's batches (`count_truncated` encodes every example).
+    noun: What the examples are, e.g. 'examples' or 'prompts'.
+    limit: The length limit, e.g. '128 tokens'.
+    allow_truncation: Whether truncated examples are allowed (a warning) or
+      an error.
+    locate: Maps the source index of the first truncated example to where
+      it is (see `_first_truncated`).
+
+  Raises:
+    ValueError: Examples are truncated and `allow_truncation` is False; the
+      message names the split, the first truncated example, the count and
+      `config.data.allow_truncation`.
+  """
+  if batches.num_skipped:
+    logging.warning('%s: skipped %d invalid records (skip_invalid=True).', batches.name,
+                    batches.num_skipped)
+  count, first = batches.count_truncated()
+  if not count:
+    return
+  total = batches.num_examples
+  if allow_truncation:
+    logging.warning('%s: %d of %d %s longer than %s were truncated.', batches.name, count, total,
+                    noun, limit)
+    return
+  raise ValueError(f'{batches.name}: {count} of {total} {noun} are longer than {limit}, the '
+                   f'first at {locate(first)}; config.data.allow_truncation=False refuses to '
+                   'truncate them (raise the length limit, shorten or drop them, or set '
+                   'config.data.allow_truncation=True).')
+
+
+def load_batches(kind: str, files: Mapping[str, str], split: str, encode: Encode, *, data_dir: str,
+                 data_format: str, skip_invalid: bool, allow_truncation: bool, noun: str,
+                 limit: str, max_responses: int | None = None, **batches_args: Any) -> Batches:
+  """Loads a split (`builders.load_split`), checks it and returns its batches.
+
+  Skipped invalid records are logged, and every example is encoded once:
+  the truncated ones are counted and logged in one warning line naming the
+  split and its file, or refused (see `_check_loaded`).
+
+  Args:
+    kind: The kind of records (see `builders.load_split`).
+    files: Split name mapped to a local file path (see `builders.load_split`).
+    split: The split to batch.
+    encode: Maps an example to a row (see `Batches`).
+    data_dir: Where TFDS keeps prepared datasets.
+    data_format: 'records' or a public format (see `builders.load_split`).
+    skip_invalid: Skip (and count) invalid records instead of raising.
+    allow_truncation: If False, truncated examples are an error.
+    noun: What the examples are, for messages, e.g. 'prompts'.
+    limit: The length limit, for messages, e.g. '128 tokens'.
+    max_responses: For comparisons (see `builders.load_split`).
+    **batches_args: The other arguments of `Batches`.
+
+  Returns:
+    The `Batches`, with `num_truncated_examples` set.
+  """
+  source = builders.load_split(kind, files, split, data_dir, skip_invalid=skip_invalid,
+                               data_format=data_format, max_responses=max_responses)
+  batches = Batches(source, encode, name=describe_split(files, split), **batches_args)
+  locate = functools.partial(_first_truncated, kind, files, split, data_format, skip_invalid,
+                             max_responses, encode, source)
+  _check_loaded(batches, noun=noun, limit=limit, allow_truncation=allow_truncation, locate=locate)
+  return batches
+
+
 def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any, *,
                  global_batch_size: int, buckets: Sequence[int], seed: int, shuffle: bool,
                  repeat: bool, data_dir: str, process_index: int = 0, process_count: int = 1,
                  cache_encoded: bool = True, data_format: str = builders.RECORDS_FORMAT,
-                 skip_invalid: bool = False) -> Batches:
+                 skip_invalid: bool = False, allow_truncation: bool = True,
+                 batch_size_name: str = 'global_batch_size') -> Batches:
   """Loads a split of local files and returns its batches.
+
+  Every example is encoded when loading; those longer than `max(buckets)`
+  are truncated (see `tokenization`), counted and logged in one warning.
 
   Args:
     kind: 'demonstrations' or 'text'.
@@ -387,14 +483,19 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
       `kind` records: 'hh_rlhf' or 'tldr' for demonstrations (see
       `instruct.data.public`).
     skip_invalid: Skip (and count, see `Batches.num_skipped`) invalid
-      records instead of raising RecordError; public formats only.
+      records instead of raising RecordError.
+    allow_truncation: If False, examples longer than `max(buckets)` are an
+      error instead of being truncated.
+    batch_size_name: How messages name `global_batch_size` (its config key).
 
   Returns:
-    The `Batches` iterator.
+    The `Batches` iterator, with `num_truncated_examples` set.
 
   Raises:
     ValueError: Unknown `kind`, a format without `kind` records, bad
-      tokenizer or inconsistent sizes.
+      tokenizer, inconsistent sizes, or truncated examples and
+      `allow_truncation` False.
+    RecordError: A record is invalid and `skip_invalid` is False.
   """
   if kind not in _ENCODERS:
     hint = {
@@ -405,13 +506,13 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
                      f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
   max_length = _check_buckets(buckets, process_count)[-1]
-  source = builders.load_split(kind, files, split, data_dir, skip_invalid=skip_invalid,
-                               data_format=data_format)
   encode = functools.partial(_ENCODERS[kind], tokenizer, max_length)
-  return Batches(source, encode, global_batch_size=global_batch_size, buckets=buckets,
-                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
-                 process_index=process_index, process_count=process_count,
-                 cache_encoded=cache_encoded)
+  return load_batches(kind, files, split, encode, data_dir=data_dir, data_format=data_format,
+                      skip_invalid=skip_invalid, allow_truncation=allow_truncation, noun='examples',
+                      limit=f'{max_length} tokens', global_batch_size=global_batch_size,
+                      buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle,
+                      repeat=repeat, process_index=process_index, process_count=process_count,
+                      cache_encoded=cache_encoded, batch_size_name=batch_size_name)
 
 
 def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any, *,
@@ -419,7 +520,9 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
                             seed: int, shuffle: bool, repeat: bool, data_dir: str,
                             skip_invalid: bool = False, process_index: int = 0,
                             process_count: int = 1, cache_encoded: bool = True,
-                            data_format: str = builders.RECORDS_FORMAT) -> Batches:
+                            data_format: str = builders.RECORDS_FORMAT,
+                            allow_truncation: bool = True,
+                            batch_size_name: str = 'global_batch_size') -> Batches:
   """Loads a split of comparison files and returns its batches.
 
   Each row is one comparison; each of its responses is encoded as
@@ -427,6 +530,8 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
   are built by `comparisons.collate_comparisons`: int32 `tokens` and
   `attention_mask` `[B, max_responses, L]`, `ranks` and `response_mask`
   `[B, max_responses]` (padding responses: mask 0, rank `max_responses`).
+  Every comparison is encoded when loading; those with a response sequence
+  longer than `max(buckets)` are truncated, counted and logged in one warning.
 
   Args:
     files: Split name mapped to a local JSON-lines file (see `load_split`; for
@@ -434,8 +539,9 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
     split: The split to batch.
     tokenizer: A tokenizer with a pad token distinct from EOS.
     global_batch_size: Comparisons per global batch, summed over hosts.
-    max_responses: Response slots per row; a record with more responses
-      raises ValueError when batched.
+    max_responses: Response slots per row; a record with more responses is
+      invalid (RecordError naming its line when the split is prepared, or
+      skipped with `skip_invalid`).
     buckets: Allowed sequence lengths; sequences are truncated to the
       largest.
     seed: Seed of the per-epoch shuffle.
@@ -450,14 +556,19 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
     data_format: 'records' (comparison records, see `comparisons`) or a
       public format: 'hh_rlhf' or 'summarize_from_feedback' (see
       `instruct.data.public`).
+    allow_truncation: If False, a response sequence longer than
+      `max(buckets)` is an error instead of being truncated.
+    batch_size_name: How messages name `global_batch_size` (its config key).
 
   Returns:
-    The `Batches` iterator, with `num_skipped` set.
+    The `Batches` iterator, with `num_skipped` and `num_truncated_examples`
+    set.
 
   Raises:
     ValueError: Bad tokenizer, `max_responses` below
-      `comparisons.MIN_RESPONSES`, a format without comparisons, or
-      inconsistent sizes.
+      `comparisons.MIN_RESPONSES`, a format without comparisons,
+      inconsistent sizes, or truncated comparisons and `allow_truncation`
+      False.
     RecordError: A record is invalid and `skip_invalid` is False.
   """
   if max_responses < comparisons.MIN_RESPONSES:
@@ -465,68 +576,14 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
                      f'{comparisons.MIN_RESPONSES}, got {max_responses}.')
   tokenization.check_special_tokens(tokenizer)
   buckets = _check_buckets(buckets, process_count)
-  source = builders.load_split('comparisons', files, split, data_dir, skip_invalid=skip_invalid,
-                               data_format=data_format)
   encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
   collate = functools.partial(comparisons.collate_comparisons, max_responses=max_responses,
                               buckets=buckets, pad_id=tokenizer.pad_token_id)
-  return Batches(source, encode, global_batch_size=global_batch_size, buckets=buckets,
-                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
-                 process_index=process_index, process_count=process_count,
-                 cache_encoded=cache_encoded, collate=collate)
-
-
-def make_prompt_batches(files: Mapping[str, str], split: str, tokenizer: Any, *,
-                        global_batch_size: int, prompt_length: int, seed: int, shuffle: bool,
-                        repeat: bool, data_dir: str, process_index: int = 0, process_count: int = 1,
-                        cache_encoded: bool = True, data_format: str = builders.RECORDS_FORMAT,
-                        skip_invalid: bool = False) -> Batches:
-  """Loads a split of prompt files and returns its batches (RL rollouts).
-
-  Each row is one prompt encoded by `encode_prompt` (keeping its last
-  `prompt_length` tokens) and batches are built by `collate_prompts`: int32
-  `prompt_tokens` and `prompt_mask` `[B, prompt_length]`, LEFT-padded so the
-  last column holds every prompt's last token. Evaluation dummy rows are all
-  pad with mask 0. Truncated prompts are counted in `num_truncated`.
-
-  Args:
-    files: Split name mapped to a local JSON-lines file whose records have a
-      `prompt` (see `load_split`; demonstration files work too), or for a
-      public `data_format` a file or directory.
-    split: The split to batch.
-    tokenizer: A tokenizer with a pad token distinct from EOS.
-    global_batch_size: Prompts per global batch, summed over hosts.
-    prompt_length: The one fixed prompt length P (no buckets: generation
-      compiles once per shape).
-    seed: Seed of the per-epoch shuffle.
-    shuffle: Whether to shuffle each epoch.
-    repeat: Loop forever (training) or one padded pass (evaluation).
-    data_dir: Where TFDS keeps prepared datasets.
-    process_index: This host's index.
-    process_count: The number of hosts.
-    cache_encoded: Whether to keep encoded examples in memory.
-    data_format: 'records' (this repo's files) or a public format providing
-      prompts: 'hh_rlhf' or 'tldr' (see `instruct.data.public`).
-    skip_invalid: Skip (and count, see `Batches.num_skipped`) invalid
-      records instead of raising RecordError; public formats only.
-
-  Returns:
-    The `Batches` iterator.
-
-  Raises:
-    ValueError: Bad tokenizer, non-positive `prompt_length`, a format without
-      prompts, or inconsistent sizes.
-    RecordError: A record lacks a non-empty string `prompt`.
-  """
-  if prompt_length < 1:
-    raise ValueError(f'prompt_length must be positive, got {prompt_length}.')
-  tokenization.check_special_tokens(tokenizer)
-  source = builders.load_split('prompts', files, split, data_dir, skip_invalid=skip_invalid,
-                               data_format=data_format)
-  encode = functools.partial(_encode_prompt_row, tokenizer, prompt_length)
-  collate = functools.partial(collate_prompts, prompt_length=prompt_length,
-                              pad_id=tokenizer.pad_token_id)
-  return Batches(source, encode, global_batch_size=global_batch_size, buckets=(prompt_length,),
-                 pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle, repeat=repeat,
-                 process_index=process_index, process_count=process_count,
-                 cache_encoded=cache_encoded, collate=collate)
+  return load_batches('comparisons', files, split, encode, data_dir=data_dir,
+                      data_format=data_format, skip_invalid=skip_invalid,
+                      allow_truncation=allow_truncation, noun='comparisons',
+                      limit=f'{buckets[-1]} tokens (prompt + response)',
+                      max_responses=max_responses, global_batch_size=global_batch_size,
+                      buckets=buckets, pad_id=tokenizer.pad_token_id, seed=seed, shuffle=shuffle,
+                      repeat=repeat, process_index=process_index, process_count=process_count,
+                      cache_encoded=cache_encoded, collate=collate, batch_size_name=batch_size_name)

@@ -4,9 +4,13 @@ Records are dictionaries of non-empty strings. Demonstrations, prompts (for
 RL rollouts) and JSON-lines pretraining text are stored one JSON object per
 line; plain-text pretraining files hold one record per blank-line-separated
 paragraph. Fields outside a schema are ignored, so demonstration files are
-also valid prompt files. Every validation
-error is a `RecordError` whose message starts with `path:line:` (1-based) so
-the offending record can be found directly.
+also valid prompt files. Files named `*.gz` are gunzipped.
+
+Files are UTF-8, decoded one line at a time, so a line that is not valid
+UTF-8 is an invalid record like any other (named by its line, and skipped
+with `skip_invalid`); a UTF-8 byte order mark at the start of a file is
+dropped. Every validation error is a `RecordError` whose message starts with
+`path:line:` (1-based) so the offending record can be found directly.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 DEMONSTRATION_SCHEMA: Mapping[str, type] = {'prompt': str, 'completion': str}
 PROMPT_SCHEMA: Mapping[str, type] = {'prompt': str}
 TEXT_SCHEMA: Mapping[str, type] = {'text': str}
+
+_BOM = b'\xef\xbb\xbf'
 
 
 class RecordError(ValueError):
@@ -43,8 +50,16 @@ class RecordError(ValueError):
     return type(self), (self.path, self.line_number, self.what)
 
 
-def _check_exists(path: str | os.PathLike[str]) -> None:
-  """Raises FileNotFoundError naming `path` if it is not a regular file."""
+def check_file(path: str | os.PathLike[str]) -> None:
+  """Raises unless `path` is a regular file.
+
+  Raises:
+    IsADirectoryError: `path` is a directory.
+    FileNotFoundError: `path` does not exist (or is not a regular file).
+  """
+  if os.path.isdir(path):
+    raise IsADirectoryError(f'Record file is a directory: {os.fspath(path)} (records are read '
+                            'from one file per split)')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Record file not found: {os.fspath(path)}')
 
@@ -91,23 +106,66 @@ def validate_record(record: Any, schema: Mapping[str, type], path: str | os.Path
   return out
 
 
-def _open_text(path: str | os.PathLike[str]) -> TextIO:
-  """Opens a UTF-8 text file, gunzipping it when its name ends in `.gz`."""
+def _open_binary(path: str | os.PathLike[str]) -> BinaryIO:
+  """Opens a file for reading bytes, gunzipping it when its name ends in `.gz`."""
   if os.fspath(path).endswith('.gz'):
-    return gzip.open(path, 'rt', encoding='utf-8')
-  return open(path, encoding='utf-8')
+    return gzip.open(path, 'rb')
+  return open(path, 'rb')
+
+
+def raw_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
+  """Yields `(line_number, line)` of a file as bytes (gunzipped for `*.gz`).
+
+  Lines are split at b'\\n' and keep their line ending; numbers are 1-based.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    IsADirectoryError: `path` is a directory.
+    RecordError: A gzip file is corrupt or ends early (at the line that
+      could not be read).
+  """
+  check_file(path)
+  line_number = 0
+  with _open_binary(path) as f:
+    try:
+      for line_number, line in enumerate(f, start=1):
+        yield line_number, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+      raise RecordError(path, line_number + 1, f'cannot read the gzip data ({e})') from None
+
+
+def decode_line(line: bytes, path: str | os.PathLike[str], line_number: int) -> str:
+  """Decodes one line of a record file as UTF-8.
+
+  A byte order mark at the start of line 1 (the start of the file) is
+  dropped, as `utf-8-sig` would.
+
+  Raises:
+    RecordError: The line is not valid UTF-8; the message gives the first
+      bad byte and its 1-based column (in characters).
+  """
+  if line_number == 1 and line.startswith(_BOM):
+    line = line[len(_BOM):]
+  try:
+    return line.decode('utf-8')
+  except UnicodeDecodeError as e:
+    column = len(line[:e.start].decode('utf-8')) + 1
+    raise RecordError(path, line_number,
+                      f'not valid UTF-8 (byte 0x{line[e.start]:02x} at column {column})') from None
 
 
 def read_json_lines(paths: Sequence[str | os.PathLike[str]], parse: Callable[[Any, str, int], Any],
-                    skip_invalid: bool = False) -> tuple[list[Any], int]:
+                    skip_invalid: bool = False, *,
+                    line_numbers: bool = False) -> tuple[list[Any], int]:
   """Reads JSON-lines files (gzip when named `*.gz`) through a row parser.
 
   Args:
     paths: The files, read in order as one dataset; blank lines skipped.
     parse: Maps `(decoded_row, path, line_number)` to a record, or None to
       leave the row out; raises RecordError for an invalid row.
-    skip_invalid: If True, invalid rows (JSON syntax errors included) are
-      skipped and counted instead of raising.
+    skip_invalid: If True, invalid rows (JSON syntax errors and lines that are
+      not UTF-8 included) are skipped and counted instead of raising.
+    line_numbers: If True, each record is returned as `(line_number, record)`.
 
   Returns:
     `(records, num_skipped)`: the records in file order and how many invalid
@@ -115,29 +173,29 @@ def read_json_lines(paths: Sequence[str | os.PathLike[str]], parse: Callable[[An
 
   Raises:
     FileNotFoundError: A file does not exist.
+    IsADirectoryError: A path is a directory.
     RecordError: A row is invalid and `skip_invalid` is False.
     ValueError: The files give no records.
   """
   parsed, num_skipped = [], 0
   for path in paths:
-    _check_exists(path)
-    with _open_text(path) as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
+    for line_number, line in raw_lines(path):
+      try:
+        text = decode_line(line, path, line_number)
+        if not text.strip():
           continue
         try:
-          try:
-            value = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise RecordError(path, line_number, f'invalid JSON: {e.msg}') from e
-          example = parse(value, path, line_number)
-        except RecordError:
-          if not skip_invalid:
-            raise
-          num_skipped += 1
-          continue
-        if example is not None:
-          parsed.append(example)
+          value = json.loads(text)
+        except json.JSONDecodeError as e:
+          raise RecordError(path, line_number, f'invalid JSON: {e.msg}') from e
+        example = parse(value, path, line_number)
+      except RecordError:
+        if not skip_invalid:
+          raise
+        num_skipped += 1
+        continue
+      if example is not None:
+        parsed.append((line_number, example) if line_numbers else example)
   if not parsed:
     skipped = f' ({num_skipped} invalid ones skipped)' if num_skipped else ''
     names = ', '.join(os.fspath(p) for p in paths)
@@ -160,43 +218,130 @@ def read_jsonl(path: str | os.PathLike[str], schema: Mapping[str, type]) -> list
     RecordError: A line is not valid JSON or fails `validate_record`.
     ValueError: The file holds no records.
   """
+  return read_records(path, schema)[0]
+
+
+def read_records(path: str | os.PathLike[str], schema: Mapping[str,
+                                                               type], skip_invalid: bool = False, *,
+                 line_numbers: bool = False) -> tuple[list[Any], int]:
+  """Reads and validates a JSON-lines file, optionally skipping invalid lines.
+
+  Args:
+    path: The file to read; one JSON object per line, blank lines skipped.
+    schema: Required field names mapped to their Python types.
+    skip_invalid: Skip and count invalid lines instead of raising.
+    line_numbers: If True, each record is returned as `(line_number, record)`.
+
+  Returns:
+    `(records, num_skipped)` (see `read_json_lines`).
+
+  Raises:
+    See `read_json_lines`.
+  """
   parse = lambda value, p, n: validate_record(value, schema, p, n)  # noqa: E731
-  return read_json_lines([path], parse)[0]
+  return read_json_lines([path], parse, skip_invalid, line_numbers=line_numbers)
 
 
-def _read_paragraphs(path: str | os.PathLike[str]) -> list[dict]:
-  """Reads a plain-text file as one `{"text": ...}` record per paragraph."""
-  _check_exists(path)
-  records, paragraph = [], []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        paragraph.append(line.rstrip('\n'))
-      elif paragraph:
-        records.append({'text': '\n'.join(paragraph)})
-        paragraph = []
-  if paragraph:
-    records.append({'text': '\n'.join(paragraph)})
+def read_paragraphs(path: str | os.PathLike[str], skip_invalid: bool = False, *,
+                    line_numbers: bool = False) -> tuple[list[Any], int]:
+  """Reads a plain-text file as one `{"text": ...}` record per paragraph.
+
+  Paragraphs are separated by blank (or whitespace-only) lines; a record's
+  lines are joined with '\\n' without their line endings.
+
+  Args:
+    path: The file to read (gunzipped when named `*.gz`).
+    skip_invalid: Skip and count paragraphs holding a line that is not valid
+      UTF-8 instead of raising.
+    line_numbers: If True, each record is returned as `(line_number, record)`
+      with the line its paragraph starts on.
+
+  Returns:
+    `(records, num_skipped)`: the records in file order and how many
+    paragraphs were skipped.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    IsADirectoryError: `path` is a directory.
+    RecordError: A line is not valid UTF-8 and `skip_invalid` is False.
+    ValueError: The file holds no records.
+  """
+  records, num_skipped = [], 0
+  paragraph, start, invalid = [], 0, False
+
+  def finish() -> None:
+    nonlocal num_skipped
+    if invalid:
+      num_skipped += 1
+    elif paragraph:
+      record = {'text': '\n'.join(paragraph)}
+      records.append((start, record) if line_numbers else record)
+
+  for line_number, line in raw_lines(path):
+    try:
+      text = decode_line(line, path, line_number)
+    except RecordError:
+      if not skip_invalid:
+        raise
+      text = None
+    if text is not None and not text.strip():
+      finish()
+      paragraph, invalid = [], False
+      continue
+    if not paragraph and not invalid:
+      start = line_number
+    if text is None:
+      invalid = True
+    else:
+      paragraph.append(text.rstrip('\r\n'))
+  finish()
   if not records:
-    raise ValueError(f'{os.fspath(path)}: no records in file')
-  return records
+    skipped = f' ({num_skipped} invalid ones skipped)' if num_skipped else ''
+    raise ValueError(f'{os.fspath(path)}: no records in file{skipped}')
+  return records, num_skipped
+
+
+def is_json_lines(path: str | os.PathLike[str]) -> bool:
+  """Whether a pretraining text file is JSON lines (`*.jsonl`, `*.jsonl.gz`)."""
+  return os.fspath(path).endswith(('.jsonl', '.jsonl.gz'))
+
+
+def read_text_file(path: str | os.PathLike[str], skip_invalid: bool = False, *,
+                   line_numbers: bool = False) -> tuple[list[Any], int]:
+  """Reads pretraining text records, optionally skipping invalid ones.
+
+  Args:
+    path: A `.jsonl` (or `.jsonl.gz`) file of `{"text": ...}` objects, or any
+      other file, read as plain text with records separated by blank lines
+      (gunzipped when named `*.gz`).
+    skip_invalid: Skip and count invalid records instead of raising.
+    line_numbers: If True, each record is returned as `(line_number, record)`.
+
+  Returns:
+    `(records, num_skipped)`: the records, each `{"text": str}`, in file
+    order and how many invalid ones were skipped.
+
+  Raises:
+    See `read_json_lines` and `read_paragraphs`.
+  """
+  if is_json_lines(path):
+    return read_records(path, TEXT_SCHEMA, skip_invalid, line_numbers=line_numbers)
+  return read_paragraphs(path, skip_invalid, line_numbers=line_numbers)
 
 
 def read_text_records(path: str | os.PathLike[str]) -> list[dict]:
   """Reads pretraining text records.
 
   Args:
-    path: A `.jsonl` file of `{"text": ...}` objects, or any other file, read
-      as plain text with records separated by blank lines.
+    path: A `.jsonl` (or `.jsonl.gz`) file of `{"text": ...}` objects, or any
+      other file, read as plain text with records separated by blank lines.
 
   Returns:
     The records, each `{"text": str}`, in file order.
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    RecordError: A JSON-lines record is invalid.
+    RecordError: A record is invalid.
     ValueError: The file holds no records.
   """
-  if os.fspath(path).endswith('.jsonl'):
-    return read_jsonl(path, TEXT_SCHEMA)
-  return _read_paragraphs(path)
+  return read_text_file(path)[0]

@@ -9,6 +9,7 @@ EOS so that masking padding never masks EOS: policies must learn to stop.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -19,6 +20,10 @@ DEFAULT_TOKENIZER: str = os.path.join(os.path.dirname(os.path.dirname(os.path.ab
                                       'assets', 'tokenizer')
 
 Encoded = tuple[np.ndarray, np.ndarray, bool]
+
+# The JSON files a Hugging Face tokenizer directory may hold.
+_TOKENIZER_JSON_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                         'added_tokens.json', 'vocab.json')
 
 
 def check_special_tokens(tokenizer: Any) -> None:
@@ -43,12 +48,37 @@ def check_special_tokens(tokenizer: Any) -> None:
                      'Llama 3.1 / 3.2: "<|finetune_right_pad_id|>").')
 
 
+def _looks_like_path(name_or_path: str) -> bool:
+  """Whether `name_or_path` can only be a local path (hub names are `name` or `owner/name`)."""
+  return (name_or_path.startswith(('.', '~', os.sep)) or os.path.isabs(name_or_path)
+          or name_or_path.count('/') > 1 or (os.sep != '/' and os.sep in name_or_path))
+
+
+def _check_json_files(directory: str) -> None:
+  """Raises ValueError naming the first JSON file of a tokenizer directory that does not
+  parse (the usual damage: a truncated copy or download)."""
+  for name in _TOKENIZER_JSON_FILES:
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+      continue
+    try:
+      with open(file, encoding='utf-8') as f:
+        json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}): '
+                       'a damaged tokenizer (config.data.tokenizer).') from e
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{file}: not UTF-8 text: a damaged tokenizer '
+                       '(config.data.tokenizer).') from e
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, pad_token: str = '',
                    local_files_only: bool = True) -> Any:
   """Loads a Hugging Face tokenizer and checks its special tokens.
 
   Args:
-    name_or_path: A local tokenizer directory or a Hugging Face hub name.
+    name_or_path: A local tokenizer directory or a Hugging Face hub name
+      (`config.data.tokenizer`, which every error names).
     pad_token: If set, this token of the vocabulary becomes the pad token
       (`config.data.pad_token`; for checkpoints whose tokenizer declares none,
       e.g. Pythia's `<|padding|>`). Adding a new token is refused: the
@@ -60,20 +90,42 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, pad_token: str = ''
     The tokenizer.
 
   Raises:
-    OSError: A hub name could not be loaded (not cached while offline).
-    ValueError: The tokenizer lacks a dedicated pad token distinct from EOS,
-      or `pad_token` is not in its vocabulary.
+    FileNotFoundError: The path does not exist, is a file, or is a hub name that
+      could not be loaded (not cached while offline).
+    ValueError: The directory holds no loadable tokenizer (empty, or damaged
+      files), the tokenizer lacks a dedicated pad token distinct from EOS, or
+      `pad_token` is not in its vocabulary.
   """
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path,
-                                                           local_files_only=local_files_only)
-  except (OSError, ValueError) as e:
-    if os.path.isdir(name_or_path):
-      raise
-    raise OSError(f'Could not load tokenizer {name_or_path!r}: it is not a local '
-                  'directory, and models/tokenizers are not downloaded at run time '
-                  'unless the Hugging Face cache already has them (offline by '
-                  f'default; local_files_only={local_files_only}).') from e
+  key = f'config.data.tokenizer={name_or_path!r}'
+  if os.path.exists(name_or_path) and not os.path.isdir(name_or_path):
+    raise FileNotFoundError(f'{key} is a file; expected a tokenizer directory (with '
+                            'tokenizer.json or the files of a slow tokenizer) or a hub name.')
+  if _looks_like_path(name_or_path) and not os.path.exists(name_or_path):
+    raise FileNotFoundError(f'{key}: no such tokenizer directory.')
+  if os.path.isdir(name_or_path):
+    if not os.listdir(name_or_path):
+      raise ValueError(f'{key} is an empty directory; expected a Hugging Face tokenizer '
+                       '(tokenizer.json, tokenizer_config.json, ...).')
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path,
+                                                             local_files_only=local_files_only)
+    except Exception as e:  # pylint: disable=broad-except
+      # transformers and tokenizers raise many kinds (ValueError, OSError, the Rust
+      # library's bare Exception), with messages that span lines and name no file.
+      _check_json_files(name_or_path)
+      reason = ' '.join(str(e).split())
+      reason = reason if len(reason) <= 300 else reason[:297] + '...'
+      raise ValueError(f'{key}: the directory could not be loaded as a Hugging Face '
+                       f'tokenizer ({type(e).__name__}: {reason}).') from e
+  else:
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path,
+                                                             local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+      raise FileNotFoundError(
+          f'{key} is not a local directory, and models/tokenizers are not downloaded at run '
+          'time unless the Hugging Face cache already has them (offline by default; '
+          f'local_files_only={local_files_only}).') from e
   if pad_token:
     if pad_token not in tokenizer.get_vocab():
       raise ValueError(f'config.data.pad_token={pad_token!r} is not a token of the '

@@ -18,8 +18,9 @@ parameters.
 
 What's where:
 
-  configs.py  HF config <-> ModelConfig (`model_config_from_hf`, `hf_config_from_model_config`,
-              `infer_family`), and `resolve_config` for `config.model.hf_checkpoint`.
+  configs.py  HF config <-> ModelConfig (`model_config_from_hf`, `model_config_from_checkpoint`
+              for a directory's config.json, `hf_config_from_model_config`, `infer_family`),
+              and `resolve_config` for `config.model.hf_checkpoint`.
   files.py    checkpoint directories and cached hub names (`resolve_checkpoint`), config.json,
               sliced reads of safetensors (or pickled) weights.
   mapping.py  the per-family name mapping (`Source`, `param_sources`) and `load_hf_params`.
@@ -36,6 +37,7 @@ from instruct.hf.configs import SEQUENCE_CLASSIFICATION
 from instruct.hf.configs import family_problems
 from instruct.hf.configs import hf_config_from_model_config
 from instruct.hf.configs import infer_family
+from instruct.hf.configs import model_config_from_checkpoint
 from instruct.hf.configs import model_config_from_hf
 from instruct.hf.configs import resolve_config
 from instruct.hf.configs import resolve_model_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from typing import Any, Mapping, Optional
 
 import transformers
@@ -27,6 +28,15 @@ NORMALIZATION_KEY = "instruct_reward_normalization"
 # checkpoint's config.json sets every other field.
 NUMERICS_KEYS = ("dtype", "scan_layers", "remat", "dropout_rate", "init_std")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# The sizes a checkpoint's config.json must give: transformers would fill a missing one with
+# its class default (e.g. Llama's hidden_size 4096), which only fails later on the weights.
+REQUIRED_FIELDS = {
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+    "gpt_neox": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings"),
+    "llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "max_position_embeddings"),
+}
 
 
 def _get(hf_config, key: str, default: Any = None) -> Any:
@@ -51,7 +61,7 @@ def _as_hf_config(hf_config):
     try:
       return transformers.AutoConfig.for_model(model_type, **fields)
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"Invalid {model_type} config.json: {e}") from e
+      raise ValueError(f"Invalid {model_type} config: {e}") from e
   return hf_config
 
 
@@ -160,6 +170,34 @@ def model_config_from_hf(hf_config, **overrides: Any) -> ModelConfig:
   return ModelConfig(**fields)
 
 
+def model_config_from_checkpoint(path: str, hf_config: Optional[Mapping[str, Any]] = None,
+                                 **overrides: Any) -> ModelConfig:
+  """The ModelConfig of checkpoint directory `path` (`hf_config`: its config.json, if already
+  read), `overrides` as in `model_config_from_hf`.
+
+  Stricter than `model_config_from_hf` on a dict: `model_type` and the family's sizes
+  (`REQUIRED_FIELDS`) must be present, as positive integers. Every problem of config.json is
+  a ValueError naming the file.
+  """
+  file = os.path.join(path, "config.json")
+  if hf_config is None:
+    hf_config = read_hf_config(path)
+  try:
+    if "model_type" not in hf_config:
+      raise ValueError("missing 'model_type' (one of " + ", ".join(FAMILIES) + ").")
+    family = _check_model_type(hf_config["model_type"])
+    for key in REQUIRED_FIELDS[family]:
+      value = hf_config.get(key)
+      if value is None:
+        raise ValueError(f"missing {key!r} (a {family} config.json gives it).")
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}; expected a positive integer.")
+    cfg = model_config_from_hf(hf_config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{file}: {e}") from e
+  return dataclasses.replace(cfg, **overrides)
+
+
 def family_problems(cfg: ModelConfig, family: str) -> list[str]:
   """Why `cfg` cannot be written as an HF `family` model (empty when it can)."""
   if family not in FAMILIES:
@@ -259,7 +297,7 @@ def resolve_model_config(model_config: Mapping[str, Any], local_files_only: bool
     return fields
   path = resolve_checkpoint(source, local_files_only=local_files_only, cache_dir=cache_dir)
   numerics = {k: fields[k] for k in NUMERICS_KEYS if k in fields}
-  cfg = model_config_from_hf(read_hf_config(path), **numerics)
+  cfg = model_config_from_checkpoint(path, **numerics)
   fields.update(dataclasses.asdict(cfg))
   return fields
 

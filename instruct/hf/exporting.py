@@ -159,12 +159,31 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
   return names
 
 
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Refuses, before any work, an `out_dir` that is a file, lies under a file, or is a
+  non-empty directory without `overwrite`."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"out_dir={out_dir!r} (--out) is a file; expected a directory (new or "
+                          "empty, or existing with overwrite=True).")
+  if os.path.isdir(out_dir):
+    if os.listdir(out_dir) and not overwrite:
+      raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
+                            "(--overwrite) to replace its files.")
+    return
+  ancestor = os.path.dirname(os.path.abspath(out_dir))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise FileExistsError(f"out_dir={out_dir!r} (--out) cannot be created: {ancestor} is a "
+                          "file, not a directory.")
+
+
 def _load_run(workdir: str, step: Optional[int],
               mesh_shape: Optional[Sequence[int]] = None) -> run_lib.Run:
   """The run with its model's parameters restored sharded over the run's mesh
   (`config.mesh`, its -1 entry taking the devices present; `mesh_shape` overrides the shape),
   so no device or host holds a full copy."""
-  info = run_lib.describe(workdir)
+  info = run_lib.describe(workdir, "workdir")
   mesh_config = ml_collections.ConfigDict(info.config.mesh.to_dict())
   if mesh_shape is not None:
     mesh_config.shape = tuple(mesh_shape)
@@ -174,7 +193,8 @@ def _load_run(workdir: str, step: Optional[int],
     source = "mesh_shape (--mesh_shape)" if mesh_shape is not None else (
         f"the run's config.mesh ({workdir}/config.json; pass mesh_shape to override it)")
     raise ValueError(f"Cannot restore {workdir} over {source}: {e}") from e
-  return run_lib.load_run(workdir, step, mesh=mesh, rules=shd.rules_from_config(mesh_config))
+  return run_lib.load_run(workdir, step, mesh=mesh, rules=shd.rules_from_config(mesh_config),
+                          what="workdir")
 
 
 def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Optional[str] = None,
@@ -194,9 +214,7 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}.")
   parse_size(max_shard_size)
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                          "(--overwrite) to replace its files.")
+  _check_out_dir(out_dir, overwrite)
   run = _load_run(workdir, step, mesh_shape)
   config, cfg, params, step = run.config, run.model_config, run.params, run.step
   head, norm = run.stage.head, run.reward_normalization

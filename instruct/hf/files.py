@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import struct
 from typing import Any, Optional
 
@@ -13,7 +14,7 @@ import huggingface_hub
 import ml_dtypes
 import numpy as np
 from huggingface_hub import errors as hub_errors
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -61,22 +62,58 @@ def resolve_checkpoint(name_or_path: str, *, local_files_only: bool = True,
         f"repository?): {e}") from e
 
 
+def _read_json(file: str) -> Any:
+  """The contents of JSON file `file`; a ValueError naming the file (and the line) when it is
+  not UTF-8 JSON."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}).") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start}).") from e
+
+
 def read_hf_config(path: str) -> dict[str, Any]:
-  """config.json of a checkpoint directory."""
+  """config.json of a checkpoint directory, as a dict.
+
+  Raises:
+    FileNotFoundError: `path` has no config.json.
+    ValueError: config.json is not a JSON object (the error names the file and the line).
+  """
   file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
+  if not os.path.isfile(file):
     raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint.")
-  with open(file) as f:
-    return json.load(f)
+  config = _read_json(file)
+  if not isinstance(config, dict):
+    raise ValueError(f"{file}: expected a JSON object, got a {type(config).__name__}.")
+  return config
+
+
+def _index_files(path: str, index_name: str) -> list[str]:
+  """The weight files a sharded checkpoint's index lists (`weight_map` values), each checked
+  to exist; errors name the index file."""
+  index = os.path.join(path, index_name)
+  weight_map = _read_json(index)
+  weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index}: expected a JSON object with a non-empty 'weight_map' "
+                     "(tensor name -> weight file).")
+  names = set(weight_map.values())
+  if not all(isinstance(n, str) and n for n in names):
+    raise ValueError(f"{index}: 'weight_map' values must be weight file names.")
+  files = [os.path.join(path, name) for name in sorted(names)]
+  for file in files:
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"{index} lists weight file {os.path.basename(file)!r}, which "
+                              f"is not in {path}: the checkpoint is incomplete.")
+  return files
 
 
 def _weight_files(path: str, allow_pickle: bool) -> tuple[str, list[str]]:
   """('safetensors' | 'pickle', files) of a checkpoint directory."""
-  index = os.path.join(path, SAFE_INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    return "safetensors", [os.path.join(path, f) for f in files]
+  if os.path.exists(os.path.join(path, SAFE_INDEX)):
+    return "safetensors", _index_files(path, SAFE_INDEX)
   if os.path.exists(os.path.join(path, SAFE_WEIGHTS)):
     return "safetensors", [os.path.join(path, SAFE_WEIGHTS)]
   pickles = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
@@ -86,10 +123,8 @@ def _weight_files(path: str, allow_pickle: bool) -> tuple[str, list[str]]:
           f"{path} holds only pickled PyTorch weights ({os.path.basename(pickles[0])}); "
           "unpickling can run arbitrary code, so it is refused. Convert the checkpoint to "
           "safetensors, or pass allow_pickle=True if you trust its source.")
-    index = os.path.join(path, PICKLE_INDEX)
-    if os.path.exists(index):
-      with open(index) as f:
-        pickles = [os.path.join(path, f) for f in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.exists(os.path.join(path, PICKLE_INDEX)):
+      pickles = _index_files(path, PICKLE_INDEX)
     return "pickle", pickles
   raise FileNotFoundError(f"{path} has no weights: expected {SAFE_WEIGHTS} or {SAFE_INDEX} "
                           "(or pickled pytorch_model.bin, with allow_pickle=True).")
@@ -109,13 +144,23 @@ class _Tensors:
     if kind == "pickle":
       import torch  # An optional extra, only for pickled checkpoints (allow_pickle=True).
       for file in files:
-        for name, t in torch.load(file, map_location="cpu", weights_only=True).items():
+        try:
+          state = torch.load(file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+          raise ValueError(f"{file}: not a readable PyTorch weights file "
+                           f"({' '.join(str(e).split())[:200]}).") from e
+        for name, t in state.items():
           self._arrays[name] = t.detach().float().numpy()
       return
     for file in files:
-      handle = safe_open(file, framework="numpy")
+      try:
+        handle = safe_open(file, framework="numpy")
+        keys = handle.keys()
+      except SafetensorError as e:
+        # Truncated, empty, or a damaged header; the library's message names no file.
+        raise ValueError(f"{file}: not a readable safetensors file ({e}).") from e
       self._handles[file] = handle
-      for name in handle.keys():
+      for name in keys:
         self._where[name] = file
 
   def names(self) -> set[str]:

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from instruct.hf.configs import (NUMERICS_KEYS, SCORE_BIAS_KEY, _check_model_type,
-                                 model_config_from_hf)
+from instruct.hf.configs import NUMERICS_KEYS, SCORE_BIAS_KEY, model_config_from_checkpoint
 from instruct.hf.files import _Tensors, _weight_files, read_hf_config, resolve_checkpoint
 from instruct.model.config import ModelConfig
 from instruct.model.transformer import Transformer
@@ -258,7 +257,7 @@ def load_hf_params(path: str, model_config: Optional[ModelConfig] = None, shardi
 
   Args:
     path: a checkpoint directory or a hub name (from the Hugging Face cache).
-    model_config: the ModelConfig (default: `model_config_from_hf` of its config.json); its
+    model_config: the ModelConfig (default: `model_config_from_checkpoint`); its
       architecture must match the checkpoint, `scan_layers` picks the stacked layout.
     shardings: a tree of `jax.sharding.Sharding` for the parameters to load (a subset of the
       model's tree: parameters left out, e.g. a fresh head, are not read); default: the whole
@@ -269,10 +268,10 @@ def load_hf_params(path: str, model_config: Optional[ModelConfig] = None, shardi
   """
   path = resolve_checkpoint(path, local_files_only=local_files_only, cache_dir=cache_dir)
   hf_config = read_hf_config(path)
-  family = _check_model_type(hf_config.get("model_type"))
-  expected = model_config_from_hf(
-      hf_config,
+  expected = model_config_from_checkpoint(
+      path, hf_config,
       **({} if model_config is None else {k: getattr(model_config, k) for k in NUMERICS_KEYS}))
+  family = hf_config["model_type"]
   if model_config is not None and model_config != expected:
     diff = [
         f"{f.name}={getattr(model_config, f.name)!r} (checkpoint: "

@@ -121,6 +121,25 @@ def validate_rl(config: ml_collections.ConfigDict, data_parallel: int, process_c
   algorithm.validate(config, policy_model)
 
 
+def check_tokenizer_fits(config: ml_collections.ConfigDict, tokenizer_size: int,
+                         policy_model: Optional[ModelConfig],
+                         reward_model: Optional[ModelConfig]) -> None:
+  """Refuses a tokenizer (`config.data.tokenizer`, `tokenizer_size` = `len(tokenizer)`) with
+  more tokens than the policy's or the reward model's vocabulary: their ids would index past
+  the embedding table (NaN activations) instead of failing. None skips a model.
+
+  The supervised stages check the same in `instruct.trainer.build`; an RL config has no
+  `config.model`, so the RL driver calls this with the source runs' architectures.
+  """
+  models = [(policy_model, "policy", "policy_from"), (reward_model, "reward model", "reward_from")]
+  for model, name, key in models:
+    if model is not None and tokenizer_size > model.vocab_size:
+      raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has {tokenizer_size} "
+                       f"tokens, more than the {name}'s vocab_size={model.vocab_size} "
+                       f"(config.{key}={config[key]!r}): use the tokenizer its run was "
+                       "trained with.")
+
+
 def _validate_sampling(config) -> None:
   """`config_lib.validate_sampling`, then refuses top-k / top-p unless explicitly allowed.
 

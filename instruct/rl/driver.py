@@ -30,6 +30,7 @@ from instruct import data as data_lib
 from instruct import loop as loop_lib
 from instruct import sharding as shd
 from instruct.rl import algorithms
+from instruct.rl import config as rl_config
 from instruct.rl.roles import build_roles, load_frozen, source_architectures
 from instruct.rl.sampler import SamplingConfig, banned_token_ids
 from instruct.stages import common
@@ -38,21 +39,33 @@ from instruct.stages import table
 
 def make_data(config, tokenizer, ptx_rows: int):
   """Prompt batches and (when `ptx_rows` > 0) pretraining batches, host-local."""
+  data = config.data
   prompts = data_lib.make_prompt_batches(
-      {"train": config.data.train_file, "validation": config.data.validation_file}, "train",
-      tokenizer, global_batch_size=config.train.global_batch_size,
-      prompt_length=config.data.prompt_length, seed=config.seed, shuffle=True, repeat=True,
-      data_dir=common.tfds_dir(config), process_index=jax.process_index(),
-      process_count=jax.process_count(), data_format=config.data.get("format", "records"),
-      skip_invalid=config.data.get("skip_invalid", False))
+      {"train": data.train_file, "validation": data.validation_file}, "train", tokenizer,
+      global_batch_size=config.train.global_batch_size,
+      batch_size_name="config.train.global_batch_size", prompt_length=data.prompt_length,
+      seed=config.seed, shuffle=True, repeat=True, data_dir=common.tfds_dir(config),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      data_format=data.get("format", "records"), skip_invalid=data.get("skip_invalid", False),
+      allow_truncation=data.get("allow_truncation", True))
   ptx = None
   if ptx_rows > 0:
+    # Pretraining documents longer than a row are cut to config.ptx.length: always allowed.
     ptx = data_lib.make_batches("text", {"train": config.ptx.train_file}, "train", tokenizer,
                                 global_batch_size=ptx_rows, buckets=(config.ptx.length,),
                                 seed=config.seed, shuffle=True, repeat=True,
                                 data_dir=common.tfds_dir(config), process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(),
+                                batch_size_name="config.ptx.batch_size x the epochs")
   return prompts, ptx
+
+
+def data_metrics(prompts, ptx) -> dict:
+  """Invalid records skipped and examples truncated when loading (every metrics record)."""
+  metrics = prompts.data_metrics("train")
+  if ptx is not None:
+    metrics.update(ptx.data_metrics("ptx"))
+  return metrics
 
 
 def sampling_config(config, tokenizer) -> SamplingConfig:
@@ -70,6 +83,7 @@ def build(config, tokenizer, devices=None):
   table.get(config.stage).check(config, shd.data_parallel_size(mesh, rules), jax.process_count())
   module = algorithms.get(config.algorithm)
   policy_cfg, reward_cfg = source_architectures(config.policy_from, config.reward_from)
+  rl_config.check_tokenizer_fits(config, len(tokenizer), policy_cfg, reward_cfg)
   roles = build_roles(policy_cfg, reward_cfg, mesh, rules, critic=module.critic_kind(config))
   sampling = sampling_config(config, tokenizer)
   algorithm = module.ALGORITHM(config, roles, sampling.banned_ids)
@@ -84,18 +98,24 @@ def train(config, workdir: str, devices=None) -> Any:
   roles, algorithm, sample = build(config, tokenizer, devices)
   os.makedirs(workdir, exist_ok=True)
   prompts, ptx = make_data(config, tokenizer, algorithm.ptx_rows)
+  loaded = data_metrics(prompts, ptx)
   checkpointer, writer = loop_lib.open_run(workdir, config)
-  frozen = load_frozen(roles, config.policy_from, config.reward_from)
-  with jax.set_mesh(roles.mesh):
-    latest = checkpointer.restore_latest(algorithm.abstract_state())
-    if latest is not None:
-      step, state, extras = latest
-      logging.info("Resuming from %s (iteration %d).", checkpointer.directory, step)
-      prompts.set_state(extras["prompts"])
-      if ptx is not None:
-        ptx.set_state(extras["ptx"])
-    else:
-      state, extras = algorithm.init_state(frozen), {}
+  try:
+    frozen = load_frozen(roles, config.policy_from, config.reward_from)
+    with jax.set_mesh(roles.mesh):
+      latest = checkpointer.restore_latest(algorithm.abstract_state())
+      if latest is not None:
+        step, state, extras = latest
+        logging.info("Resuming from %s (iteration %d).", checkpointer.directory, step)
+        prompts.set_state(extras["prompts"])
+        if ptx is not None:
+          ptx.set_state(extras["ptx"])
+      else:
+        state, extras = algorithm.init_state(frozen), {}
+  except BaseException:
+    checkpointer.close()
+    writer.close()
+    raise
   experience_fn, update_fn = algorithm.make_experience_fn(), algorithm.make_update_fn()
   batch_sh = roles.batch_sharding
 
@@ -116,13 +136,15 @@ def train(config, workdir: str, devices=None) -> Any:
     jax.block_until_ready(state)
     record = jax.device_get(dict(metrics, **update_metrics))
     record.update(rollout_seconds=rollout_s, scoring_seconds=scoring_s,
-                  update_seconds=time.perf_counter() - timer)
+                  update_seconds=time.perf_counter() - timer, **loaded)
     return state, record
 
-  loop = loop_lib.Loop(
-      iteration, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer, writer,
-      log_line=algorithm.log_line, write_every=1, data_state=lambda:
-      {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else None})
+  def data_state():
+    return {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else None}
+
+  loop = loop_lib.Loop(iteration, config.train, config, loop_lib.base_rng(extras, config.seed),
+                       checkpointer, writer, log_line=algorithm.log_line, write_every=1,
+                       data_state=data_state, extras=extras)
   try:
     with jax.set_mesh(roles.mesh), nn.logical_axis_rules(roles.rules):
       state = loop.run(state, algorithm.iterations_done(state), unit="iteration")

@@ -164,18 +164,16 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
   rm = config.rm
 
   def make_data(split: str, repeat: bool):
-    files = {"train": config.data.train_file, "validation": config.data.validation_file}
-    batches = data_lib.make_comparison_batches(
-        files, split, tokenizer, global_batch_size=config.train.global_batch_size,
-        max_responses=rm.max_responses, buckets=tuple(config.data.buckets), seed=config.seed,
-        shuffle=config.data.shuffle and repeat, repeat=repeat, data_dir=common.tfds_dir(config),
-        skip_invalid=rm.skip_invalid or config.data.get("skip_invalid", False),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_format=config.data.get("format", "records"))
-    if batches.num_skipped:
-      logging.warning("Skipped %d invalid comparison records in the %s split.", batches.num_skipped,
-                      split)
-    return batches
+    data = config.data
+    skip_invalid = rm.skip_invalid or data.get("skip_invalid", False)
+    return data_lib.make_comparison_batches(
+        {"train": data.train_file, "validation": data.validation_file}, split, tokenizer,
+        global_batch_size=config.train.global_batch_size,
+        batch_size_name="config.train.global_batch_size", max_responses=rm.max_responses,
+        buckets=tuple(data.buckets), seed=config.seed, shuffle=data.shuffle and repeat,
+        repeat=repeat, data_dir=common.tfds_dir(config), skip_invalid=skip_invalid,
+        data_format=data.get("format", "records"), process_index=jax.process_index(),
+        process_count=jax.process_count(), allow_truncation=data.get("allow_truncation", True))
 
   def score_step(params, batch):
     """Rewards of [batch, length] sequences; NaN marks padding rows (filtered on host)."""
@@ -188,13 +186,13 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
       norm = normalization(np.zeros(0), "none")
       return {"reward_normalization": dict(norm, mode="none", num_scored=0)}
     norm_format = rm.get("normalization_format", "records")
-    batches = data_lib.make_batches(
-        "demonstrations", {"train": rm.normalization_file}, "train", tokenizer,
-        global_batch_size=config.train.global_batch_size, buckets=tuple(config.data.buckets),
-        seed=config.seed, shuffle=False, repeat=False, data_dir=common.tfds_dir(config),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        data_format=norm_format, skip_invalid=norm_format != "records"
-        and config.data.get("skip_invalid", False))
+    batches = data_lib.make_batches("demonstrations", {"train": rm.normalization_file}, "train",
+                                    tokenizer, global_batch_size=config.train.global_batch_size,
+                                    buckets=tuple(config.data.buckets), seed=config.seed,
+                                    shuffle=False, repeat=False, data_dir=common.tfds_dir(config),
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(), data_format=norm_format,
+                                    skip_invalid=config.data.get("skip_invalid", False))
     scores = np.concatenate([score(b) for b in batches] or [np.zeros(0)])
     scores = scores[~np.isnan(scores)]
     norm = normalization(scores, rm.normalization)

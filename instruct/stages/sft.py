@@ -81,10 +81,12 @@ def make_lm_data(config, tokenizer, split: str, repeat: bool):
   files = {"train": config.data.train_file, "validation": config.data.validation_file}
   return data_lib.make_batches(
       config.data.kind, files, split, tokenizer, global_batch_size=config.train.global_batch_size,
-      buckets=tuple(config.data.buckets), seed=config.seed, shuffle=config.data.shuffle and repeat,
-      repeat=repeat, data_dir=common.tfds_dir(config), process_index=jax.process_index(),
+      batch_size_name="config.train.global_batch_size", buckets=tuple(config.data.buckets),
+      seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
+      data_dir=common.tfds_dir(config), process_index=jax.process_index(),
       process_count=jax.process_count(), data_format=config.data.get("format", "records"),
-      skip_invalid=config.data.get("skip_invalid", False))
+      skip_invalid=config.data.get("skip_invalid", False),
+      allow_truncation=config.data.get("allow_truncation", True))
 
 
 def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
