@@ -37,7 +37,7 @@ import json
 import os
 import random
 
-from absl import app, flags
+from absl import flags
 
 from experiments.world import language as L
 from experiments.world import tasks as T
@@ -296,4 +296,5 @@ if __name__ == "__main__":
   # Flags are defined here, not at import, so importing this module defines no flags.
   flags.DEFINE_string("out", None, "Directory to write the world to.", required=True)
   flags.DEFINE_integer("seed", 0, "The world's seed.")
-  app.run(main)
+  from instruct import cli  # One-line errors, as every command.
+  cli.run(main)
