@@ -23,6 +23,7 @@ setup(
         "numpy>=2.0,<3",
         "absl-py>=2.1,<3",
         "matplotlib>=3.8,<4",
+        "filelock>=3.12,<4",
     ],
     extras_require={
         # nbclient + ipykernel run colabs/*.ipynb in a `python3` kernel (tests/test_colabs.py);

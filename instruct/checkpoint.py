@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import sys
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from instruct import paths
 from instruct import workdir as workdir_lib
 
 
@@ -72,19 +72,32 @@ def _ignore_closed_event_loop_callbacks() -> None:
       lambda record: "exception was never retrieved" not in str(record.msg))
 
 
+def orbax_directory(directory: str):
+  """`directory` as Orbax's CheckpointManager takes it: an `epath.Path` for a bucket URL
+  (Orbax then writes through its own bucket support), the absolute path itself when local."""
+  return paths.as_path(directory) if paths.is_url(directory) else directory
+
+
 class Checkpointer:
-  """Saves and restores (state, extras) in `workdir/checkpoints`, keeping the last `keep`."""
+  """Saves and restores (state, extras) in `workdir/checkpoints`, keeping the last `keep`.
+
+  `workdir` may be a local directory or a bucket URL (`gs://bucket/run`); see
+  `instruct.paths`.
+  """
 
   def __init__(self, workdir: str, keep: int = 3, exclusive: bool = False):
     """`exclusive`: this process writes the run, and holds `workdir`'s lock until `close()`
-    (`instruct.workdir.WorkdirLock`; WorkdirBusyError when another live run holds it)."""
-    self._lock = workdir_lib.WorkdirLock(workdir) if exclusive else None
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    (`instruct.workdir.lock`; WorkdirBusyError when another live run holds it)."""
+    self._lock = workdir_lib.lock(workdir) if exclusive else None
+    self.directory = paths.join(paths.absolute(workdir), "checkpoints")
     # Damaged checkpoints are moved here on resume (never deleted); see `restore_latest`.
-    self.damaged_directory = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+    self.damaged_directory = paths.join(paths.absolute(workdir), "checkpoints_damaged")
     self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._manager = self._open_manager()
+
+  def _open_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(orbax_directory(self.directory), options=self._options)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -144,16 +157,17 @@ class Checkpointer:
     return None
 
   def _move_aside(self, step: int) -> str:
-    """Moves checkpoint `step` to `checkpoints_damaged/` and re-reads the step list."""
-    os.makedirs(self.damaged_directory, exist_ok=True)
-    target = os.path.join(self.damaged_directory, str(step))
+    """Moves checkpoint `step` to `checkpoints_damaged/` and re-reads the step list (on a
+    bucket the move is a copy then a delete: `paths.move`)."""
+    paths.makedirs(self.damaged_directory)
+    target = paths.join(self.damaged_directory, str(step))
     suffix = 1
-    while os.path.exists(target):
-      target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+    while paths.exists(target):
+      target = paths.join(self.damaged_directory, f"{step}.{suffix}")
       suffix += 1
-    os.replace(os.path.join(self.directory, str(step)), target)
+    paths.move(paths.join(self.directory, str(step)), target)
     self._manager.close()
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._manager = self._open_manager()
     return target
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -181,15 +195,12 @@ class Checkpointer:
 
 
 def write_config(workdir: str, config) -> str:
-  """Writes the run's config as JSON beside the checkpoints; returns the path."""
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  """Writes the run's config as JSON beside the checkpoints (atomically: a reader sees the
+  old file or the new one); returns the path."""
+  path = paths.join(workdir, "config.json")
+  paths.write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True))
   return path
 
 
 def read_config(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(paths.join(workdir, "config.json")))

@@ -17,10 +17,21 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from instruct import distributed
 from instruct import loop
 
 _DEBUG = flags.DEFINE_bool("debug", False,
                            "On an error, show the Python traceback instead of one line.")
+# Several processes as one program (instruct/distributed.py; `instruct.launch` sets these).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0, for an explicit multi-process start.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0,
+                                      "Processes of the program (explicit start).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (explicit start).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: start jax.distributed with the flags above, or when SLURM, Open MPI or a Cloud TPU "
+    "environment says there are several processes; on: always (JAX detects the cluster); off.")
 
 # Exceptions that describe bad input or a state the user can act on; anything else is
 # reported as unexpected (most likely a bug).
@@ -75,6 +86,8 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       fail(ValueError(f"unexpected arguments {argv[1:]}; every option is a --flag."))
     loop.install_preemption_handler()
     try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _DISTRIBUTED.value)
       return main(argv)
     except loop.Preempted as e:
       print(f"preempted: {e.message}", file=sys.stderr, flush=True)

@@ -144,7 +144,10 @@ def train_config() -> ml_collections.ConfigDict:
 def mesh_config() -> ml_collections.ConfigDict:
   """`config.mesh`: the device mesh and the one rule table (instruct/sharding.py)."""
   m = ml_collections.ConfigDict()
-  m.shape = (-1, 1, 1)         # -1 takes the remaining devices.
+  m.shape = (-1, 1, 1)         # -1 takes the remaining devices (of a slice, with dcn_shape).
+  # Several slices (TPU multi-slice; GPU nodes): how each axis repeats across slices over the
+  # data-centre network; `shape` is then one slice's mesh. () or all 1: one slice.
+  m.dcn_shape = ()
   m.axis_names = ("data", "fsdp", "tensor")
   m.rules = DEFAULT_RULES      # Logical axis -> mesh axes (see instruct/sharding.py).
   return m

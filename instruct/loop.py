@@ -38,6 +38,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from instruct import checkpoint as ckpt_lib
+from instruct import distributed
 from instruct import workdir as workdir_lib
 from instruct.metrics import MetricWriter
 
@@ -271,6 +272,7 @@ def open_run(workdir: str, config) -> tuple[ckpt_lib.Checkpointer, MetricWriter]
   when another run holds it), and a workdir with checkpoints is resumed only under the config
   it was started with, but for `workdir.RESUMABLE_KEYS` (ConfigChangedError lists the rest).
   """
+  distributed.check_agreement(config)
   lead = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints, exclusive=lead)
   try:

@@ -16,7 +16,6 @@ same answer:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import ml_collections
 
 from instruct import checkpoint as ckpt_lib
+from instruct import paths
 from instruct import sharding as shd
 from instruct.model import ModelConfig, Transformer
 from instruct.stages import table
@@ -35,7 +35,7 @@ class Run:
   """A run directory and (after `load_run`) one checkpoint's model parameters and extras.
 
   Attributes:
-    workdir: the run directory.
+    workdir: the run directory (a local path or a bucket URL, see `instruct.paths`).
     config: its saved config.
     stage: its record in the stage table.
     model_config: the architecture of the model it trains (its own `config.model`, or that of
@@ -66,8 +66,8 @@ class Run:
 
 def read_config(workdir: str, what: str = "run") -> ml_collections.ConfigDict:
   """The saved config of a run; FileNotFoundError naming `what` when there is none."""
-  path = os.path.join(workdir, "config.json") if workdir else "config.json"
-  if not workdir or not os.path.isfile(path):
+  path = paths.join(workdir, "config.json") if workdir else "config.json"
+  if not workdir or not paths.isfile(path):
     raise FileNotFoundError(f"{what}={workdir!r} is not a run directory (no {path}).")
   return ml_collections.ConfigDict(ckpt_lib.read_config(workdir))
 
@@ -128,7 +128,7 @@ def load_run(workdir: str, step: Optional[int] = None, *, mesh=None, rules=None,
   step = run.step if step is None else step
   if step is None:
     raise FileNotFoundError(f"{what}={workdir!r} has no checkpoint in "
-                            f"{os.path.join(workdir, 'checkpoints')}.")
+                            f"{paths.join(workdir, 'checkpoints')}.")
   if abstract is None:
     abstract = abstract_params(run.model, mesh, rules)
   for key in reversed(run.stage.params_at):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Rules = tuple[tuple[str, Any], ...]
@@ -66,11 +67,37 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   if len(names) != len(mesh_config.shape):
     raise ValueError(f"config.mesh.axis_names={names} and config.mesh.shape="
                      f"{tuple(mesh_config.shape)} have different lengths.")
-  shape = resolve_mesh_shape(mesh_config.shape, len(devices))
   axis_types = (AxisType.Auto,) * len(names)
+  dcn = tuple(int(d) for d in (getattr(mesh_config, "dcn_shape", None) or ()))
+  if dcn and math.prod(dcn) != 1:
+    return Mesh(_hybrid_devices(mesh_config.shape, dcn, names, devices), names,
+                axis_types=axis_types)
+  shape = resolve_mesh_shape(mesh_config.shape, len(devices))
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, names, axis_types=axis_types)
   return Mesh(np.asarray(devices).reshape(shape), names, axis_types=axis_types)
+
+
+def _hybrid_devices(ici_shape, dcn: tuple[int, ...], names, devices) -> np.ndarray:
+  """Devices arranged for a mesh over several slices (MaxText's ICI x DCN split).
+
+  `config.mesh.shape` is then the mesh inside one slice (fast interconnect, ICI; its -1 takes
+  a slice's remaining devices) and `config.mesh.dcn_shape` how each axis repeats across
+  slices (data-centre network, DCN): the mesh is their elementwise product. Slices are the
+  devices' `slice_index` (TPU); where devices have none (GPU, CPU), each process is one.
+  """
+  if len(dcn) != len(names) or any(d < 1 for d in dcn):
+    raise ValueError(f"config.mesh.dcn_shape={dcn}: expected {len(names)} positive sizes, one "
+                     f"per mesh axis {names}.")
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  per_process = len(slices) == 1  # One slice (GPU and CPU devices are all slice 0): hosts.
+  granules = {d.process_index for d in devices} if per_process else slices
+  unit = "processes" if per_process else "slices"
+  if len(granules) != math.prod(dcn):
+    raise ValueError(f"config.mesh.dcn_shape={dcn} spans {math.prod(dcn)} slices, but the "
+                     f"{len(devices)} devices are in {len(granules)} {unit}.")
+  ici = resolve_mesh_shape(ici_shape, len(devices) // len(granules))
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=per_process)
 
 
 def rules_from_config(mesh_config) -> Rules:

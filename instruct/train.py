@@ -12,6 +12,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from instruct import cli
+from instruct import distributed
 from instruct.stages import table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
@@ -24,6 +25,7 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   config = _CONFIG.value
+  distributed.check_agreement(config)  # Several processes: the same config everywhere.
   stage = table.get(config.get("stage"))
   logging.info("Config:\n%s", config)
   stage.run(config, _WORKDIR.value)

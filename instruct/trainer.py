@@ -16,7 +16,6 @@ can call.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ from absl import logging
 from instruct import hf as hf_lib
 from instruct import loop as loop_lib
 from instruct import optim
+from instruct import paths
 from instruct import run as run_lib
 from instruct import sharding as shd
 from instruct.data import load_tokenizer
@@ -148,7 +148,7 @@ def train_and_evaluate(config, workdir: str,
   tokenizer = load_tokenizer(config.data.tokenizer, pad_token=config.data.get("pad_token", ""))
   built = build(config, tokenizer, devices)
   config, task = built.config, built.task
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   train_data = task.make_data("train", True)
   eval_data = task.make_data("validation", False)
   # Invalid records skipped and examples truncated when loading: in every metrics record.

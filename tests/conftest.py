@@ -43,6 +43,18 @@ def write_lines(path, lines):
   return path
 
 
+def wait_for_line(process, text, timeout=600):
+  """Reads a `subprocess.Popen`'s stderr until a line holds `text`; returns the lines read."""
+  import time
+  seen, deadline = [], time.time() + timeout
+  for line in process.stderr:
+    seen.append(line)
+    if text in line or time.time() > deadline:
+      break
+  assert any(text in line for line in seen), "".join(seen)[-3000:]
+  return seen
+
+
 def is_boxed(x) -> bool:
   """Whether `x` is a parameter boxed with its logical axis names (`nn.Partitioned`)."""
   return isinstance(x, nn.Partitioned)

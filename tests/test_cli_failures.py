@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from experiments import instructgpt_mini as mini
 from instruct import loop
 from instruct import metrics as metrics_lib
 from instruct import workdir as workdir_lib
+from tests.conftest import wait_for_line
 from tests.test_sharding import ROOT
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -51,17 +51,6 @@ def sft(workdir, tfds_dir, *flags):
 def start(cmd):
   return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           text=True, env=ENV)
-
-
-def wait_for(process, text, timeout=300):
-  """Reads the process's stderr until a line holds `text`; returns what was read."""
-  seen, deadline = [], time.time() + timeout
-  for line in process.stderr:
-    seen.append(line)
-    if text in line or time.time() > deadline:
-      break
-  assert any(text in line for line in seen), "".join(seen)[-3000:]
-  return seen
 
 
 def finish(process, seen):
@@ -175,7 +164,7 @@ def test_a_non_finite_run_is_one_line_and_saves_nothing(tmp_path, tfds_dir):
 
 def test_sigterm_during_setup_is_a_preemption(tmp_path, tfds_dir):
   process = start(sft(tmp_path, tfds_dir, "--config.train.num_steps=50"))
-  seen = wait_for(process, "Config:")  # Logged before data preparation and compilation.
+  seen = wait_for_line(process, "Config:")  # Logged before data preparation and compilation.
   process.send_signal(signal.SIGTERM)
   stderr = finish(process, seen)
   assert process.returncode == loop.EXIT_PREEMPTED, stderr[-3000:]
@@ -186,7 +175,7 @@ def test_sigterm_in_training_saves_exits_75_and_the_rerun_logs_each_step_once(tm
   cmd = sft(tmp_path, tfds_dir, "--config.train.num_steps=60", "--config.train.log_every=4",
             "--config.train.checkpoint_every=1000")
   process = start(cmd)
-  seen = wait_for(process, "step 8/60")
+  seen = wait_for_line(process, "step 8/60")
   process.send_signal(signal.SIGTERM)
   stderr = finish(process, seen)
   assert process.returncode == loop.EXIT_PREEMPTED, stderr[-3000:]
@@ -207,7 +196,7 @@ def test_pipeline_stops_at_a_preempted_stage_and_refuses_stale_or_foreign_work(t
   env = dict(ENV, TFDS_DATA_DIR=tfds_dir)
   process = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              text=True, env=env)
-  seen = wait_for(process, "pretrain ...")
+  seen = wait_for_line(process, "pretrain ...")
   process.send_signal(signal.SIGTERM)
   stderr = finish(process, seen)
   assert process.returncode == loop.EXIT_PREEMPTED, stderr[-3000:]

@@ -346,8 +346,20 @@ def test_host_sharding_concatenates_to_global_batch(demos_train, tokenizer):
     for key in one[g]:
       np.testing.assert_array_equal(np.concatenate([hosts[0][g][key], hosts[1][g][key]]),
                                     one[g][key])
-  with pytest.raises(ValueError, match='single bucket'):
-    _batches(demos_train, tokenizer, process_count=2)
+  # Several buckets: every host pads to the bucket of the global batch's longest row, so the
+  # hosts' shapes agree and their rows concatenate to the one-host batch (its bucket too).
+  one = _take(_batches(demos_train, tokenizer, buckets=(18, 20, 22, 24, 26, 28, 30, 32, 64, 128)),
+              6)
+  hosts = [
+      _take(
+          _batches(demos_train, tokenizer, buckets=(18, 20, 22, 24, 26, 28, 30, 32, 64, 128),
+                   process_index=p, process_count=2), 6) for p in range(2)
+  ]
+  assert len({b['tokens'].shape[1] for b in one}) > 1  # The buckets are really exercised.
+  for g in range(6):
+    for key in one[g]:
+      np.testing.assert_array_equal(np.concatenate([hosts[0][g][key], hosts[1][g][key]]),
+                                    one[g][key])
   with pytest.raises(ValueError, match='global_batch_size.*process_count'):
     _batches(demos_train, tokenizer, global_batch_size=30, process_count=4, buckets=(64,))
 

@@ -142,3 +142,17 @@ def test_batch_is_split_over_data_and_fsdp():
   assert shd.data_parallel_size(mesh, shd.DEFAULT_RULES) == 4
   batch = shd.host_batch_to_global(synthetic_batches(1)[0], sharding)
   assert batch["tokens"].addressable_shards[0].data.shape == (4, 32)
+
+
+def test_a_multi_slice_mesh_needs_as_many_slices_as_dcn_shape_says():
+  config = mesh_config((-1, 1, 1))
+  config.dcn_shape = (1, 1, 1)  # One slice: the plain mesh.
+  assert shd.make_mesh(config).devices.shape == (8, 1, 1)
+  config.dcn_shape = (2, 1, 1)  # These 8 CPU devices are one process: one slice.
+  with pytest.raises(
+      ValueError, match=r"config\.mesh\.dcn_shape=\(2, 1, 1\) spans 2 slices, "
+      r"but the 8 devices are in 1 processes"):
+    shd.make_mesh(config)
+  config.dcn_shape = (2, 1)
+  with pytest.raises(ValueError, match=r"config\.mesh\.dcn_shape=\(2, 1\): expected 3"):
+    shd.make_mesh(config)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -311,8 +312,12 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
     logging.info('Preparing %s from local files %s into %s.', builder.name, dict(files),
                  builder.data_dir)
   # TFDS prints "Downloading and preparing ..." on stdout even for local files; nothing is
-  # downloaded, so keep that line out of the output.
-  with contextlib.redirect_stdout(io.StringIO()):
+  # downloaded, so keep that line out of the output. Several processes of one run (or several
+  # runs) sharing a data directory prepare a dataset once: the first to take the lock
+  # prepares it, the others then find it prepared. (Hosts with their own disks each prepare
+  # their own copy, deterministically.)
+  os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
+  with filelock.FileLock(builder.data_dir + '.lock'), contextlib.redirect_stdout(io.StringIO()):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False))
   return StringSource(builder.as_data_source(split=split),

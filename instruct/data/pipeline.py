@@ -58,9 +58,9 @@ class Batches:
   By default each batch is a dict of int32 arrays of shape
   `[B // process_count, L]`: `tokens` (right-padded with `pad_id`),
   `loss_mask` and `attention_mask` (1 on real tokens). `L` is the smallest
-  bucket that fits the longest of the host's rows. Hosts must agree on `L`,
-  so with `process_count > 1` exactly one bucket is allowed (enforced): this
-  keeps every host tokenizing only its own rows. A custom `collate` builds
+  bucket that fits the longest of the host's rows; with `process_count > 1`
+  and several buckets, of the whole global batch's rows, so that every host
+  builds the same shape (a custom `collate` needs a single bucket then). A custom `collate` builds
   the batch instead (see `make_comparison_batches` and
   `prompts.make_prompt_batches`); ordering, host slicing, caching, eval padding,
   state and `num_truncated` work the same.
@@ -118,7 +118,9 @@ class Batches:
     self.num_truncated_examples: int | None = None
     _check_sizes(len(source), global_batch_size, process_index, process_count, repeat, name=name,
                  batch_size_name=batch_size_name, num_skipped=self.num_skipped)
-    self._buckets = _check_buckets(buckets, process_count)
+    self._buckets = _check_buckets(buckets, process_count, custom_collate=collate is not None)
+    self._global_lengths = process_count > 1 and len(self._buckets) > 1
+    self._longest = 0  # With several hosts and buckets: the global batch's longest row.
     self._source = source
     self._encode = encode
     self._global_batch_size = global_batch_size
@@ -222,6 +224,13 @@ class Batches:
     start = (self._batch * self._global_batch_size + self._process_index * self._local_batch_size)
     order = self._permutation(self._epoch)
     rows = [int(i) for i in order[start:start + self._local_batch_size]]
+    if self._global_lengths:
+      # Every host pads to the bucket of the whole global batch's longest row, so all hosts
+      # agree on the shape (the other hosts' rows are encoded, not batched, here).
+      first = self._batch * self._global_batch_size
+      self._longest = max(
+          len(self._encoded(int(i), count=False)[0])
+          for i in order[first:first + self._global_batch_size])
     batch = self._collate([self._encoded(i) for i in rows], self._local_batch_size)
     self._batch += 1
     if self._batch == self.batches_per_epoch:
@@ -262,7 +271,7 @@ class Batches:
   def _pad_sequences(self, rows: Sequence[tokenization.Encoded],
                      local_batch_size: int) -> dict[str, np.ndarray]:
     """Right-pads `rows` (plus dummy rows) into a `[local_batch, L]` batch."""
-    longest = max((len(tokens) for tokens, _, _ in rows), default=0)
+    longest = max([len(tokens) for tokens, _, _ in rows] + [self._longest])
     length = next(b for b in self._buckets if b >= longest)
     shape = (local_batch_size, length)
     tokens = np.full(shape, self._pad_id, np.int32)
@@ -300,20 +309,18 @@ def _check_sizes(num_examples: int, global_batch_size: int, process_index: int, 
                      f'Lower {batch_size_name}, or add examples.')
 
 
-def _check_buckets(buckets: Sequence[int], process_count: int) -> tuple[int, ...]:
-  """Returns `buckets` as a tuple after checking them.
-
-  Raises:
-    ValueError: Buckets are empty, not positive and strictly increasing, or
-      several while `process_count > 1` (hosts could disagree on lengths).
-  """
+def _check_buckets(buckets: Sequence[int], process_count: int,
+                   custom_collate: bool = False) -> tuple[int, ...]:
+  """Returns `buckets` as a tuple; ValueError if they are not positive and
+  strictly increasing, or several with `process_count > 1` and a custom
+  collate (which picks its lengths from the host's own rows)."""
   buckets = tuple(int(b) for b in buckets)
   if not buckets or buckets[0] < 1 or any(a >= b for a, b in zip(buckets, buckets[1:])):
     raise ValueError('buckets must be positive and strictly increasing, got '
                      f'{buckets}.')
-  if process_count > 1 and len(buckets) > 1:
-    raise ValueError(f'With process_count={process_count} use a single bucket (got '
-                     f'{buckets}): each host picks its length from its own rows, so '
+  if process_count > 1 and len(buckets) > 1 and custom_collate:
+    raise ValueError(f'With process_count={process_count} comparisons need a single bucket '
+                     f'(got {buckets}): each host picks its lengths from its own rows, so '
                      'several buckets could give hosts different shapes.')
   return buckets
 

@@ -12,6 +12,7 @@ back restores the bias from config.json, so export -> import is the identity on 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -27,6 +28,7 @@ import safetensors.numpy
 import transformers
 from absl import logging
 
+from instruct import paths
 from instruct import run as run_lib
 from instruct import sharding as shd
 from instruct.data import load_tokenizer
@@ -161,7 +163,16 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
   """Refuses, before any work, an `out_dir` that is a file, lies under a file, or is a
-  non-empty directory without `overwrite`."""
+  non-empty directory without `overwrite` (on a bucket, where directories are name prefixes,
+  only the last two)."""
+  if paths.is_url(out_dir):
+    if paths.isfile(out_dir):
+      raise FileExistsError(f"out_dir={out_dir!r} (--out) is an object; expected a directory "
+                            "(new or empty, or existing with overwrite=True).")
+    if paths.isdir(out_dir) and paths.listdir(out_dir) and not overwrite:
+      raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
+                            "(--overwrite) to replace its files.")
+    return
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f"out_dir={out_dir!r} (--out) is a file; expected a directory (new or "
                           "empty, or existing with overwrite=True).")
@@ -209,7 +220,9 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
   `max_shard_size` with an index when there is more than one. The parameters stay sharded on
   the devices and are gathered one tensor at a time. Everything is written to a temporary
   directory beside `out_dir` and moved in at the end, so a failed export leaves `out_dir` as
-  it was.
+  it was. `out_dir` may be a bucket URL (`gs://...`): the files are then written to a local
+  temporary directory and copied to it at the end (object by object: an export that fails
+  while copying leaves some of the new files there).
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}.")
@@ -231,9 +244,12 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
     setattr(hf_config, SCORE_BIAS_KEY, bias)
     if norm is not None:
       setattr(hf_config, NORMALIZATION_KEY, dict(norm))
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}-", dir=parent)
+  if paths.is_url(out_dir):
+    staging = tempfile.mkdtemp(prefix=f".{paths.basename(out_dir)}-")
+  else:
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}-", dir=parent)
   try:
     cast = EXPORT_DTYPES[dtype]
     tensors = ((n, a.astype(cast)) for n, a in iter_hf_tensors(params, cfg, family, head))
@@ -244,11 +260,7 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
     tokenizer.save_pretrained(staging)
     with open(os.path.join(staging, "README.md"), "w") as f:
       f.write(_readme(workdir, run.stage, step, family, hf_config, norm))
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
-      os.remove(stale)
-    for name in os.listdir(staging):
-      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    _move_into(staging, out_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   logging.info("Exported %s (step %d) as %s to %s.", workdir, step, hf_config.architectures[0],
@@ -256,10 +268,30 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
   return out_dir
 
 
+def _move_into(staging: str, out_dir: str) -> None:
+  """Replaces `out_dir`'s weights with the files of the local directory `staging` (moved in
+  locally; copied, object by object, to a bucket)."""
+  paths.makedirs(out_dir)
+  if not paths.is_url(out_dir):
+    for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
+      os.remove(stale)
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    return
+  for stale in fnmatch.filter(paths.listdir(out_dir), "model*.safetensors*"):
+    paths.remove(paths.join(out_dir, stale))
+  for name in sorted(os.listdir(staging)):
+    source = os.path.join(staging, name)
+    if os.path.isdir(source):
+      paths.move(source, paths.join(out_dir, name))
+    else:
+      paths.copy_file(source, paths.join(out_dir, name))
+
+
 def _readme(workdir, stage: table.Stage, step, family, hf_config, norm) -> str:
   lines = [
       f"# {hf_config.architectures[0]} exported by instruct", "",
-      f"- source run: `{os.path.abspath(workdir)}` (stage `{stage.name}`, step {step})",
+      f"- source run: `{paths.absolute(workdir)}` (stage `{stage.name}`, step {step})",
       f"- family: `{family}`; {hf_config.dtype} safetensors weights; the run's tokenizer.", ""
   ]
   if stage.head == "scalar":

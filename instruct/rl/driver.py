@@ -18,7 +18,6 @@ and reward model are not copied into RL checkpoints: they are reloaded from thei
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -28,6 +27,7 @@ from absl import logging
 
 from instruct import data as data_lib
 from instruct import loop as loop_lib
+from instruct import paths
 from instruct import sharding as shd
 from instruct.rl import algorithms
 from instruct.rl import config as rl_config
@@ -96,7 +96,7 @@ def train(config, workdir: str, devices=None) -> Any:
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer,
                                       pad_token=config.data.get("pad_token", ""))
   roles, algorithm, sample = build(config, tokenizer, devices)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   prompts, ptx = make_data(config, tokenizer, algorithm.ptx_rows)
   loaded = data_metrics(prompts, ptx)
   checkpointer, writer = loop_lib.open_run(workdir, config)
