@@ -54,7 +54,8 @@ def _ignore_closed_event_loop_callbacks() -> None:
   flight; each of them then fails to call back into the closed loop and reports it as an
   unraisable exception (`RuntimeError: Event loop is closed`, a traceback each), and asyncio
   logs each failed read's task ("Task exception was never retrieved"): dozens of tracebacks
-  per damaged checkpoint after the one line that says what happened. Only these are dropped.
+  per damaged checkpoint after the one line that says what happened. Only these are dropped,
+  from the first resume on.
   """
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop", False):
@@ -134,13 +135,14 @@ class Checkpointer:
     `checkpoints_damaged/<step>` (never deleted) and the previous one is tried; when every
     checkpoint was damaged, `NoReadableCheckpointError` says where they went.
     """
+    # Installed before the first read: a failing read's follow-ons can come before its error.
+    _ignore_closed_event_loop_callbacks()
     moved = []
     while (step := self.latest_step()) is not None:
       try:
         state, extras = self.restore(step, abstract_state)
         return step, state, extras
       except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
-        _ignore_closed_event_loop_callbacks()
         where = self._move_aside(step)
         moved.append(where)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -307,18 +307,23 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
   config = LocalFilesConfig(files=files, skip_invalid=skip_invalid,
                             allow_directories=(data_format
                                                != RECORDS_FORMAT), max_responses=max_responses)
-  builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format='array_record')
-  if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
-    logging.info('Preparing %s from local files %s into %s.', builder.name, dict(files),
-                 builder.data_dir)
-  # TFDS prints "Downloading and preparing ..." on stdout even for local files; nothing is
-  # downloaded, so keep that line out of the output. Several processes of one run (or several
-  # runs) sharing a data directory prepare a dataset once: the first to take the lock
-  # prepares it, the others then find it prepared. (Hosts with their own disks each prepare
-  # their own copy, deterministically.)
+  make = lambda: builder_cls(config=config, data_dir=os.fspath(data_dir),  # noqa: E731
+                             file_format='array_record')
+  builder = make()
+  # Several processes of one run (or several runs) sharing a data directory prepare a dataset
+  # once: the first to take the lock prepares it; the others, once they have the lock, open a
+  # new builder (one opened before reads the dataset's info as it was then: no splits) and
+  # find it prepared. Hosts with their own disks each prepare the same copy.
   os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
-  with filelock.FileLock(builder.data_dir + '.lock'), contextlib.redirect_stdout(io.StringIO()):
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
+  with filelock.FileLock(builder.data_dir + '.lock'):
+    builder = make()
+    if not os.path.isdir(builder.data_dir) or not os.listdir(builder.data_dir):
+      logging.info('Preparing %s from local files %s into %s.', builder.name, dict(files),
+                   builder.data_dir)
+    # TFDS prints "Downloading and preparing ..." on stdout even for local files; nothing is
+    # downloaded, so keep that line out of the output.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
   return StringSource(builder.as_data_source(split=split),
                       num_skipped=_num_skipped(builder.info, split))
