@@ -29,6 +29,13 @@ FLAGS = [
 ]
 
 
+PPO_STEPS = 2
+# Measured 2026-11-29 on a 2-core AMD EPYC: every logged metric within 4.8e-7 (absolute) of the
+# 1-process run (policy_loss 1.1e-7 of 8.4e-4; score, ptx_loss and value_loss exactly), the
+# parameters within 1.2e-7 after 2 iterations; the bounds keep a margin of >= 20x.
+PPO_RTOL, PPO_ATOL, PPO_PARAMS_ATOL = 1e-4, 1e-5, 1e-5
+
+
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -79,9 +86,11 @@ def test_two_processes_train_as_one_and_write_one_checkpoint(runs):
   assert not os.path.exists(root / "two" / "checkpoints_damaged")
 
 
-def test_a_reward_model_trains_as_one_on_two_processes_preparing_its_data_once(runs):
-  """RM from the SFT run, 4 steps with evaluation; the 2-process run prepares its datasets
-  in a fresh data directory, both processes at once (one prepares, the other waits)."""
+@pytest.fixture(scope="module")
+def rm_runs(runs):
+  """RM from the SFT run, 4 steps with evaluation, as 1 x 8 and as 2 x 4 devices; the 2-process
+  run prepares its datasets in a fresh data directory, both processes at once (one prepares,
+  the other waits)."""
   root = runs["root"]
   rm = [
       "--config=configs/rm.py:tiny", f"--config.init_from={root / 'one'}",
@@ -97,6 +106,11 @@ def test_a_reward_model_trains_as_one_on_two_processes_preparing_its_data_once(r
       f"--workdir={root / 'rm_two'}", f"--config.data.tfds_dir={root / 'fresh_tfds'}"
   ], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert two.returncode == 0, two.stderr[-3000:]
+  return root
+
+
+def test_a_reward_model_trains_as_one_on_two_processes_preparing_its_data_once(rm_runs):
+  root = rm_runs
   # Measured 2026-11-28 on a 2-core AMD EPYC: parameters within 7.0e-5, the demonstrations'
   # bias within 1.8e-4 (of 0.82), the losses within 1e-7; bounds with a margin of >= 10x.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=0),
@@ -109,6 +123,36 @@ def test_a_reward_model_trains_as_one_on_two_processes_preparing_its_data_once(r
   for key in ("loss", "val_loss", "val_accuracy"):
     np.testing.assert_allclose([r[key] for r in two if key in r], [r[key] for r in one if key in r],
                                rtol=1e-5)
+
+
+def test_ppo_with_the_pretraining_mix_trains_as_one_on_two_processes(rm_runs):
+  """PPO-ptx (policy from the SFT run, reward model and critic from the RM run), 2 iterations:
+  the rollouts (sampled on the global batch, split over both processes), the scores, the KL
+  penalty and the updates of policy and critic match one process of 8 devices."""
+  root = rm_runs
+  ppo = [
+      "--config=configs/ppo.py:tiny_ptx", f"--config.policy_from={root / 'one'}",
+      f"--config.reward_from={root / 'rm_one'}", f"--config.train.num_steps={PPO_STEPS}",
+      "--config.train.log_every=1"
+  ]
+  one = subprocess.run(
+      [sys.executable, "-m", "instruct.train", *ppo, f"--workdir={root / 'ppo_one'}"], cwd=ROOT,
+      env=_env(), capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = subprocess.run([
+      sys.executable, "-m", "instruct.launch", "--processes=2", "--devices_per_process=4", *ppo,
+      f"--workdir={root / 'ppo_two'}"
+  ], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one, two = (metrics_lib.read_metrics(str(root / n)) for n in ("ppo_one", "ppo_two"))
+  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, PPO_STEPS + 1))
+  keys = {k for k in one[0] if not any(t in k for t in ("per_second", "seconds", "time"))}
+  assert {"score", "policy_loss", "ptx_loss"} <= keys and set(two[0]) >= keys, sorted(keys)
+  for key in sorted(keys):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=PPO_RTOL,
+                               atol=PPO_ATOL, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PPO_PARAMS_ATOL, rtol=0),
+               _params(root / "ppo_one"), _params(root / "ppo_two"))
 
 
 def test_a_mesh_across_two_slices_trains_as_one_slice(runs):
