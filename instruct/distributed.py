@@ -12,12 +12,14 @@ Every command calls `initialize()` (through `instruct.cli`) before anything touc
 - on CPU the collectives go through gloo, so the several-process tests run on one machine.
 
 `check_agreement(config)` then refuses to run when the processes disagree on what they run:
-devices per process or the config (a host with a stale checkout or other flags).
+devices per process or the config (a host with a stale checkout or other flags), and
+`check_same_data` when their copies of a dataset differ (a host with other input files).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Mapping, Optional
 
@@ -104,10 +106,35 @@ def check_agreement(config) -> None:
     raise DistributedError(f"the processes have different numbers of devices "
                            f"({counts.reshape(-1).tolist()}, by process index); every process of "
                            "a run needs the same.")
-  mine = _fingerprint(config.to_json_best_effort(sort_keys=True))
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-  differing = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  differing = _differing(config.to_json_best_effort(sort_keys=True))
   if differing:
     raise DistributedError(
         f"processes {differing} run another config than process 0 (e.g. other flags or "
         "another checkout on those hosts); start every process with the same command.")
+
+
+def check_same_data(what: str, source) -> None:
+  """Raises DistributedError when the processes' copies of a dataset differ.
+
+  Each host prepares its own copy of a dataset from its own input files; a host with other
+  files (a stale copy, another version) would train on other examples, silently. The copies
+  are compared by size and by three records (first, middle, last of TFDS's deterministic
+  order, which moves with any change of the content): cheap, and enough to catch a stale
+  or partial copy.
+  """
+  if jax.process_count() == 1:
+    return
+  n = len(source)
+  sample = [source[i] for i in sorted({0, n // 2, n - 1})] if n else []
+  differing = _differing(json.dumps([n, sample], sort_keys=True, default=repr))
+  if differing:
+    raise DistributedError(
+        f"processes {differing} read other data than process 0 for {what} (the input files "
+        "differ between hosts); give every host the same files.")
+
+
+def _differing(text: str) -> list[int]:
+  """The indices of the processes whose `text` differs from process 0's."""
+  mine = _fingerprint(text)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  return [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]

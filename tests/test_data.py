@@ -501,3 +501,18 @@ def test_a_split_smaller_than_a_batch_names_split_file_and_key(tmp_path, tokeniz
   assert str(info.value).startswith(
       f'train split ({path}) has 3 examples (after skipping 1 invalid ones), fewer than one '
       'global batch of 4 (config.train.global_batch_size)')
+
+
+def test_prepared_datasets_stay_on_local_disk(monkeypatch):
+  """A bucket workdir is fine; a bucket for TFDS's prepared ArrayRecord files is refused
+  with the key that named it (the files are read through local paths)."""
+  from ml_collections import ConfigDict
+  from instruct.stages import common
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  assert common.tfds_dir(ConfigDict({"data": {"tfds_dir": "/d/tfds"}})) == "/d/tfds"
+  assert common.tfds_dir(ConfigDict({"data": {"tfds_dir": ""}})).endswith("tensorflow_datasets")
+  with pytest.raises(ValueError, match=r"^config.data.tfds_dir='gs://b/tfds' is a URL"):
+    common.tfds_dir(ConfigDict({"data": {"tfds_dir": "gs://b/tfds"}}))
+  monkeypatch.setenv("TFDS_DATA_DIR", "gs://b/tfds")
+  with pytest.raises(ValueError, match=r"^\$TFDS_DATA_DIR='gs://b/tfds' is a URL"):
+    common.tfds_dir(ConfigDict({"data": {"tfds_dir": ""}}))

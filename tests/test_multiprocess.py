@@ -28,7 +28,6 @@ FLAGS = [
     "--config.train.eval_every=0", "--config.train.keep_checkpoints=10"
 ]
 
-
 PPO_STEPS = 2
 # Measured 2026-11-29 on a 2-core AMD EPYC: every logged metric within 4.8e-7 (absolute) of the
 # 1-process run (policy_loss 1.1e-7 of 8.4e-4; score, ptx_loss and value_loss exactly), the
@@ -182,6 +181,33 @@ def test_processes_that_disagree_on_the_config_stop_with_one_line(tmp_path):
     assert process.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "error: processes [1] run another config than process 0" in stderr, stderr[-3000:]
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_processes_with_other_copies_of_the_data_stop_with_one_line(tmp_path):
+  """The same command on two hosts whose local copies of the training file differ (host 1's
+  lost its last records): both stop before training, naming the split and the file."""
+  port = launch.free_port()
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  with open(os.path.join(ROOT, "instruct", "assets", "data", "demos_train.jsonl")) as f:
+    lines = f.readlines()
+  processes = []
+  for i in range(2):
+    host = tmp_path / f"host{i}"  # Each process's working directory: its own disk.
+    host.mkdir()
+    (host / "demos.jsonl").write_text("".join(lines if i == 0 else lines[:-10]))
+    processes.append(
+        subprocess.Popen([
+            sys.executable, "-m", "instruct.train", f"--config={ROOT}/configs/sft.py:tiny",
+            f"--workdir={tmp_path / 'run'}", "--config.data.train_file=demos.jsonl",
+            "--config.data.tfds_dir=tfds", f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", f"--process_id={i}"
+        ], cwd=host, env=env, stderr=subprocess.PIPE, text=True))
+  errors = [p.communicate(timeout=600)[1] for p in processes]
+  for process, stderr in zip(processes, errors):
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert ("error: processes [1] read other data than process 0 for split 'train' "
+            "(demos.jsonl)") in stderr, stderr[-3000:]
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def _child_pid(workdir, process_id):

@@ -32,6 +32,7 @@ import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
+from instruct import distributed
 from instruct.data import comparisons
 from instruct.data import local_files
 from instruct.data import public
@@ -325,5 +326,7 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
     with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           try_download_gcs=False))
-  return StringSource(builder.as_data_source(split=split),
-                      num_skipped=_num_skipped(builder.info, split))
+  source = StringSource(builder.as_data_source(split=split),
+                        num_skipped=_num_skipped(builder.info, split))
+  distributed.check_same_data(f'split {split!r} ({files[split]})', source)
+  return source

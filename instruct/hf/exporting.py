@@ -13,7 +13,6 @@ back restores the bias from config.json, so export -> import is the identity on 
 from __future__ import annotations
 
 import fnmatch
-import glob
 import json
 import os
 import shutil
@@ -272,20 +271,10 @@ def _move_into(staging: str, out_dir: str) -> None:
   """Replaces `out_dir`'s weights with the files of the local directory `staging` (moved in
   locally; copied, object by object, to a bucket)."""
   paths.makedirs(out_dir)
-  if not paths.is_url(out_dir):
-    for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
-      os.remove(stale)
-    for name in os.listdir(staging):
-      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    return
   for stale in fnmatch.filter(paths.listdir(out_dir), "model*.safetensors*"):
     paths.remove(paths.join(out_dir, stale))
   for name in sorted(os.listdir(staging)):
-    source = os.path.join(staging, name)
-    if os.path.isdir(source):
-      paths.move(source, paths.join(out_dir, name))
-    else:
-      paths.copy_file(source, paths.join(out_dir, name))
+    paths.move(os.path.join(staging, name), paths.join(out_dir, name))
 
 
 def _readme(workdir, stage: table.Stage, step, family, hf_config, norm) -> str:

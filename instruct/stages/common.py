@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from instruct import paths
 from instruct.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -105,9 +106,20 @@ class Task:
 
 
 def tfds_dir(config) -> str:
-  """Where TFDS prepares datasets: config.data.tfds_dir, $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-  return (config.data.tfds_dir or os.environ.get("TFDS_DATA_DIR")
-          or os.path.expanduser("~/tensorflow_datasets"))
+  """Where TFDS prepares datasets: config.data.tfds_dir, $TFDS_DATA_DIR or ~/tensorflow_datasets.
+
+  A local directory only: the prepared ArrayRecord files are written and read by C++ code that
+  takes local paths, and they are a cache, rebuilt identically from the input files, so each
+  host keeps its own (under a file lock shared by the processes of a host).
+  """
+  directory = (config.data.tfds_dir or os.environ.get("TFDS_DATA_DIR")
+               or os.path.expanduser("~/tensorflow_datasets"))
+  if paths.is_url(directory):
+    source = ("config.data.tfds_dir" if config.data.tfds_dir else "$TFDS_DATA_DIR")
+    raise ValueError(f"{source}={directory!r} is a URL; prepared datasets go on each host's "
+                     "local disk (ArrayRecord files are read through local paths): give a local "
+                     "directory, or '' for ~/tensorflow_datasets. The workdir may be a bucket.")
+  return directory
 
 
 def sum_outputs(outputs: list[dict]) -> dict:
