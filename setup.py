@@ -36,5 +36,8 @@ setup(
         # PyTorch (the CPU wheel) for the parity tests against transformers' PyTorch models
         # (tests/test_hf.py); pinned: a looser range pulls the newest, multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
+        # Workdirs and exports on Google Cloud Storage (gs://): etils.epath reads and writes
+        # objects through gcsfs, Orbax checks the bucket through google-cloud-storage.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
     },
 )

@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   tpu.add_argument("--zone")
   tpu.add_argument("--project", default="")
   tpu.add_argument("--remote_dir", default="~/instruct")
-  tpu.add_argument("--setup", default='pip install -q -e . "jax[tpu]"',
+  tpu.add_argument("--setup", default='pip install -q -e ".[gcs]" "jax[tpu]"',
                    help="Run in --remote_dir on every worker after copying the code.")
   xpk = p.add_argument_group("xpk (GKE)")
   xpk.add_argument("--cluster")

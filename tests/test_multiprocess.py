@@ -277,7 +277,7 @@ def test_tpu_dry_run_copies_installs_and_runs_on_every_worker():
   for command in (scp, setup, run):
     assert "--zone=us-west4-a" in command and "--project=p" in command
     assert "--worker=all" in command
-  assert setup[5] == "pod" and 'pip install -q -e . "jax[tpu]"' in setup[-1]
+  assert setup[5] == "pod" and 'pip install -q -e ".[gcs]" "jax[tpu]"' in setup[-1]
   assert run[-1] == ("--command=cd ~/instruct && python -m instruct.train "
                      "--config=configs/sft.py:llama_1b --workdir=gs://b/run --distributed=on")
 
