@@ -85,6 +85,25 @@ def test_two_processes_train_as_one_and_write_one_checkpoint(runs):
   assert not os.path.exists(root / "two" / "checkpoints_damaged")
 
 
+def test_two_processes_export_the_files_one_process_exports(runs):
+  """`instruct.export` of the 2-process SFT run, launched as 2 x 4 devices (the parameters
+  gathered across the processes, process 0 writing) and as 1 x 8: the same bytes."""
+  root = runs["root"]
+  one = subprocess.run([
+      sys.executable, "-m", "instruct.export", f"--workdir={root / 'two'}",
+      f"--out={root / 'hf_one'}"
+  ], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = subprocess.run([
+      sys.executable, "-m", "instruct.launch", "--processes=2", "--devices_per_process=4",
+      "--module=instruct.export", f"--workdir={root / 'two'}", f"--out={root / 'hf_two'}"
+  ], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert sorted(os.listdir(root / "hf_two")) == sorted(os.listdir(root / "hf_one"))
+  for name in ("model.safetensors", "config.json"):
+    assert (root / "hf_two" / name).read_bytes() == (root / "hf_one" / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def rm_runs(runs):
   """RM from the SFT run, 4 steps with evaluation, as 1 x 8 and as 2 x 4 devices; the 2-process

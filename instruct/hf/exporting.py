@@ -26,6 +26,7 @@ import numpy as np
 import safetensors.numpy
 import transformers
 from absl import logging
+from jax.experimental import multihost_utils
 
 from instruct import paths
 from instruct import run as run_lib
@@ -60,6 +61,9 @@ def _param(params, cfg: ModelConfig, key: tuple[str, ...]) -> np.ndarray:
     node = node[k]
   if layer is not None:
     node = node[layer]
+  if isinstance(node, jax.Array) and not node.is_fully_addressable:
+    # Several processes: every process takes part in the gather (a collective).
+    return np.asarray(multihost_utils.process_allgather(node, tiled=True), np.float32)
   return np.asarray(jax.device_get(node), np.float32)
 
 
@@ -221,7 +225,8 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
   directory beside `out_dir` and moved in at the end, so a failed export leaves `out_dir` as
   it was. `out_dir` may be a bucket URL (`gs://...`): the files are then written to a local
   temporary directory and copied to it at the end (object by object: an export that fails
-  while copying leaves some of the new files there).
+  while copying leaves some of the new files there). Run by several processes (a model
+  sharded over hosts), every process takes part in each tensor's gather and process 0 writes.
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {sorted(EXPORT_DTYPES)}.")
@@ -243,6 +248,14 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
     setattr(hf_config, SCORE_BIAS_KEY, bias)
     if norm is not None:
       setattr(hf_config, NORMALIZATION_KEY, dict(norm))
+  cast = EXPORT_DTYPES[dtype]
+  tensors = ((n, a.astype(cast)) for n, a in iter_hf_tensors(params, cfg, family, head))
+  if jax.process_index() != 0:
+    # Several processes: each takes part in every tensor's gather; process 0 writes.
+    for _ in tensors:
+      pass
+    multihost_utils.sync_global_devices(f"exported {out_dir}")
+    return out_dir
   if paths.is_url(out_dir):
     staging = tempfile.mkdtemp(prefix=f".{paths.basename(out_dir)}-")
   else:
@@ -250,8 +263,6 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}-", dir=parent)
   try:
-    cast = EXPORT_DTYPES[dtype]
-    tensors = ((n, a.astype(cast)) for n, a in iter_hf_tensors(params, cfg, family, head))
     write_safetensors(tensors, staging, max_shard_size)
     hf_config.save_pretrained(staging)
     if head == "lm":
@@ -264,6 +275,8 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, family: Op
     shutil.rmtree(staging, ignore_errors=True)
   logging.info("Exported %s (step %d) as %s to %s.", workdir, step, hf_config.architectures[0],
                out_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"exported {out_dir}")
   return out_dir
 
 
