@@ -63,6 +63,7 @@ from experiments.world import tasks as T
 from instruct import cli
 from instruct import config_lib
 from instruct import metrics as metrics_lib
+from instruct import paths
 from instruct import run as run_lib
 from instruct import workdir as workdir_lib
 from instruct.data import tokenization
@@ -164,18 +165,17 @@ def _config(file: str, arg: str):
 
 def rm_num_steps(preset: Preset, root: str) -> int:
   """RM steps for `preset.rm_epochs` passes over ROOT/comparisons/comparisons_train.jsonl."""
-  path = os.path.join(root, "comparisons", "comparisons_train.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(root, "comparisons", "comparisons_train.jsonl")
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} is missing: the rm stage's length follows from the "
                             "comparisons stage's output, which comes first.")
-  with open(path) as f:
-    rows = sum(1 for line in f if line.strip())
+  rows = sum(1 for line in paths.read_text(path).split("\n") if line.strip())
   return max(1, math.ceil(preset.rm_epochs * rows / RM_BATCH))
 
 
 def stage_config(stage: str, preset: Preset, root: str):
   """The `instruct.train` config of a training stage."""
-  files = world_lib.files(os.path.join(root, "world"))
+  files = world_lib.files(paths.join(root, "world"))
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
     c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
@@ -190,7 +190,7 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.optimizer.warmup_steps = min(20, c.train.num_steps // 5)
   elif stage == "sft":
     c = _config("sft.py", "tiny")
-    c.init_from = os.path.join(root, "pretrain")
+    c.init_from = paths.join(root, "pretrain")
     c.model = config_lib.ml_collections.ConfigDict(preset.small)
     c.data.train_file, c.data.validation_file = files["sft"]["train"], files["sft"]["validation"]
     c.data.buckets = (64,)
@@ -200,11 +200,11 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.optimizer.warmup_steps = min(10, c.train.num_steps // 5)
   elif stage == "rm":
     c = _config("rm.py", "tiny")
-    c.init_from = os.path.join(root, "sft")
+    c.init_from = paths.join(root, "sft")
     c.model = config_lib.ml_collections.ConfigDict(preset.small)
-    comparisons = os.path.join(root, "comparisons")
-    c.data.train_file = os.path.join(comparisons, "comparisons_train.jsonl")
-    c.data.validation_file = os.path.join(comparisons, "comparisons_validation.jsonl")
+    comparisons = paths.join(root, "comparisons")
+    c.data.train_file = paths.join(comparisons, "comparisons_train.jsonl")
+    c.data.validation_file = paths.join(comparisons, "comparisons_validation.jsonl")
     c.data.buckets = (64,)
     c.rm.max_responses = preset.responses_per_prompt
     c.rm.normalization_file = files["sft"]["train"]
@@ -214,7 +214,7 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.optimizer.warmup_steps = min(8, c.train.num_steps // 5)
   elif stage in ("ppo", "ppo_ptx"):
     c = _config("ppo.py", "tiny_ptx" if stage == "ppo_ptx" else "tiny")
-    c.policy_from, c.reward_from = os.path.join(root, "sft"), os.path.join(root, "rm")
+    c.policy_from, c.reward_from = paths.join(root, "sft"), paths.join(root, "rm")
     c.data.train_file, c.data.validation_file = files["ppo_prompts"]["train"], files["ppo_prompts"][
         "validation"]
     c.data.prompt_length = 32
@@ -263,15 +263,13 @@ class StageInputsChangedError(ValueError):
 
 
 def _fingerprint(root: str, stage: str) -> dict:
-  workdir = os.path.join(root, stage)
+  workdir = paths.join(root, stage)
   if stage in OUTPUT_FILE:
-    path = os.path.join(workdir, OUTPUT_FILE[stage])
-    if not os.path.exists(path):
+    path = paths.join(workdir, OUTPUT_FILE[stage])
+    if not paths.exists(path):
       return {"missing": OUTPUT_FILE[stage]}
-    with open(path, "rb") as f:
-      return {"sha256": hashlib.sha256(f.read()).hexdigest()}
-  step = run_lib.latest_step(workdir) if os.path.isdir(os.path.join(workdir,
-                                                                    "checkpoints")) else (None)
+    return {"sha256": hashlib.sha256(paths.read_bytes(path)).hexdigest()}
+  step = run_lib.latest_step(workdir) if paths.isdir(paths.join(workdir, "checkpoints")) else (None)
   return {"step": step}
 
 
@@ -288,12 +286,11 @@ def check_inputs(root: str, stage: str) -> None:
   """
   if stage not in UPSTREAM:
     return
-  workdir = os.path.join(root, stage)
-  path = os.path.join(workdir, BUILT_FROM)
+  workdir = paths.join(root, stage)
+  path = paths.join(workdir, BUILT_FROM)
   current = _inputs(root, stage)
-  if os.path.exists(path):
-    with open(path) as f:
-      recorded = json.load(f)
+  if paths.exists(path):
+    recorded = _read_json(path)
     changed = [
         f"{name} ({_describe(recorded.get(name))} -> {_describe(current[name])})"
         for name in current if recorded.get(name) != current[name]
@@ -303,7 +300,7 @@ def check_inputs(root: str, stage: str) -> None:
           f"{workdir} was built from inputs that have changed since: {', '.join(changed)}. "
           f"Delete {workdir} (and the stages after it) to rebuild it, or use another --workdir.")
     return
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   _write_json_atomic(path, current)
 
 
@@ -316,14 +313,14 @@ def _describe(fingerprint) -> str:
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not paths.isdir(paths.join(workdir, "checkpoints")):
     return False
   return run_lib.latest_step(workdir) == num_steps
 
 
 def train_stage(stage: str, preset: Preset, root: str) -> None:
   config = stage_config(stage, preset, root)
-  workdir = os.path.join(root, stage)
+  workdir = paths.join(root, stage)
   if _finished(workdir, config.train.num_steps):
     logging.info("[%s] already finished; skipping.", stage)
     return
@@ -334,20 +331,20 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line) for line in paths.read_text(path).splitlines()]
+
+
+def _read_json(path: str) -> Any:
+  return json.loads(paths.read_text(path))
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def world_stage(preset: Preset, root: str) -> None:
-  out = os.path.join(root, "world")
-  if os.path.exists(os.path.join(out, "world.json")):
+  out = paths.join(root, "world")
+  if paths.exists(paths.join(out, "world.json")):
     logging.info("[world] already written; skipping.")
     return
   world_lib.write_world(out, preset.world)
@@ -355,20 +352,20 @@ def world_stage(preset: Preset, root: str) -> None:
 
 def _world(root: str):
   """The written world's file paths, facts and tokenizer."""
-  world_dir = os.path.join(root, "world")
+  world_dir = paths.join(root, "world")
   files = world_lib.files(world_dir)
   return files, world_lib.load_facts(world_dir), tokenization.load_tokenizer(files["tokenizer"])
 
 
 def comparisons_stage(preset: Preset, root: str) -> None:
   """K SFT samples per RM prompt, ranked by a training (train split) or held-out labeler."""
-  out = os.path.join(root, "comparisons")
-  if os.path.exists(os.path.join(out, "stats.json")):
+  out = paths.join(root, "comparisons")
+  if paths.exists(paths.join(out, "stats.json")):
     logging.info("[comparisons] already made; skipping.")
     return
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   files, facts, tokenizer = _world(root)
-  policy = ev.load_policy(os.path.join(root, "sft"))
+  policy = ev.load_policy(paths.join(root, "sft"))
   train_pool, heldout_pool = labelers_lib.make_pools(preset.labelers)
   rng = np.random.default_rng(preset.seed)
   stats = {}
@@ -402,28 +399,26 @@ def comparisons_stage(preset: Preset, root: str) -> None:
           second = other.prefers_first(other.utility(scores[x]), other.utility(scores[y]), rng)
           agree += second == (position[x] < position[y])
           pairs += 1
-    path = os.path.join(out, f"comparisons_{split}.jsonl")
-    with open(path, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    path = paths.join(out, f"comparisons_{split}.jsonl")
+    paths.write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     stats[split] = {
         "prompts": len(prompts), "comparisons": len(rows),
         "agreement_with_training_labeler": agree / max(pairs, 1), "pairs": pairs
     }
     logging.info("[comparisons] %s: %d ranked sets of %d prompts; labeler agreement %.3f", split,
                  len(rows), len(prompts), stats[split]["agreement_with_training_labeler"])
-  _write_json_atomic(os.path.join(out, "stats.json"), stats)
+  _write_json_atomic(paths.join(out, "stats.json"), stats)
 
 
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
 
 
 def evaluate_stage(preset: Preset, root: str) -> None:
-  out = os.path.join(root, "evaluate")
-  if os.path.exists(os.path.join(out, "results.json")):
+  out = paths.join(root, "evaluate")
+  if paths.exists(paths.join(out, "results.json")):
     logging.info("[evaluate] already done; skipping.")
     return
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   files, facts, tokenizer = _world(root)
   records = _read_jsonl(files["eval_prompts"])
   prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
@@ -440,7 +435,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   }
   answers, scores = {}, {}
   for name, run in runs.items():
-    policy = ev.load_policy(os.path.join(root, run))
+    policy = ev.load_policy(paths.join(root, run))
     base = name.startswith("base")
     inputs = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)
              ] if (base) else prompts
@@ -467,7 +462,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   }
   results["rm"] = _rm_summary(root)
   results["samples"] = _samples(prompts, categories, answers, scores, judges)
-  _write_json_atomic(os.path.join(out, "results.json"), results)
+  _write_json_atomic(paths.join(out, "results.json"), results)
 
 
 def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
@@ -484,9 +479,9 @@ def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
 def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) -> list[dict]:
   """RM score, held-out labeler score and KL to the SFT policy at each saved PPO step."""
   from instruct.reward import RewardModel
-  workdir = os.path.join(root, name)
-  rm = RewardModel.load(os.path.join(root, "rm"))
-  reference = ev.load_policy(os.path.join(root, "sft"))
+  workdir = paths.join(root, name)
+  rm = RewardModel.load(paths.join(root, "rm"))
+  reference = ev.load_policy(paths.join(root, "sft"))
   points = []
   for step in [0] + ev.checkpoint_steps(workdir):
     policy = reference if step == 0 else ev.load_policy(workdir, step)
@@ -508,10 +503,9 @@ def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) ->
 
 
 def _rm_summary(root) -> dict:
-  evals = [r for r in metrics_lib.read_metrics(os.path.join(root, "rm")) if "val_loss" in r]
+  evals = [r for r in metrics_lib.read_metrics(paths.join(root, "rm")) if "val_loss" in r]
   last = evals[-1] if evals else {}
-  with open(os.path.join(root, "comparisons", "stats.json")) as f:
-    stats = json.load(f)
+  stats = _read_json(paths.join(root, "comparisons", "stats.json"))
   return {
       "heldout_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"),
       "calibration": {k: v for k, v in last.items() if k.startswith("val_calibration")},
@@ -540,10 +534,9 @@ def _samples(prompts, categories, answers, scores, judges, per_category: int = 1
 
 
 def report_stage(preset: Preset, root: str) -> None:
-  with open(os.path.join(root, "evaluate", "results.json")) as f:
-    results = json.load(f)
-  timings_path = os.path.join(root, "timings.json")
-  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  results = _read_json(paths.join(root, "evaluate", "results.json"))
+  timings_path = paths.join(root, "timings.json")
+  timings = _read_json(timings_path) if paths.exists(timings_path) else {}
   report_lib.write_report(root, results, timings)
 
 
@@ -561,10 +554,9 @@ def _claim_workdir(root: str, preset: Preset) -> None:
   silently report the old one's numbers under the new name. run.json also keeps where and
   from what code the run was made (for `experiments.results_table`).
   """
-  path = os.path.join(root, "run.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  path = paths.join(root, "run.json")
+  if paths.exists(path):
+    saved = _read_json(path)
     if (saved.get("preset"), saved.get("seed")) != (preset.name, preset.seed):
       raise WorkdirError(f"{root} was made with --preset={saved.get('preset')} "
                          f"--seed={saved.get('seed')}, not --preset={preset.name} "
@@ -586,8 +578,8 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
   preset = preset or PRESETS[preset_name]
   if seed is not None:
     preset = with_seed(preset, seed)
-  os.makedirs(root, exist_ok=True)
-  lock = workdir_lib.WorkdirLock(root)  # One pipeline per root (each stage also locks its own).
+  paths.makedirs(root)
+  lock = workdir_lib.lock(root)  # One pipeline per root (each stage also locks its own).
   try:
     _claim_workdir(root, preset)
     return _run_stages(root, preset)
@@ -596,8 +588,8 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
 
 
 def _run_stages(root: str, preset: Preset) -> dict:
-  timings_path = os.path.join(root, "timings.json")
-  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  timings_path = paths.join(root, "timings.json")
+  timings = _read_json(timings_path) if paths.exists(timings_path) else {}
   steps: dict[str, Callable[[], None]] = {
       "world": lambda: world_stage(preset, root),
       "comparisons": lambda: comparisons_stage(preset, root),
@@ -619,8 +611,7 @@ def _run_stages(root: str, preset: Preset) -> dict:
     print(
         f"[{i}/{len(STAGES)}] {stage} done in {elapsed:.0f} s "
         f"(pipeline {time.time() - total:.0f} s)", file=sys.stderr, flush=True)
-  with open(os.path.join(root, "evaluate", "results.json")) as f:
-    return json.load(f)
+  return _read_json(paths.join(root, "evaluate", "results.json"))
 
 
 def main(argv):
@@ -629,7 +620,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise ValueError("--workdir is required: the root directory of the pipeline's runs.")
   run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
-  print(f"\nReport: {os.path.join(_WORKDIR.value, 'report.md')}")
+  print(f"\nReport: {paths.join(_WORKDIR.value, 'report.md')}")
 
 
 if __name__ == "__main__":

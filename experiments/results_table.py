@@ -41,6 +41,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from experiments.world import report
+from instruct import paths
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_RESAMPLES = 10_000
@@ -75,13 +76,12 @@ class Run:
 
 
 def _read_json(path: str, required: bool) -> dict:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     if required:
       raise ResultsError(f"{path} is missing: is {os.path.dirname(os.path.dirname(path))} "
                          "a finished experiments.instructgpt_mini run?")
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def _get(d, path: Sequence[str]):
@@ -92,17 +92,17 @@ def _get(d, path: Sequence[str]):
 
 def load_run(directory: str) -> Run:
   """A run's results, timings and run.json; ResultsError if it has no results."""
-  results = _read_json(os.path.join(directory, "evaluate", "results.json"), required=True)
+  results = _read_json(paths.join(directory, "evaluate", "results.json"), required=True)
   for _, path in WINS:
     win = _get(results, path) or {}
     outcomes = win.get("outcomes")
     if not outcomes or len(outcomes) != win.get("n"):
       raise ResultsError(
-          f"{os.path.join(directory, 'evaluate', 'results.json')} has no per-prompt outcomes "
+          f"{paths.join(directory, 'evaluate', 'results.json')} has no per-prompt outcomes "
           f"for {'.'.join(path)} (evaluated before they were recorded): delete "
-          f"{os.path.join(directory, 'evaluate')} and rerun the main job to re-evaluate.")
-  return Run(directory, results, _read_json(os.path.join(directory, "timings.json"), False),
-             _read_json(os.path.join(directory, "run.json"), False))
+          f"{paths.join(directory, 'evaluate')} and rerun the main job to re-evaluate.")
+  return Run(directory, results, _read_json(paths.join(directory, "timings.json"), False),
+             _read_json(paths.join(directory, "run.json"), False))
 
 
 def load_runs(directories: Sequence[str]) -> list[Run]:
@@ -269,8 +269,7 @@ def _provenance(runs: Sequence[Run]) -> str:
     infos, source = [report.provenance(REPO_DIR)], " (this machine: the runs kept no run.json)"
   machines = sorted({f"{i['machine']} ({i.get('cpu_cores', '?')} cores)" for i in infos})
   commits = sorted({str(i.get("commit") or "unknown") for i in infos})
-  finished = max(
-      os.path.getmtime(os.path.join(r.directory, "evaluate", "results.json")) for r in runs)
+  finished = max(paths.mtime(paths.join(r.directory, "evaluate", "results.json")) for r in runs)
   date = datetime.date.fromtimestamp(finished).isoformat()
   return (f"Measured on {'; '.join(machines)}{source}, evaluated {date}, commit "
           f"{', '.join(commits)}.")

@@ -83,6 +83,14 @@ def listdir(path: PathLike) -> list[str]:
   return os.listdir(path)
 
 
+def mtime(path: PathLike) -> float:
+  """The time `path` was last modified, in seconds since the epoch (an object's: when it was
+  written)."""
+  if is_url(path):
+    return float(as_path(path).stat().mtime)
+  return os.path.getmtime(path)
+
+
 def makedirs(path: PathLike) -> None:
   """Creates directory `path` and its parents when missing (on a bucket, where directories
   are only name prefixes, this creates at most a placeholder)."""
@@ -96,6 +104,14 @@ def read_text(path: PathLike) -> str:
   if is_url(path):
     return as_path(path).read_text()
   with open(path) as f:
+    return f.read()
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The content of file `path`, as it is stored (no newline or encoding translation)."""
+  if is_url(path):
+    return as_path(path).read_bytes()
+  with open(path, "rb") as f:
     return f.read()
 
 

@@ -12,7 +12,9 @@ fake bucket's local directory, so the Checkpointer's own handling of the URL (it
 the damaged-checkpoint move) still runs through the fake.
 """
 
+import copy
 import glob as glob_lib
+import hashlib
 import io
 import json
 import os
@@ -34,7 +36,10 @@ from instruct import paths
 from instruct import run as run_lib
 from instruct import workdir as workdir_lib
 from instruct.hf import exporting
+from tests import test_report
+from tests import test_results_table
 from tests.test_loop import _counting_step, _loop, _train, _without_timing
+from tests.test_world import SMALL
 
 RUN = "gs://bucket/run"
 
@@ -148,6 +153,18 @@ def test_helpers_leave_urls_alone_and_keep_local_paths(tmp_path, bucket):
   local = str(tmp_path / "local.txt")
   paths.write_text_atomic(local, "here")
   assert paths.read_text(local) == "here" and not os.path.exists(local + ".tmp")
+
+
+def test_read_bytes_and_mtime_on_either_kind_of_path(tmp_path, bucket):
+  local = str(tmp_path / "f.bin")
+  with open(local, "wb") as f:
+    f.write(b"a\r\nb")
+  assert paths.read_bytes(local) == b"a\r\nb"  # As stored: no newline translation.
+  assert paths.mtime(local) == os.path.getmtime(local)
+  url = paths.join(RUN, "f.txt")
+  paths.write_text_atomic(url, "a\nb")
+  assert paths.read_bytes(url) == b"a\nb"
+  assert abs(paths.mtime(url) - time.time()) < 60
 
 
 def test_config_json_on_a_bucket(bucket):
@@ -332,3 +349,95 @@ def test_an_export_is_copied_into_a_bucket_directory(tmp_path, bucket):
   assert paths.read_text(f"{out}/model.safetensors") == "weights"
   with pytest.raises(FileExistsError, match="is an object"):
     exporting._check_out_dir(f"{out}/config.json", overwrite=True)
+
+
+# --- The main job's pipeline (experiments/) with its root on a bucket. ----------------------
+
+
+def _tree(root: str) -> dict[str, bytes]:
+  """{relative path: bytes} of every file under the local directory `root`."""
+  out = {}
+  for directory, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_the_world_is_written_to_a_bucket_and_read_back_by_the_pipeline(tmp_path, bucket):
+  """The world stage into `gs://.../world`: the same bytes as a local world, read back by the
+  pipeline's readers; the stage fingerprints, run.json and the pipeline lock on the bucket."""
+  from experiments import instructgpt_mini as mini
+  from experiments.world import generate as world_lib
+  world = f"{RUN}/world"
+  written = world_lib.write_world(world, SMALL)
+  assert written == world_lib.files(world) and written["tokenizer"] == f"{world}/tokenizer"
+  local = str(tmp_path / "local_world")
+  world_lib.write_world(local, SMALL)
+  assert _tree(bucket.local(world)) == _tree(local)
+  assert world_lib.load_facts(world) == world_lib.load_facts(local)
+  assert (mini._read_jsonl(written["eval_prompts"]) == mini._read_jsonl(
+      world_lib.files(local)["eval_prompts"]))
+  assert len(mini._read_jsonl(written["sft"]["train"])) == SMALL.sft
+  config = mini.stage_config("pretrain", mini.PRESETS["test"], RUN)
+  assert config.data.train_file == f"{world}/pretrain_train.jsonl"
+  assert config.data.tokenizer == f"{world}/tokenizer"
+  # What a stage is built from, recorded and checked on the bucket.
+  with open(os.path.join(local, "world.json"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  assert mini._fingerprint(RUN, "world") == {"sha256": digest}
+  mini.check_inputs(RUN, "pretrain")
+  assert json.loads(
+      paths.read_text(f"{RUN}/pretrain/built_from.json")) == {"world": {"sha256": digest}}
+  mini.check_inputs(RUN, "pretrain")  # Unchanged: fine.
+  paths.write_text_atomic(f"{world}/world.json", "{}")
+  with pytest.raises(mini.StageInputsChangedError, match="world"):
+    mini.check_inputs(RUN, "pretrain")
+  # The RM's length from the comparisons on the bucket.
+  paths.write_text_atomic(f"{RUN}/comparisons/comparisons_train.jsonl", "{}\n" * 65)
+  assert mini.rm_num_steps(mini.PRESETS["test"], RUN) == 3
+  # run.json, and the pipeline's lock (a bucket lock, released when the run stops).
+  preset = mini.with_seed(mini.PRESETS["test"], 1)
+  mini._claim_workdir(RUN, preset)
+  assert json.loads(paths.read_text(f"{RUN}/run.json"))["seed"] == 1
+  with pytest.raises(mini.WorkdirError, match="--seed=1, not --preset=test --seed=2"):
+    mini.run(RUN, "test", seed=2)
+  assert not paths.exists(f"{RUN}/.lock")
+
+
+def test_the_report_is_written_to_a_bucket_as_it_is_locally(tmp_path, bucket):
+  """report.md and its plots under a `gs://` root: the same bytes as under a local root; a
+  stale plot is deleted from the bucket."""
+  from experiments.world import report
+  results = test_report.make_results(preset="quick", size_ratio=4.0)
+  local = test_report.make_run(str(tmp_path / "local"))
+  test_report.make_run(bucket.local(RUN))  # The stages' metrics and configs, on the bucket.
+  report.write_report(local, copy.deepcopy(results), test_report.TIMINGS)
+  path = report.write_report(RUN, copy.deepcopy(results), test_report.TIMINGS)
+  assert path == f"{RUN}/report.md"
+  assert "PPO and PPO-ptx: fixed KL coefficient beta=0.05" in paths.read_text(path)
+  tree = _tree(bucket.local(RUN))
+  expected = _tree(local)
+  assert {k: v for k, v in tree.items() if k.startswith("plots")
+         } == {k: v for k, v in expected.items() if k.startswith("plots")}
+  assert tree["report.md"] == expected["report.md"]
+  assert paths.exists(f"{RUN}/plots/rm_calibration.png")
+  test_report.make_run(bucket.local(RUN), calibration=False)
+  del results["rm"]["calibration"]
+  report.write_report(RUN, results, {})
+  assert not paths.exists(f"{RUN}/plots/rm_calibration.png")
+  assert "rm_calibration.png" not in paths.read_text(path)
+
+
+def test_the_results_table_pools_runs_on_a_bucket(tmp_path, bucket, capsys):
+  from experiments import results_table as rt
+  local = [test_results_table.make_run(tmp_path / "local", s) for s in (0, 1)]
+  assert rt.main(local) == 0
+  expected = capsys.readouterr().out
+  for s in (0, 1):
+    test_results_table.make_run(bucket.local("gs://bucket/runs"), s)
+  assert rt.main([f"gs://bucket/runs/quick_{s}" for s in (0, 1)]) == 0
+  assert capsys.readouterr().out == expected
+  assert rt.main(["gs://bucket/runs/none"]) == 1
+  assert "gs://bucket/runs/none/evaluate/results.json is missing" in capsys.readouterr().err

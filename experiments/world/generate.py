@@ -36,11 +36,13 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 
 from absl import flags
 
 from experiments.world import language as L
 from experiments.world import tasks as T
+from instruct import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,7 @@ def pretrain_document(rng: random.Random, facts: L.Facts, seed: int, max_words: 
 
 
 def write_tokenizer(out_dir: str) -> None:
+  """Saves the tokenizer into `out_dir` (a local directory or a bucket URL)."""
   import tokenizers
   from tokenizers import models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
@@ -188,13 +191,19 @@ def write_tokenizer(out_dir: str) -> None:
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=L.EOS, pad_token=L.PAD,
                                  unk_token=L.UNK, bos_token=L.EOS)
-  fast.save_pretrained(out_dir)
+  if not paths.is_url(out_dir):
+    fast.save_pretrained(out_dir)
+    return
+  # transformers writes local files only: saved into a temporary directory, then copied.
+  with tempfile.TemporaryDirectory() as tmp:
+    fast.save_pretrained(tmp)
+    paths.makedirs(out_dir)
+    for name in sorted(os.listdir(tmp)):
+      paths.copy_file(os.path.join(tmp, name), paths.join(out_dir, name))
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _prompt_records(rng, facts, seed: int, split: str, n: int) -> list[dict]:
@@ -228,8 +237,7 @@ def _demonstrations(rng, facts, seed: int, split: str, n: int, lapses: T.Lapses)
 
 
 def load_facts(world_dir: str) -> L.Facts:
-  with open(os.path.join(world_dir, "world.json")) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(paths.join(world_dir, "world.json")))
   return L.Facts(meta["facts"]["home"], meta["facts"]["color"])
 
 
@@ -237,18 +245,18 @@ def files(world_dir: str) -> dict[str, dict[str, str] | str]:
   """Paths of a written world's files, by dataset."""
 
   def split(stem):
-    return {s: os.path.join(world_dir, f"{stem}_{s}.jsonl") for s in ("train", "validation")}
+    return {s: paths.join(world_dir, f"{stem}_{s}.jsonl") for s in ("train", "validation")}
 
   return {
-      "tokenizer": os.path.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
+      "tokenizer": paths.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
       "sft": split("sft"), "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
-      "eval_prompts": os.path.join(world_dir, "eval_prompts.jsonl")
+      "eval_prompts": paths.join(world_dir, "eval_prompts.jsonl")
   }
 
 
 def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   """Writes the world (see the module doc); returns `files(out_dir)`."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   rng = random.Random(config.seed)
   facts = L.make_facts(rng)
   seed = config.seed
@@ -257,32 +265,32 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   def stream(name):
     return random.Random(f"{seed}/{name}")
 
-  paths = files(out_dir)
+  written = files(out_dir)
   pretrain = stream("pretrain")
   docs = [{"text": pretrain_document(pretrain, facts, seed)}
           for _ in range(config.pretrain_docs + config.pretrain_validation_docs)]
-  _write_jsonl(paths["pretrain"]["train"], docs[:config.pretrain_docs])
-  _write_jsonl(paths["pretrain"]["validation"], docs[config.pretrain_docs:])
+  _write_jsonl(written["pretrain"]["train"], docs[:config.pretrain_docs])
+  _write_jsonl(written["pretrain"]["validation"], docs[config.pretrain_docs:])
   for split, n in (("train", config.sft), ("validation", config.sft_validation)):
     _write_jsonl(
-        paths["sft"][split],
+        written["sft"][split],
         _demonstrations(stream(f"sft_{split}"), facts, seed, f"sft_{split}", n, config.lapses))
   for name, stem, sizes in (("rm", "rm_prompts", (config.rm_prompts, config.rm_validation_prompts)),
                             ("ppo", "ppo_prompts", (config.ppo_prompts,
                                                     config.ppo_validation_prompts))):
     for split, n in zip(("train", "validation"), sizes):
-      _write_jsonl(paths[stem][split],
+      _write_jsonl(written[stem][split],
                    _prompt_records(stream(f"{name}_{split}"), facts, seed, f"{name}_{split}", n))
-  _write_jsonl(paths["eval_prompts"], _eval_records(stream("eval"), facts, seed,
-                                                    config.eval_prompts))
-  write_tokenizer(paths["tokenizer"])
+  _write_jsonl(written["eval_prompts"],
+               _eval_records(stream("eval"), facts, seed, config.eval_prompts))
+  write_tokenizer(written["tokenizer"])
   meta = {
       "config": dataclasses.asdict(config), "facts": {"home": facts.home, "color": facts.color},
       "splits": dict(SPLITS)
   }
-  with open(os.path.join(out_dir, "world.json"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  return paths
+  paths.write_text_atomic(paths.join(out_dir, "world.json"),
+                          json.dumps(meta, indent=1, sort_keys=True))
+  return written
 
 
 def main(argv):

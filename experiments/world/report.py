@@ -5,6 +5,7 @@ timings (`ROOT/timings.json`) or the stages' `metrics.jsonl` files; nothing is h
 The plotting helpers (`plot_*`) return matplotlib figures drawn on the Agg canvas (no pyplot,
 no global backend switch), so the notebook `colabs/explore_run.ipynb` reuses them as they are.
 Output is deterministic: no timestamps, and PNGs carry no software-version metadata.
+ROOT may be a local directory or a bucket URL: every file goes through `instruct.paths`.
 
   targets(results)                      the product targets, met or not
   kl_setting(root)                      the PPO runs' KL penalty, from their saved configs
@@ -19,11 +20,14 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from instruct import paths
 
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
 LABELS = {
@@ -234,11 +238,10 @@ def kl_setting(root: str) -> Optional[str]:
   """
   phrases = {}
   for stage in ("ppo", "ppo_ptx"):
-    path = os.path.join(root, stage, "config.json")
-    if not os.path.exists(path):
+    path = paths.join(root, stage, "config.json")
+    if not paths.exists(path):
       continue
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
     # The algorithm's section holds its KL settings; runs saved before had them at the top.
     kl = (saved.get(saved.get("algorithm", "")) or {}).get("kl", saved.get("kl"))
     if isinstance(kl, Mapping) and finite(kl.get("initial_beta")):
@@ -293,8 +296,8 @@ def load_stage_metrics(root: str, stages: Sequence[str] = TRAIN_STAGES) -> dict[
   from instruct import metrics as metrics_lib  # Imports jax: only when metrics are read.
   out = {}
   for stage in stages:
-    if os.path.exists(os.path.join(root, stage, "metrics.jsonl")):
-      out[stage] = metrics_lib.read_metrics(os.path.join(root, stage))
+    if paths.exists(paths.join(root, stage, "metrics.jsonl")):
+      out[stage] = metrics_lib.read_metrics(paths.join(root, stage))
   return out
 
 
@@ -317,7 +320,7 @@ def rm_calibration(root: str, results: Optional[Mapping] = None) -> Optional[dic
   sources = []
   cal = _get(results or {}, "rm", "calibration", default={}) or {}
   sources.append({k.replace("val_", "", 1): v for k, v in cal.items()})
-  if os.path.exists(os.path.join(root, "rm", "metrics.jsonl")):
+  if paths.exists(paths.join(root, "rm", "metrics.jsonl")):
     evals = [r for r in load_stage_metrics(root, ("rm",))["rm"] if "calibration_predicted" in r]
     if evals:
       sources.insert(0, evals[-1])
@@ -343,9 +346,19 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, path: str) -> str:
-  """Saves a PNG without metadata that could vary (software version, time)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, format="png", metadata={"Software": None})
+  """Saves a PNG without metadata that could vary (software version, time).
+
+  `path` may be a bucket URL: matplotlib writes local files only, so the PNG is then saved
+  into a temporary directory and copied there (an object needs no parent directory).
+  """
+  if not paths.is_url(path):
+    paths.makedirs(os.path.dirname(path) or ".")
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return path
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, paths.basename(path))
+    fig.savefig(local, format="png", metadata={"Software": None})
+    paths.copy_file(local, path)
   return path
 
 
@@ -775,12 +788,12 @@ def write_plots(root: str, results: Mapping,
   }
   out = {}
   for name, fig in figures.items():
-    path = os.path.join(root, "plots", f"{name}.png")
+    path = paths.join(root, "plots", f"{name}.png")
     if fig is not None:
       out[name] = f"plots/{name}.png"
       save_figure(fig, path)
-    elif os.path.exists(path):  # A stale plot of an earlier report.
-      os.remove(path)
+    elif paths.exists(path):  # A stale plot of an earlier report.
+      paths.remove(path)
   return out
 
 
@@ -794,9 +807,6 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
            + _section_safety(results, plots) + _section_over_optimization(results, plots)
            + _section_training(stage_metrics, plots) + _section_samples(results)
            + _section_timings(timings or {}))
-  path = os.path.join(root, "report.md")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines).rstrip() + "\n")
-  os.replace(tmp, path)
+  path = paths.join(root, "report.md")
+  paths.write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
   return path
