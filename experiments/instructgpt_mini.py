@@ -53,6 +53,7 @@ import time
 from typing import Any, Callable
 
 from absl import flags, logging
+import jax
 import numpy as np
 
 from experiments.world import evaluate as ev
@@ -619,6 +620,14 @@ def main(argv):
   cli.quiet_library_logs()
   if not _WORKDIR.value:
     raise ValueError("--workdir is required: the root directory of the pipeline's runs.")
+  if jax.process_count() > 1:
+    raise ValueError("the main job runs as one process (its world, comparisons and evaluation "
+                     "are single-host CPU work); launch its stages with instruct.train to "
+                     "train them over several processes.")
+  if paths.is_url(_WORKDIR.value):
+    raise ValueError(f"--workdir={_WORKDIR.value}: the main job's root must be a local "
+                     "directory (its world is the stages' input files, read through local "
+                     "paths); runs of instruct.train may write to a bucket.")
   run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
   print(f"\nReport: {paths.join(_WORKDIR.value, 'report.md')}")
 

@@ -56,20 +56,31 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
+MISSING_PACKAGE_HINT = ("an optional package is missing: install the extra that brings it "
+                        "(gs:// paths: pip install -e \".[gcs]\"; see Requirements in README.md).")
+
+
+def _missing_package(error: BaseException) -> bool:
+  """An ImportError that asks for a package (fsspec's "Please install gcsfs ...")."""
+  return isinstance(error, ImportError) and "install" in str(error).lower()
+
+
 def one_line(error: BaseException) -> str:
   """The error's message on one line (whitespace collapsed), with its kind when unexpected."""
   message = " ".join(str(error).split()) or type(error).__name__
   if isinstance(error, KeyError) and error.args:
     message = f"missing key {error.args[0]!r}"
-  if not isinstance(error, EXPECTED):
+  if not isinstance(error, EXPECTED) and not _missing_package(error):
     message = f"unexpected {type(error).__name__}: {message}"
   return message
 
 
 def fail(error: BaseException) -> None:
   """Prints `error: ...` and `hint: ...` and exits with status 1."""
-  hint = getattr(error, "hint",
-                 None) or (DEFAULT_HINT if isinstance(error, EXPECTED) else UNEXPECTED_HINT)
+  hint = getattr(error, "hint", None)
+  if not hint and _missing_package(error):
+    hint = MISSING_PACKAGE_HINT
+  hint = hint or (DEFAULT_HINT if isinstance(error, EXPECTED) else UNEXPECTED_HINT)
   print(f"error: {one_line(error)}\nhint: {hint}", file=sys.stderr, flush=True)
   sys.exit(1)
 

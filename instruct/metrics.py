@@ -102,20 +102,13 @@ class MetricWriter:
     """
     if not self.active:
       return
-    if self._bucket:
-      kept = [line for line in self._lines if _record_step(line) <= step]
-      if len(kept) < len(self._lines):
-        self._lines = kept
-        paths.write_text_atomic(self.path, "".join(kept))
-    elif os.path.exists(self.path):
-      with open(self.path) as f:
-        lines = [line for line in f if line.strip()]
-      kept = [line for line in lines if _record_step(line) <= step]
-      if len(kept) < len(lines):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-          f.writelines(kept)
-        os.replace(tmp, self.path)
+    lines = self._lines
+    if not self._bucket:
+      lines = _lines(paths.read_text(self.path)) if paths.exists(self.path) else []
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+      self._lines = kept if self._bucket else []
+      paths.write_text_atomic(self.path, "".join(kept))
     self._tb.close()
     self._tb = self._new_summary_writer(purge_step=step + 1)
     self._sync_tensorboard()
@@ -130,8 +123,7 @@ class MetricWriter:
       self._lines.append(line)
       paths.write_text_atomic(self.path, "".join(self._lines))
     else:
-      with open(self.path, "a") as f:
-        f.write(line)
+      paths.append_text(self.path, line)
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, global_step=int(step))
@@ -155,8 +147,6 @@ def _lines(text: str) -> list[str]:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of `WORKDIR/metrics.jsonl` (for notebooks and tests)."""
-  path = paths.join(workdir, "metrics.jsonl")
-  if paths.is_url(path):
-    return [json.loads(line) for line in _lines(paths.read_text(path))]
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [
+      json.loads(line) for line in _lines(paths.read_text(paths.join(workdir, "metrics.jsonl")))
+  ]

@@ -130,6 +130,15 @@ def write_text_atomic(path: PathLike, text: str) -> None:
   os.replace(tmp, path)
 
 
+def append_text(path: PathLike, text: str) -> None:
+  """Appends `text` to the local file at `path`. Objects cannot be appended to: a URL is an
+  error (rewrite the whole object with `write_text_atomic` instead)."""
+  if is_url(path):
+    raise ValueError(f"{path}: a bucket's objects cannot be appended to.")
+  with open(path, "a") as f:
+    f.write(text)
+
+
 def copy_file(src: PathLike, dst: PathLike) -> None:
   """Copies one file, from or to either kind of path (overwriting `dst`)."""
   if not is_url(src) and not is_url(dst):

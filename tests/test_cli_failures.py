@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from experiments import instructgpt_mini as mini
+from instruct import cli
 from instruct import loop
 from instruct import metrics as metrics_lib
 from instruct import workdir as workdir_lib
@@ -83,6 +84,8 @@ def test_every_command_fails_the_same_way_and_debug_shows_the_traceback(tmp_path
   assert_one_line_error(run(command("experiments.instructgpt_mini", "--preset=nope")),
                         "--preset=nope")
   assert_one_line_error(run(command("experiments.instructgpt_mini")), "--workdir")
+  assert_one_line_error(run(command("experiments.instructgpt_mini", "--workdir=gs://b/mini")),
+                        "--workdir=gs://b/mini: the main job's root must be a local directory")
   assert_one_line_error(run([sys.executable, "benchmarks/sft_step.py", "--presets=nosuch"]),
                         "Unknown model preset 'nosuch'")
   debug = run(
@@ -211,3 +214,15 @@ def test_pipeline_stops_at_a_preempted_stage_and_refuses_stale_or_foreign_work(t
   foreign = run(
       command("experiments.instructgpt_mini", "--preset=quick", "--seed=1", f"--workdir={root}"))
   assert_one_line_error(foreign, "--preset=test --seed=0, not --preset=quick --seed=1")
+
+
+def test_a_missing_optional_package_names_its_extra(capsys):
+  """fsspec's error for a gs:// path without gcsfs is the user's to fix (install the `gcs`
+  extra), not a bug; other import errors still are."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.fail(ImportError("Please install gcsfs to access Google Storage"))
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err.splitlines() == [
+      "error: Please install gcsfs to access Google Storage", f"hint: {cli.MISSING_PACKAGE_HINT}"
+  ]
+  assert cli.one_line(ImportError("cannot import name 'x'")).startswith("unexpected ImportError")
