@@ -56,6 +56,7 @@ Prompts longer than `data.prompt_length` tokens keep their end. With PPO-ptx, po
 `config.ptx.train_file` at pretraining text of the same domain.
 """
 
+from instruct import config_lib
 from instruct.rl import config as rl_config
 
 PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
@@ -63,7 +64,7 @@ PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
 
 def get_config(arg: str = "tiny"):
   """The PPO config for a preset name."""
-  preset = arg or "tiny"
+  preset = config_lib.stage_arg(arg).preset
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for configs/ppo.py; use one of {PRESETS}.")
   config = rl_config.base_config("ppo")  # Every field, with the CPU-sized defaults.
@@ -92,3 +93,26 @@ def _accelerator(config) -> None:
   if config.ppo.ptx_coef > 0:
     config.ppo.ptx_coef = 0.45  # gamma 27.8 / (T ~ 64 tokens * sigma_A ~ 1); see above.
   config.ptx.length = 1024
+
+
+def sweep(add, arg: str = "tiny"):
+  """Sweeps of `python -m instruct.sweep --config=configs/ppo.py:PRESET[,sweep=NAME]` (give
+  `--config.policy_from` and `--config.reward_from` once to the sweep):
+  - `ptx` (the default): the pretraining mix's coefficient 0, 0.5, 1, 2 (PPO vs PPO-ptx);
+  - `kl`: a fixed KL coefficient beta of 0.01, 0.05, 0.2 (the reward / KL trade-off);
+  - `lr`: the policy's learning rate x 0.3, 1, 3;
+  - `seeds`: 0, 1, 2."""
+  lr = get_config(arg).optimizer.learning_rate
+  config_lib.add_sweep(
+      add, arg, {
+          "ptx": [{"ppo.ptx_coef": c} for c in (0.0, 0.5, 1.0, 2.0)],
+          "kl": [{"ppo.kl.controller": "fixed", "ppo.kl.initial_beta": b} for b in (0.01, 0.05, 0.2)
+                ],
+          "lr": [{"optimizer.learning_rate": v} for v in config_lib.scaled(lr)],
+          "seeds": [{"seed": s} for s in (0, 1, 2)],
+      }, "configs/ppo.py")
+
+
+def metrics():
+  """What ranks a sweep's trials (the first) and what its summary shows."""
+  return {"score": "max", "kl_k1": "min"}

@@ -23,7 +23,7 @@ def get_config(arg: str = "tiny"):
   config.data.kind = "text"
   config.data.train_file = files["train"]
   config.data.validation_file = files["validation"]
-  preset = arg or "tiny"
+  preset = config_lib.stage_arg(arg).preset
   if config_lib.apply_preset(config, preset, "configs/pretrain.py"):
     config.train.num_steps = 100
     config.train.log_every = 10
@@ -38,3 +38,19 @@ def get_config(arg: str = "tiny"):
     config.optimizer.warmup_steps = 2000
     config.optimizer.weight_decay = 0.1
   return config
+
+
+def sweep(add, arg: str = "tiny"):
+  """Sweeps of `python -m instruct.sweep --config=configs/pretrain.py:PRESET[,sweep=NAME]`:
+  `lr` (the default: the preset's learning rate x 0.3, 1, 3) and `seeds` (0, 1, 2)."""
+  lr = get_config(arg).optimizer.learning_rate
+  config_lib.add_sweep(
+      add, arg, {
+          "lr": [{"optimizer.learning_rate": v} for v in config_lib.scaled(lr)],
+          "seeds": [{"seed": s} for s in (0, 1, 2)],
+      }, "configs/pretrain.py")
+
+
+def metrics():
+  """What ranks a sweep's trials (the first) and what its summary shows."""
+  return {"val_loss": "min", "loss": "min"}

@@ -65,7 +65,7 @@ def get_config(arg: str = "tiny"):
   config.data.buckets = (64,)
   config.optimizer.schedule = "linear"      # Annealed linearly to 0, one epoch (InstructGPT).
   config.optimizer.end_lr_fraction = 0.0
-  preset = arg or "tiny"
+  preset = config_lib.stage_arg(arg).preset
   if config_lib.apply_preset(config, preset, "configs/rm.py"):
     config.train.num_steps = 32             # One epoch of the 512 embedded comparisons.
     config.train.global_batch_size = 16
@@ -84,3 +84,22 @@ def get_config(arg: str = "tiny"):
     config.optimizer.warmup_steps = 50
   return config
 # yapf: enable
+
+
+def sweep(add, arg: str = "tiny"):
+  """Sweeps of `python -m instruct.sweep --config=configs/rm.py:PRESET[,sweep=NAME]`: `lr`
+  (the default: the preset's learning rate x 0.3, 1, 3), `loss` (every ranking loss) and
+  `seeds` (0, 1, 2). A trial needs `--config.init_from` (an SFT run) or
+  `--config.rm.random_init=True`, given once to the sweep."""
+  lr = get_config(arg).optimizer.learning_rate
+  config_lib.add_sweep(
+      add, arg, {
+          "lr": [{"optimizer.learning_rate": v} for v in config_lib.scaled(lr)],
+          "loss": [{"rm.loss": loss} for loss in sorted(config_lib.RANKING_LOSSES)],
+          "seeds": [{"seed": s} for s in (0, 1, 2)],
+      }, "configs/rm.py")
+
+
+def metrics():
+  """What ranks a sweep's trials (the first) and what its summary shows."""
+  return {"val_accuracy": "max", "val_loss": "min"}

@@ -48,7 +48,7 @@ def get_config(arg: str = "tiny"):
   """The SFT config for a preset name."""
   config = config_lib.base_config()
   config.stage = "sft"
-  preset = arg or "tiny"
+  preset = config_lib.stage_arg(arg).preset
   if config_lib.apply_preset(config, preset, "configs/sft.py"):
     config.train.num_steps = 60
     config.train.global_batch_size = 16
@@ -68,7 +68,20 @@ def get_config(arg: str = "tiny"):
   return config
 
 
-def sweep(add):
-  """Learning-rate sweep for the tiny preset (call from a launcher)."""
-  for lr in (1e-3, 3e-3, 1e-2):
-    add(**{"optimizer.learning_rate": lr})
+def sweep(add, arg: str = "tiny"):
+  """Sweeps of `python -m instruct.sweep --config=configs/sft.py:PRESET[,sweep=NAME]`: `lr`
+  (the default: the preset's learning rate x 0.3, 1, 3), `lr_seeds` (those x seeds 0, 1) and
+  `seeds` (0, 1, 2)."""
+  lr = get_config(arg).optimizer.learning_rate
+  config_lib.add_sweep(
+      add, arg, {
+          "lr": [{"optimizer.learning_rate": v} for v in config_lib.scaled(lr)],
+          "lr_seeds": config_lib.grid(
+              {"optimizer.learning_rate": config_lib.scaled(lr), "seed": (0, 1)}),
+          "seeds": [{"seed": s} for s in (0, 1, 2)],
+      }, "configs/sft.py")
+
+
+def metrics():
+  """What ranks a sweep's trials (the first) and what its summary shows."""
+  return {"val_loss": "min", "val_accuracy": "max"}

@@ -224,15 +224,93 @@ def validate_data_format(config: ml_collections.ConfigDict, kind: str,
                      f"config.data.format={data_format!r}.")
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file given by path (what `--config=path:arg` does)."""
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """The config argument (`--config=FILE:ARG`) `name,key=value,flag` as a ConfigDict.
+
+  big_vision's convention: `spec` names every accepted key with its default, whose type
+  converts the value (bool: true/false/1/0; int; float; str). A bare token sets a bool key to
+  True; otherwise the first bare token is `preset` (when `spec` has that key). E.g. with
+  `spec = dict(preset="tiny", sweep="lr")`, `"tiny_llama,sweep=seeds"` gives preset
+  'tiny_llama' and sweep 'seeds'. Anything else is a ValueError naming the token.
+  """
+  out = dict(spec)
+  preset_given = False
+  for token in (t.strip() for t in (arg or "").split(",")):
+    if not token:
+      continue
+    key, eq, value = (part.strip() for part in token.partition("="))
+    if not eq and isinstance(spec.get(key), bool):
+      out[key] = True
+    elif not eq and "preset" in spec and not preset_given:
+      out["preset"], preset_given = key, True
+    elif key not in spec or not eq:
+      raise ValueError(f"config argument {arg!r}: unknown {'key' if eq else 'flag'} {key!r}; "
+                       f"expected a preset name, then key=value with keys {sorted(spec)}.")
+    else:
+      out[key] = _typed(value, spec[key], key, arg)
+  return ml_collections.ConfigDict(out)
+
+
+def _typed(value: str, default, key: str, arg: str):
+  try:
+    if isinstance(default, bool):
+      lowered = value.lower()
+      if lowered not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      return lowered in ("true", "1")
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    raise ValueError(f"config argument {arg!r}: {key}={value!r} is not a "
+                     f"{type(default).__name__}.") from None
+  return value
+
+
+def grid(axes: dict[str, list]) -> list[dict]:
+  """Every combination of the values of `axes` (dotted config keys), the last key varying
+  fastest: `grid({"a": (1, 2), "b.c": (3, 4)})` has 4 override dicts, for `sweep(add)`."""
+  combos = [{}]
+  for key, values in axes.items():
+    combos = [dict(c, **{key: v}) for c in combos for v in values]
+  return combos
+
+
+def stage_arg(arg: str | None) -> ml_collections.ConfigDict:
+  """The stage configs' argument: `PRESET[,sweep=NAME]` (the sweep is read by `sweep`)."""
+  return parse_arg(arg, preset="tiny", sweep="")
+
+
+def scaled(value: float, factors=(0.3, 1.0, 3.0)) -> list[float]:
+  """`value` times each factor, to 3 significant digits (sweep values that name trials)."""
+  return [float(f"{value * f:.3g}") for f in factors]
+
+
+def add_sweep(add, arg: str | None, sweeps: dict[str, list[dict]], config_file: str) -> None:
+  """Adds the trials of the sweep that `arg` names (`sweep=NAME`; default: the first)."""
+  name = stage_arg(arg).sweep or next(iter(sweeps))
+  if name not in sweeps:
+    raise ValueError(f"{config_file}: unknown sweep {name!r} (config argument {arg!r}); "
+                     f"use one of {list(sweeps)}.")
+  for overrides in sweeps[name]:
+    add(overrides)
+
+
+def load_config_module(path: str):
+  """The module of a config file given by path (its `get_config`, `sweep`, `metrics`)."""
   spec = importlib.util.spec_from_file_location(
       "instruct_config_" + os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.isfile(path):
     raise FileNotFoundError(f"No config file at {path}.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given by path (what `--config=path:arg` does)."""
+  return load_config_module(path).get_config(arg)
 
 
 CPU_PRESETS = ("tiny", "tiny_llama")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import threading
 from typing import Union
 
 from etils import epath
@@ -118,13 +119,14 @@ def read_bytes(path: PathLike) -> bytes:
 def write_text_atomic(path: PathLike, text: str) -> None:
   """Replaces the file at `path` with `text`; a reader sees the old or the new content.
 
-  Local: written beside it and `os.replace`d in. Bucket: one object write (atomic by itself;
+  Local: written beside it (under a name of this process and thread, so writers of the same
+  file never share it) and `os.replace`d in. Bucket: one object write (atomic by itself;
   buckets have no rename).
   """
   if is_url(path):
     as_path(path).write_text(text)
     return
-  tmp = os.fspath(path) + ".tmp"
+  tmp = f"{os.fspath(path)}.{os.getpid()}-{threading.get_ident()}.tmp"
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
