@@ -71,6 +71,9 @@ _POLL = flags.DEFINE_float("poll_seconds", 5.0, "How often an idle worker looks 
 flags.mark_flags_as_required(["config", "workdir"])
 
 DONE, FAILED = "done", "failed"
+# A trial's exit statuses that stop the sweep without counting as a failure: preempted after
+# saving (SIGTERM), and Ctrl-C (which reaches the trial before this process).
+INTERRUPTED = (loop.EXIT_PREEMPTED, 130)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +284,9 @@ class Sweep:
       paths.write_text_atomic(log_path, old + f"--- {' '.join(argv)}\n" + output)
       status["wall_seconds"] += time.time() - start
       status["runs"] += 1
-      if child.returncode == loop.EXIT_PREEMPTED or (self.stopping.is_set()
-                                                     and child.returncode != 0):
-        self.preempted = True  # Saved; the next claimant resumes it.
+      if child.returncode in INTERRUPTED or (self.stopping.is_set() and child.returncode != 0):
+        # Preempted (saved) or interrupted: not a failure; the next claimant resumes it.
+        self.preempted = True
         self.stop()
         _write_status(self.dir, trial.name, status)
         return
