@@ -12,7 +12,7 @@ import time
 import pytest
 
 from instruct import config_lib
-from instruct import sweep as sweep_lib
+from instruct import sweeps as sweep_lib
 from instruct import sweep_summary
 from tests.test_sharding import ROOT
 

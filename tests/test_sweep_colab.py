@@ -1,7 +1,7 @@
 """colabs/explore_sweep.ipynb runs top to bottom in a real Jupyter kernel on a sweep directory.
 
 The sweep is built here in the real formats without training anything: `trials.json` from
-`instruct.sweep.write_trials`, a status file per trial, each trial's `metrics.jsonl` with
+`instruct.sweeps.write_trials`, a status file per trial, each trial's `metrics.jsonl` with
 deterministic synthetic curves (the loss falls faster with a larger learning rate), and the
 comparison written by `instruct.sweep_summary.write`.
 """
@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from instruct import sweep as sweep_lib
+from instruct import sweeps as sweep_lib
 from instruct import sweep_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -328,5 +328,7 @@ def load_split(kind: str, files: Mapping[str, str], split: str, data_dir: str | 
           try_download_gcs=False))
   source = StringSource(builder.as_data_source(split=split),
                         num_skipped=_num_skipped(builder.info, split))
-  distributed.check_same_data(f'split {split!r} ({files[split]})', source)
+  # The split's file; a split expression ('train[:10%]', 'train+validation') names its first.
+  first = split.split('[')[0].split('+')[0]
+  distributed.check_same_data(f'split {split!r} ({files.get(first, dict(files))})', source)
   return source
