@@ -14,6 +14,7 @@ import pytest
 from instruct import config_lib
 from instruct import sweeps as sweep_lib
 from instruct import sweep_summary
+from tests.test_paths import bucket  # noqa: F401  (the fake gs:// fixture)
 from tests.test_sharding import ROOT
 
 STAGE_CONFIGS = ("pretrain", "sft", "rm", "ppo")
@@ -188,3 +189,26 @@ def test_a_failing_trial_is_retried_then_reported_and_the_others_run(tmp_path, t
   rerun = _worker(config, sweep_dir, tfds_dir, "--max_attempts=3")
   _, stderr = rerun.communicate(timeout=600)
   assert rerun.returncode == 1 and "starting" not in stderr
+
+
+def test_a_sweep_on_a_bucket_claims_runs_retries_and_summarises(bucket, tmp_path):
+  """The sweep's own files (trials, claims, status, logs, summary) on the fake `gs://` bucket
+  of tests/test_paths.py, with stand-in trial commands: one succeeds, one always fails."""
+  config = tmp_path / "c.py"
+  config.write_text("def sweep(add, arg=''):\n  add({'seed': 0})\n  add({'seed': 1})\n\n"
+                    "def metrics():\n  return {'loss': 'min'}\n")
+  command = ("python -c \"import sys; sys.exit(0 if '--config.seed=0' in sys.argv else "
+             "print('error: seed 1 fails') or 3)\"")
+  summary = sweep_lib.run("gs://bucket/sweep", f"{config}:tiny", ["--config.train.num_steps=2"],
+                          workers=2, max_attempts=2, command=command, poll_seconds=0.1)
+  assert summary["counts"]["done"] == 1 and summary["counts"]["failed"] == 1
+  rows = {r["name"]: r for r in summary["trials"]}
+  assert rows["1-seed=1"]["runs"] == 2 and rows["1-seed=1"]["error"] == "error: seed 1 fails"
+  objects = bucket.local("gs://bucket/sweep")
+  assert sorted(os.listdir(objects)) == [
+      "claims", "logs", "status", "sweep.json", "sweep.md", "trials", "trials.json"
+  ]
+  assert os.listdir(os.path.join(objects, "claims")) == []  # Both claims released and removed.
+  log = open(os.path.join(objects, "logs", "0-seed=0.log")).read()
+  assert "--workdir=gs://bucket/sweep/trials/0-seed=0 --config.train.num_steps=2 " \
+      "--config.seed=0" in log
