@@ -92,3 +92,50 @@ def pipeline_run(tmp_path_factory, worker_id) -> str:
     if not os.path.exists(done):
       run_test_pipeline(root, str(shared / "pipeline_tfds"))
   return root
+
+
+def execute_notebook(path: str, env: dict, root: str, timeout: int = 300):
+  """The notebook at `path` executed top to bottom in a `python3` kernel (this interpreter's
+  ipykernel), with `env` set in the environment the kernel inherits (then restored) and
+  `root` as its working directory."""
+  import nbformat
+  from nbclient import NotebookClient
+  notebook = nbformat.read(path, as_version=4)
+  previous = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    NotebookClient(notebook, kernel_name="python3", timeout=timeout,
+                   resources={"metadata": {"path": root}}).execute()
+  finally:
+    for key, value in previous.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+  return notebook
+
+
+def notebook_outputs(notebook, output_type=None):
+  """The outputs of a notebook's code cells (of one type, e.g. 'stream', or all)."""
+  return [
+      o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+      if output_type in (None, o.output_type)
+  ]
+
+
+def notebook_stdout(notebook) -> str:
+  return "".join(o.text for o in notebook_outputs(notebook, "stream") if o.name == "stdout")
+
+
+def check_stored_notebook(path: str, min_cells: int) -> None:
+  """The notebook at `path` is valid nbformat 4 for a `python3` kernel, with at least
+  `min_cells` markdown and code cells each, stored clean (no outputs, no counts)."""
+  import nbformat
+  notebook = nbformat.read(path, as_version=4)
+  nbformat.validate(notebook)
+  assert notebook.nbformat == 4
+  assert notebook.metadata.kernelspec.name == "python3"
+  kinds = [c.cell_type for c in notebook.cells]
+  assert kinds.count("markdown") >= min_cells and kinds.count("code") >= min_cells
+  code = [c for c in notebook.cells if c.cell_type == "code"]
+  assert all(not c.outputs and c.execution_count is None for c in code)

@@ -9,11 +9,10 @@ import base64
 import json
 import os
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from experiments.world import report
+from tests.conftest import check_stored_notebook, execute_notebook, notebook_outputs, notebook_stdout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "explore_run.ipynb")
@@ -37,39 +36,14 @@ def results(run_root) -> dict:
 @pytest.fixture(scope="module")
 def executed(run_root):
   """The notebook executed top to bottom in a `python3` kernel (this interpreter's ipykernel)."""
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  previous = os.environ.get("INSTRUCT_RUN")
-  os.environ["INSTRUCT_RUN"] = run_root  # The kernel inherits the environment.
-  try:
-    NotebookClient(notebook, kernel_name="python3", timeout=300,
-                   resources={"metadata": {"path": ROOT}}).execute()
-  finally:
-    if previous is None:
-      os.environ.pop("INSTRUCT_RUN", None)
-    else:
-      os.environ["INSTRUCT_RUN"] = previous
-  return notebook
+  return execute_notebook(NOTEBOOK, {"INSTRUCT_RUN": run_root}, ROOT, timeout=300)
 
 
-def outputs(notebook, output_type=None):
-  return [
-      o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
-      if output_type in (None, o.output_type)
-  ]
-
-
-def stdout(notebook) -> str:
-  return "".join(o.text for o in outputs(notebook, "stream") if o.name == "stdout")
+outputs, stdout = notebook_outputs, notebook_stdout
 
 
 def test_notebook_is_nbformat_4_with_explanations():
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbformat.validate(notebook)
-  assert notebook.nbformat == 4
-  assert notebook.metadata.kernelspec.name == "python3"
-  kinds = [c.cell_type for c in notebook.cells]
-  assert kinds.count("markdown") >= 6 and kinds.count("code") >= 6
-  assert all(not c.outputs for c in notebook.cells if c.cell_type == "code")  # Stored clean.
+  check_stored_notebook(NOTEBOOK, min_cells=6)
 
 
 def test_explore_run_executes_without_errors(executed):

@@ -11,12 +11,11 @@ import json
 import math
 import os
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from instruct import sweeps as sweep_lib
 from instruct import sweep_summary
+from tests.conftest import check_stored_notebook, execute_notebook, notebook_outputs, notebook_stdout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "explore_sweep.ipynb")
@@ -75,40 +74,14 @@ def sweep(tmp_path_factory):
 def executed(sweep):
   """The notebook executed top to bottom in a `python3` kernel (this interpreter's ipykernel)."""
   sweep_dir, _, _ = sweep
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  previous = os.environ.get("INSTRUCT_SWEEP")
-  os.environ["INSTRUCT_SWEEP"] = sweep_dir  # The kernel inherits the environment.
-  try:
-    NotebookClient(notebook, kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": ROOT}}).execute()
-  finally:
-    if previous is None:
-      os.environ.pop("INSTRUCT_SWEEP", None)
-    else:
-      os.environ["INSTRUCT_SWEEP"] = previous
-  return notebook
+  return execute_notebook(NOTEBOOK, {"INSTRUCT_SWEEP": sweep_dir}, ROOT, timeout=120)
 
 
-def outputs(notebook, output_type=None):
-  return [
-      o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
-      if output_type in (None, o.output_type)
-  ]
-
-
-def stdout(notebook) -> str:
-  return "".join(o.text for o in outputs(notebook, "stream") if o.name == "stdout")
+outputs, stdout = notebook_outputs, notebook_stdout
 
 
 def test_notebook_is_nbformat_4_with_explanations():
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbformat.validate(notebook)
-  assert notebook.nbformat == 4
-  assert notebook.metadata.kernelspec.name == "python3"
-  kinds = [c.cell_type for c in notebook.cells]
-  assert kinds.count("markdown") >= 5 and kinds.count("code") >= 5
-  code = [c for c in notebook.cells if c.cell_type == "code"]
-  assert all(not c.outputs and c.execution_count is None for c in code)  # Stored clean.
+  check_stored_notebook(NOTEBOOK, min_cells=5)
 
 
 def test_the_synthetic_sweep_ranks_the_fastest_run_first(sweep):
