@@ -190,6 +190,7 @@ class Sweep:
     self._lock = threading.Lock()
     self._report_lock = threading.Lock()
     self.preempted = False
+    self.error: Optional[Exception] = None
 
   def stop(self) -> None:
     """Stops the workers: their trials get SIGTERM (and save); nothing new starts."""
@@ -209,6 +210,14 @@ class Sweep:
       return None  # Another worker's (or its directory went away as that worker finished).
 
   def work(self) -> None:
+    """A worker thread: `_work`, with its error kept for `run` to raise (the others stop)."""
+    try:
+      self._work()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised by run())
+      self.error = self.error or e
+      self.stop()
+
+  def _work(self) -> None:
     """Claims and runs trials until every trial is finished (or the sweep is stopped)."""
     while not self.stopping.is_set():
       pending = [t for t in self.trials if not self._finished(t)]
@@ -327,6 +336,8 @@ def run(sweep_dir: str, config: str, base: list[str], workers: int = 1, max_atte
     raise
   finally:
     signal.signal(signal.SIGTERM, previous)
+  if sweep.error is not None:
+    raise sweep.error
   summary = sweep_summary.write(sweep_dir, trials, metrics)
   if sweep.preempted:
     raise loop.Preempted(f"the sweep stopped with {summary['progress']}; rerun the same command "

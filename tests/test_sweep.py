@@ -212,3 +212,15 @@ def test_a_sweep_on_a_bucket_claims_runs_retries_and_summarises(bucket, tmp_path
   log = open(os.path.join(objects, "logs", "0-seed=0.log")).read()
   assert "--workdir=gs://bucket/sweep/trials/0-seed=0 --config.train.num_steps=2 " \
       "--config.seed=0" in log
+
+
+def test_a_worker_that_breaks_stops_the_sweep_with_its_error(tmp_path):
+  """An error of the sweep's own (here `DIR/status` is a file) is raised by `run`, not lost
+  in a worker thread."""
+  config = tmp_path / "c.py"
+  config.write_text("def sweep(add, arg=''):\n  add({'seed': 0})\n  add({'seed': 1})\n")
+  (tmp_path / "sweep").mkdir()
+  (tmp_path / "sweep" / "status").write_text("not a directory")
+  with pytest.raises(FileExistsError):
+    sweep_lib.run(str(tmp_path / "sweep"), f"{config}:tiny", [], workers=2,
+                  command="python -c pass", poll_seconds=0.1)
