@@ -45,9 +45,15 @@ def _values(records: list[dict], key: str, direction: str) -> dict[str, Optional
   return {"final": values[-1], "best": min(values) if direction == "min" else max(values)}
 
 
-def _state(sweep_dir: str, name: str) -> tuple[str, dict]:
+def read_status(sweep_dir: str, name: str) -> Optional[dict]:
+  """A trial's `DIR/status/NAME.json` (written by `instruct.sweeps`), or None before its
+  first run ended."""
   path = paths.join(sweep_dir, "status", f"{name}.json")
-  status = json.loads(paths.read_text(path)) if paths.exists(path) else {}
+  return json.loads(paths.read_text(path)) if paths.exists(path) else None
+
+
+def _state(sweep_dir: str, name: str) -> tuple[str, dict]:
+  status = read_status(sweep_dir, name) or {}
   state = status.get("status")
   if state not in ("done", "failed"):
     claimed = paths.exists(paths.join(sweep_dir, "claims", name))

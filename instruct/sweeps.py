@@ -150,11 +150,6 @@ def write_trials(sweep_dir: str, config: str, trials: list[Trial], base: list[st
   paths.write_text_atomic(path, json.dumps(record, indent=1))
 
 
-def read_status(sweep_dir: str, name: str) -> Optional[dict]:
-  path = paths.join(sweep_dir, "status", f"{name}.json")
-  return json.loads(paths.read_text(path)) if paths.exists(path) else None
-
-
 def _write_status(sweep_dir: str, name: str, status: dict) -> None:
   paths.makedirs(paths.join(sweep_dir, "status"))
   paths.write_text_atomic(paths.join(sweep_dir, "status", f"{name}.json"), json.dumps(status))
@@ -200,7 +195,7 @@ class Sweep:
         child.send_signal(signal.SIGTERM)
 
   def _finished(self, trial: Trial) -> bool:
-    status = read_status(self.dir, trial.name)
+    status = sweep_summary.read_status(self.dir, trial.name)
     return status is not None and status["status"] in (DONE, FAILED)
 
   def _claim(self, trial: Trial):
@@ -231,14 +226,16 @@ class Sweep:
         if claim is None:
           continue
         try:
-          if not self._finished(trial):  # Finished while this worker looked.
+          ran_this = not self._finished(trial)  # It may have finished while this worker looked.
+          if ran_this:
             self._run(trial)
-            ran = True
         finally:
           claim.release()
           if self._finished(trial):
             paths.rmtree(paths.join(self.dir, "claims", trial.name))
-        self.report()
+        if ran_this:
+          ran = True
+          self.report()
       if not ran:
         self.stopping.wait(self.poll)  # Every pending trial is another worker's: wait.
 
@@ -255,7 +252,7 @@ class Sweep:
 
   def _run(self, trial: Trial) -> None:
     """Runs `trial` until it succeeds, fails `max_attempts` times, or the sweep stops."""
-    status = read_status(self.dir, trial.name) or {
+    status = sweep_summary.read_status(self.dir, trial.name) or {
         "status": "running", "runs": 0, "failures": 0, "errors": [], "wall_seconds": 0.0
     }
     argv = trial_command(self.command, self.config, self.dir, trial, self.base)
@@ -301,10 +298,9 @@ class Sweep:
         return
 
   def report(self) -> None:
-    """Rewrites the comparison and logs the progress line."""
+    """Rewrites the comparison and prints the progress line."""
     with self._report_lock:  # One writer (and one matplotlib figure) at a time.
       summary = sweep_summary.write(self.dir, self.trials, self.metrics)
-    logging.info("[sweep] %s", summary["progress"])
     print(f"[sweep] {summary['progress']}", file=sys.stderr, flush=True)
 
 

@@ -35,6 +35,15 @@ def _loop(tmp_path, step_fn, train, **kwargs):
   return loop, checkpointer, writer
 
 
+def _run_to_end(workdir, train, init):
+  """Runs a counting loop in `workdir` from `init` to its end; returns its metrics records."""
+  loop, checkpointer, writer = _loop(workdir, _counting_step(), train)
+  loop.run(init, 0)
+  checkpointer.close()
+  writer.close()
+  return metrics_lib.read_metrics(str(workdir))
+
+
 def _counting_step(bad_at=None, bad_key="loss"):
   """A step whose state is a counter and whose metrics are (loss, extra, tokens)."""
 
@@ -95,11 +104,7 @@ def test_a_resumed_run_logs_each_step_once_as_an_uninterrupted_run_does(tmp_path
   """A stop between two writes (stop_at_step=5, log_every=2), records a killed process wrote
   past the checkpoint, then a resume: metrics.jsonl equals the uninterrupted run's."""
   init = {"count": np.zeros((), np.int32)}
-  loop, checkpointer, writer = _loop(tmp_path / "a", _counting_step(), _train(num_steps=8))
-  loop.run(init, 0)
-  checkpointer.close()
-  writer.close()
-  expected = metrics_lib.read_metrics(str(tmp_path / "a"))
+  expected = _run_to_end(tmp_path / "a", _train(num_steps=8), init)
   run = tmp_path / "b"
   loop, checkpointer, writer = _loop(run, _counting_step(), _train(num_steps=8, stop_at_step=5))
   loop.run(init, 0)

@@ -38,7 +38,7 @@ from instruct import workdir as workdir_lib
 from instruct.hf import exporting
 from tests import test_report
 from tests import test_results_table
-from tests.test_loop import _counting_step, _loop, _train, _without_timing
+from tests.test_loop import _counting_step, _loop, _run_to_end, _train, _without_timing
 from tests.test_world import SMALL
 
 RUN = "gs://bucket/run"
@@ -304,11 +304,7 @@ def test_a_damaged_checkpoint_on_a_bucket_is_copied_aside(orbax_in_bucket):
 def test_a_loop_runs_and_resumes_with_its_workdir_on_a_bucket(tmp_path, orbax_in_bucket):
   """An uninterrupted local run and a bucket run stopped at step 5 and resumed log the same."""
   init = {"count": np.zeros((), np.int32)}
-  loop, checkpointer, writer = _loop(tmp_path / "local", _counting_step(), _train(num_steps=8))
-  loop.run(init, 0)
-  checkpointer.close()
-  writer.close()
-  expected = metrics_lib.read_metrics(str(tmp_path / "local"))
+  expected = _run_to_end(tmp_path / "local", _train(num_steps=8), init)
 
   loop, checkpointer, writer = _loop(RUN, _counting_step(), _train(num_steps=8, stop_at_step=5))
   assert paths.exists(f"{RUN}/.lock") and paths.exists(f"{RUN}/config.json")
