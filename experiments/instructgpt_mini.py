@@ -29,8 +29,8 @@ Every training stage is the normal `instruct.train` stage with its config saved 
 demonstrations; `WorldConfig.seed`), every training stage's initialisation and data order,
 the comparisons' sampling and rankings, and the evaluation's sampling and judgments. The
 simulated labelers stay the same people at every seed (`LabelerConfig.seed`): they define
-what the targets mean. A workdir keeps the preset and seed it was made with (`DIR/run.json`);
-resuming it with another is an error. Several seeds of one preset are several runs, each into
+what the targets mean. A workdir keeps the preset, seed and PPO overrides it was made with
+(`DIR/run.json`); resuming it with others is an error. Several seeds of one preset are several runs, each into
 its own workdir, with no config file; `experiments.results_table` then pools them (win rates
 with intervals over prompts and seeds, the targets judged on the pooled values):
 
@@ -39,6 +39,19 @@ with intervals over prompts and seeds, the targets judged on the pooled values):
         --workdir=/tmp/instructgpt_mini_quick_$seed
   done
   python -m experiments.results_table /tmp/instructgpt_mini_quick_{0,1,2} [--readme README.md]
+
+The same run as a config, with the PPO settings a sweep varies (configs/instructgpt_mini.py:
+`seed`, `ppo.kl_beta`, `ppo.ptx_coef`, `ppo.learning_rate`, `ppo.iterations`, `upstream`):
+
+  python -m experiments.instructgpt_mini --config=configs/instructgpt_mini.py:quick \
+      --config.ppo.ptx_coef=4 --workdir=/tmp/instructgpt_mini_ptx4
+
+and a sweep of it (each trial a run in DIR/trials/NAME, the stages before PPO trained once in
+DIR/upstream and copied into each; DIR/sweep.md ranks them, DIR/sweep_ppo.ptx_coef.png plots
+the win rate and perplexity regression against the coefficient):
+
+  python -m instruct.sweep --config=configs/instructgpt_mini.py:quick,sweep=ptx \
+      --workdir=/tmp/sweep_mini_ptx
 """
 
 from __future__ import annotations
@@ -48,12 +61,14 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable
 
 from absl import flags, logging
 import jax
+from ml_collections import config_flags
 import numpy as np
 
 from experiments.world import evaluate as ev
@@ -78,8 +93,12 @@ _PRESET = flags.DEFINE_enum(
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds the world, every stage and the evaluation "
     "(the labelers stay the same); one workdir per seed.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Instead of --preset / --seed: configs/instructgpt_mini.py:PRESET and its "
+    "--config.* overrides (seed, PPO settings, upstream); what sweeps of the main job use.")
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+JOB_CONFIG = os.path.join(CONFIGS_DIR, "instructgpt_mini.py")
 STAGES = ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo", "ppo_ptx",
           "evaluate", "report")
 
@@ -101,6 +120,8 @@ class Preset:
   rm_epochs: float = 1.0
   ppo_batch: int = 64
   ppo_learning_rate: float = 1e-4   # The policy's (configs/ppo.py's default).
+  kl_beta: float = 0.05             # PPO's and PPO-ptx's fixed KL coefficient.
+  ptx_coef: float = 1.0             # PPO-ptx's pretraining-loss coefficient (tiny_ptx's).
   responses_per_prompt: int = 4     # K of the comparisons.
   eval_temperature: float = 1.0
   checkpoint_every: int = 10        # PPO: the over-optimisation curve's resolution.
@@ -148,6 +169,38 @@ PRESETS = {
 def with_seed(preset: Preset, seed: int) -> Preset:
   """The preset with `seed` for its stages and its world (the labelers stay the same)."""
   return dataclasses.replace(preset, seed=seed, world=dataclasses.replace(preset.world, seed=seed))
+
+
+# The job config's PPO settings (configs/instructgpt_mini.py) and the Preset fields they set.
+PPO_FIELDS = {
+    "kl_beta": "kl_beta", "ptx_coef": "ptx_coef", "learning_rate": "ppo_learning_rate",
+    "iterations": "ppo_iterations"
+}
+
+
+def preset_from_config(config) -> Preset:
+  """The preset a job config (configs/instructgpt_mini.py) names, with its seed and PPO
+  settings (None keeps the preset's)."""
+  if config.preset not in PRESETS:
+    raise ValueError(f"config.preset={config.preset!r}: expected one of {list(PRESETS)}.")
+  changes = {
+      field: config.ppo[key] for key, field in PPO_FIELDS.items() if config.ppo[key] is not None
+  }
+  for key, low, strict in (("kl_beta", 0, False), ("ptx_coef", 0, False),
+                           ("learning_rate", 0, True), ("iterations", 1, False)):
+    value = config.ppo[key]
+    if value is not None and (value < low or (strict and value == low)):
+      raise ValueError(f"config.ppo.{key}={value}: must be {'>' if strict else '>='} {low}.")
+  return dataclasses.replace(with_seed(PRESETS[config.preset], config.seed), **changes)
+
+
+def overrides(preset: Preset) -> dict[str, Any]:
+  """The PPO settings in which `preset` differs from its named preset (`ppo.KEY`: value)."""
+  named = PRESETS[preset.name]
+  return {
+      f"ppo.{key}": getattr(preset, field) for key, field in PPO_FIELDS.items()
+      if getattr(preset, field) != getattr(named, field)
+  }
 
 
 def _non_embedding_params(arch: dict) -> int:
@@ -226,14 +279,16 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.train.num_steps = preset.ppo_iterations
     c.train.global_batch_size = preset.ppo_batch
     c.optimizer.learning_rate = preset.ppo_learning_rate
-    c.train.checkpoint_every = preset.checkpoint_every
-    c.train.keep_checkpoints = preset.ppo_iterations // preset.checkpoint_every + 1
+    c.train.checkpoint_every = min(preset.checkpoint_every, preset.ppo_iterations)
+    c.train.keep_checkpoints = preset.ppo_iterations // c.train.checkpoint_every + 1
     # A fixed KL coefficient, as InstructGPT used. The adaptive controller (Ziegler et al.
     # 2019) is inert at this size: with 64 prompts per iteration and its horizon of 10,000
     # episodes, beta moves by at most 0.2 * 64 / 10,000 = 0.13% per iteration, so the runs
     # effectively used their initial beta, 0.05; now they say so.
     c.ppo.kl.controller = "fixed"
-    c.ppo.kl.initial_beta = 0.05
+    c.ppo.kl.initial_beta = preset.kl_beta
+    if stage == "ppo_ptx":
+      c.ppo.ptx_coef = preset.ptx_coef
   else:
     raise ValueError(f"{stage!r} is not a training stage.")
   c.data.tokenizer = files["tokenizer"]
@@ -539,42 +594,77 @@ def report_stage(preset: Preset, root: str) -> None:
   timings_path = paths.join(root, "timings.json")
   timings = _read_json(timings_path) if paths.exists(timings_path) else {}
   report_lib.write_report(root, results, timings)
+  paths.write_text_atomic(
+      paths.join(root, "metrics.jsonl"),
+      json.dumps({"step": preset.ppo_iterations, **summary_metrics(results)}) + "\n")
+
+
+def summary_metrics(results: dict) -> dict[str, float]:
+  """The run's headline numbers as one flat record (`DIR/metrics.jsonl`, what a sweep of the
+  main job ranks and plots): per model its mean utility, perplexity and perplexity regression
+  against base_small (the alignment tax); PPO's and PPO-ptx's win rate against SFT with its
+  interval over prompts (`_low`, `_high`) and final KL to SFT; the reward model's accuracy."""
+  regressions = report_lib.perplexity_regressions(results)
+  out = {}
+  for name in ("sft", "ppo", "ppo_ptx"):
+    model = results["models"][name]
+    out[f"{name}/mean_utility"] = model["mean_utility"]
+    out[f"{name}/perplexity"] = model["perplexity"]
+    out[f"{name}/perplexity_regression"] = regressions[name]["vs_base"]
+  wins = {f"{n}/win_vs_sft": results["models"][n]["win_vs_sft"] for n in ("ppo", "ppo_ptx")}
+  wins["ppo_ptx/win_vs_base_large"] = results["ppo_ptx_vs_base_large"]
+  for key, win in wins.items():
+    out.update({key: win["win_rate"], f"{key}_low": win["ci_low"], f"{key}_high": win["ci_high"]})
+  for name in ("ppo", "ppo_ptx"):
+    out[f"{name}/kl"] = results["over_optimization"][name][-1]["kl"]
+  out["rm/heldout_accuracy"] = results["rm"]["heldout_accuracy"]
+  return out
 
 
 # --- The pipeline. --------------------------------------------------------------------------
 
 
 class WorkdirError(ValueError):
-  """The workdir belongs to a run of another preset or seed."""
+  """The workdir belongs to a run of another preset, seed or PPO settings."""
+
+
+def _describe_run(preset_name, seed, changed: dict) -> str:
+  return " ".join([f"--preset={preset_name} --seed={seed}"]
+                  + [f"--config.{k}={v}" for k, v in sorted(changed.items())])
 
 
 def _claim_workdir(root: str, preset: Preset) -> None:
-  """Records the preset and seed in ROOT/run.json; refuses a workdir made with others.
+  """Records the preset, seed and PPO overrides in ROOT/run.json; refuses a workdir made with
+  others.
 
   A finished stage is skipped on a rerun, so resuming with another seed or preset would
   silently report the old one's numbers under the new name. run.json also keeps where and
   from what code the run was made (for `experiments.results_table`).
   """
   path = paths.join(root, "run.json")
+  changed = overrides(preset)
   if paths.exists(path):
     saved = _read_json(path)
-    if (saved.get("preset"), saved.get("seed")) != (preset.name, preset.seed):
-      raise WorkdirError(f"{root} was made with --preset={saved.get('preset')} "
-                         f"--seed={saved.get('seed')}, not --preset={preset.name} "
-                         f"--seed={preset.seed}; use another --workdir (one per seed).")
+    made = (saved.get("preset"), saved.get("seed"), saved.get("overrides", {}))
+    if made != (preset.name, preset.seed, json.loads(json.dumps(changed))):
+      raise WorkdirError(f"{root} was made with {_describe_run(*made)}, not "
+                         f"{_describe_run(preset.name, preset.seed, changed)}; use another "
+                         "--workdir (one per seed and setting).")
     return
   _write_json_atomic(
       path, {
-          "preset": preset.name, "seed": preset.seed, **report_lib.provenance(
+          "preset": preset.name, "seed": preset.seed, "overrides": changed, **report_lib.provenance(
               os.path.dirname(CONFIGS_DIR)), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")
       })
 
 
 def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
-        seed: int | None = None) -> dict:
+        seed: int | None = None, upstream: str = "") -> dict:
   """Runs (or resumes) every stage under `root`; returns the evaluation results.
 
   `seed` (default: the preset's) replaces the preset's and its world's seeds (`with_seed`).
+  `upstream` (a run directory; relative to `root`) gives the stages before PPO
+  (`reuse_upstream`).
   """
   preset = preset or PRESETS[preset_name]
   if seed is not None:
@@ -583,12 +673,59 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
   lock = workdir_lib.lock(root)  # One pipeline per root (each stage also locks its own).
   try:
     _claim_workdir(root, preset)
+    if upstream:
+      reuse_upstream(root, upstream, preset)
     return _run_stages(root, preset)
   finally:
     lock.release()
 
 
-def _run_stages(root: str, preset: Preset) -> dict:
+SHARED_STAGES = STAGES[:STAGES.index("rm") + 1]  # What no PPO setting changes.
+
+
+def reuse_upstream(root: str, upstream: str, preset: Preset) -> None:
+  """Copies the stages before PPO (`SHARED_STAGES`) from the run in `upstream` into `root`,
+  building them there first, under that run's lock, where they are not finished.
+
+  The trials of a sweep over PPO settings share one upstream: the first to arrive trains it
+  (with the named preset's PPO settings, which these stages do not read), the others wait for
+  its lock and then copy. A copy lands under its final name only when complete.
+  """
+  if paths.is_url(upstream):
+    raise ValueError(f"config.upstream={upstream}: must be a local directory.")
+  source = os.path.normpath(os.path.join(root, upstream))
+  if source == os.path.normpath(root):
+    raise ValueError(f"config.upstream={upstream} is the run's own workdir {root}.")
+  if all(os.path.isdir(os.path.join(root, s)) for s in SHARED_STAGES):
+    return
+  shared = dataclasses.replace(
+      preset, **{field: getattr(PRESETS[preset.name], field) for field in PPO_FIELDS.values()})
+  lock = workdir_lib.lock_when_free(source)
+  try:
+    _claim_workdir(source, shared)
+    _run_stages(source, shared, SHARED_STAGES, label="upstream ")
+  finally:
+    lock.release()
+  timings_path = os.path.join(root, "timings.json")
+  timings = _read_json(timings_path) if os.path.exists(timings_path) else {}
+  upstream_timings = _read_json(os.path.join(source, "timings.json"))
+  for stage in SHARED_STAGES:
+    target = os.path.join(root, stage)
+    if os.path.isdir(target):
+      continue
+    partial = target + ".copying"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(os.path.join(source, stage), partial,
+                    ignore=shutil.ignore_patterns(workdir_lib.LOCK_FILE))
+    os.rename(partial, target)
+    timings.setdefault(stage, upstream_timings.get(stage, 0.0))
+  _write_json_atomic(timings_path, timings)
+  logging.info("Stages %s copied from %s.", ", ".join(SHARED_STAGES), source)
+
+
+def _run_stages(root: str, preset: Preset, stages: tuple[str, ...] = STAGES,
+                label: str = "") -> dict | None:
+  """Runs `stages` in order; returns the evaluation results once there are some."""
   timings_path = paths.join(root, "timings.json")
   timings = _read_json(timings_path) if paths.exists(timings_path) else {}
   steps: dict[str, Callable[[], None]] = {
@@ -598,8 +735,8 @@ def _run_stages(root: str, preset: Preset) -> dict:
       "report": lambda: report_stage(preset, root)
   }
   total = time.time()
-  for i, stage in enumerate(STAGES, 1):
-    print(f"[{i}/{len(STAGES)}] {stage} ...", file=sys.stderr, flush=True)
+  for i, stage in enumerate(stages, 1):
+    print(f"[{label}{i}/{len(stages)}] {stage} ...", file=sys.stderr, flush=True)
     start = time.time()
     check_inputs(root, stage)
     # A preempted stage raises loop.Preempted (after its checkpoint): the pipeline stops
@@ -610,9 +747,23 @@ def _run_stages(root: str, preset: Preset) -> dict:
       timings[stage] = elapsed
       _write_json_atomic(timings_path, timings)
     print(
-        f"[{i}/{len(STAGES)}] {stage} done in {elapsed:.0f} s "
+        f"[{label}{i}/{len(stages)}] {stage} done in {elapsed:.0f} s "
         f"(pipeline {time.time() - total:.0f} s)", file=sys.stderr, flush=True)
-  return _read_json(paths.join(root, "evaluate", "results.json"))
+  results = paths.join(root, "evaluate", "results.json")
+  return _read_json(results) if paths.exists(results) else None
+
+
+def _job_config():
+  """--config, or configs/instructgpt_mini.py with --preset and --seed."""
+  if _CONFIG.value is None:
+    config = config_lib.load_config_file(JOB_CONFIG, _PRESET.value)
+    config.seed = _SEED.value
+    return config
+  given = [f"--{name}" for name in ("preset", "seed") if flags.FLAGS[name].present]
+  if given:
+    raise ValueError(f"{' and '.join(given)} with --config: give them in the config "
+                     "(--config=configs/instructgpt_mini.py:PRESET --config.seed=N).")
+  return _CONFIG.value
 
 
 def main(argv):
@@ -628,7 +779,8 @@ def main(argv):
     raise ValueError(f"--workdir={_WORKDIR.value}: the main job's root must be a local "
                      "directory (its world is the stages' input files, read through local "
                      "paths); runs of instruct.train may write to a bucket.")
-  run(_WORKDIR.value, _PRESET.value, seed=_SEED.value)
+  config = _job_config()
+  run(_WORKDIR.value, preset=preset_from_config(config), upstream=config.upstream)
   print(f"\nReport: {paths.join(_WORKDIR.value, 'report.md')}")
 
 

@@ -106,7 +106,8 @@ def load_run(directory: str) -> Run:
 
 
 def load_runs(directories: Sequence[str]) -> list[Run]:
-  """The runs, sorted by seed; ResultsError unless they are one preset at distinct seeds."""
+  """The runs, sorted by seed; ResultsError unless they are one preset and one setting
+  (run.json's `overrides`) at distinct seeds."""
   if not directories:
     raise ResultsError("no run directories given.")
   runs = [load_run(d) for d in directories]
@@ -115,6 +116,11 @@ def load_runs(directories: Sequence[str]) -> list[Run]:
     raise ResultsError("the runs are of different presets ("
                        + ", ".join(f"{r.directory}: {r.results.get('preset')}" for r in runs)
                        + "); pool one preset.")
+  settings = {json.dumps(r.info.get("overrides", {}), sort_keys=True) for r in runs}
+  if len(settings) != 1:
+    raise ResultsError("the runs differ in their PPO settings ("
+                       + ", ".join(f"{r.directory}: {r.info.get('overrides', {})}" for r in runs)
+                       + "); pool the seeds of one setting.")
   seeds = [r.seed for r in runs]
   if len(set(seeds)) != len(seeds):
     raise ResultsError(f"the runs' seeds repeat ({seeds}): the same seed twice is the same "

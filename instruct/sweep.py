@@ -27,8 +27,9 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Trials run at a time by this comm
 _MAX_ATTEMPTS = flags.DEFINE_integer(
     "max_attempts", 2, "Runs of a failing trial before it is "
     "marked failed (a preempted run is not a failure).")
-_COMMAND = flags.DEFINE_string("command", "python -m instruct.train",
-                               "What runs a trial, before its --config / --workdir flags.")
+_COMMAND = flags.DEFINE_string(
+    "command", None, "What runs a trial, before its --config / --workdir flags (default: the "
+    "config file's SWEEP_COMMAND, else `python -m instruct.train`).")
 _POLL = flags.DEFINE_float("poll_seconds", 5.0, "How often an idle worker looks for trials.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -38,11 +38,27 @@ def _finite(value) -> Optional[float]:
   return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _values(records: list[dict], key: str, direction: str) -> dict[str, Optional[float]]:
-  values = [v for v in (_finite(r.get(key)) for r in records) if v is not None]
-  if not values:
-    return {"final": None, "best": None}
-  return {"final": values[-1], "best": min(values) if direction == "min" else max(values)}
+def _values(records: list[dict], key: str, direction: str) -> dict[str, Any]:
+  """The final and best value of `key` over a run's records, and the best's interval when the
+  record gives one (`KEY_low`, `KEY_high`, e.g. a win rate's over prompts)."""
+  found = [(v, r) for v, r in ((_finite(r.get(key)), r) for r in records) if v is not None]
+  if not found:
+    return {"final": None, "best": None, "interval": None}
+  pick = min if direction == "min" else max
+  best, record = pick(found, key=lambda pair: pair[0])
+  interval = [_finite(record.get(f"{key}_low")), _finite(record.get(f"{key}_high"))]
+  return {
+      "final": found[-1][0], "best": best, "interval": interval if None not in interval else None
+  }
+
+
+def varied_keys(overrides: list[dict[str, Any]]) -> list[str]:
+  """The keys that tell trials apart (sorted): all of them for one trial, else those that
+  not every trial sets to the same value."""
+  keys = sorted({k for o in overrides for k in o})
+  if len(overrides) < 2:
+    return keys
+  return [k for k in keys if not all(k in o and o[k] == overrides[0].get(k) for o in overrides)]
 
 
 def read_status(sweep_dir: str, name: str) -> Optional[dict]:
@@ -128,7 +144,12 @@ def markdown(config: str, base: list[str], ranked: list[dict], metrics: dict[str
         str(row["steps"])
     ]
     for k in metrics:
-      cells += [_fmt(row["metrics"][k]["final"]), _fmt(row["metrics"][k]["best"])]
+      value = row["metrics"][k]
+      interval = value.get("interval")
+      cells += [
+          _fmt(value["final"]),
+          _fmt(value["best"]) + (f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
+      ]
     wall = row["wall_seconds"]
     cells.append(f"{wall:.0f}" if wall else "-")
     lines.append("| " + " | ".join(cells) + " |")
@@ -147,38 +168,26 @@ def markdown(config: str, base: list[str], ranked: list[dict], metrics: dict[str
 
 
 def plot(sweep_dir: str, ranked: list[dict], metrics: dict[str, str]) -> list[str]:
-  """`sweep_<key>.png`: the ranking metric's best value against each swept key's values (each
-  trial a point, the mean over trials sharing a value a line). Returns the file names."""
+  """`sweep_<key>.png` per swept key: a panel per metric, its best value over each trial's run
+  (with the interval the run gives, if any) against the key's values, and the mean over
+  trials sharing a value as a line. Returns the file names."""
   metrics = metrics or DEFAULT_METRICS
-  metric = next(iter(metrics))
-  points = [r for r in ranked if r["metrics"][metric]["best"] is not None]
-  keys = sorted({k for r in ranked for k in r["overrides"]})
-  if not points or not keys:
+  keys = varied_keys([r["overrides"] for r in ranked])
+  if not keys or not any(r["metrics"][m]["best"] is not None for r in ranked for m in metrics):
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   names = []
+  columns = min(len(metrics), 2)
+  rows_ = math.ceil(len(metrics) / columns)
   for key in keys:
-    xs_raw = [r["overrides"].get(key) for r in points]
-    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_raw)
-    levels = sorted(set(map(str, xs_raw))) if not numeric else None
-    xs = xs_raw if numeric else [levels.index(str(x)) for x in xs_raw]
-    ys = [r["metrics"][metric]["best"] for r in points]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter(xs, ys, alpha=0.7)
-    by_x: dict[Any, list[float]] = {}
-    for x, y in zip(xs, ys):
-      by_x.setdefault(x, []).append(y)
-    mean_x = sorted(by_x)
-    ax.plot(mean_x, [sum(by_x[x]) / len(by_x[x]) for x in mean_x], "-", label="mean")
-    if numeric and min(mean_x) > 0 and max(mean_x) / min(mean_x) >= 5:
-      ax.set_xscale("log")
-    if not numeric:
-      ax.set_xticks(range(len(levels)), levels, rotation=20)
-    ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} ({metrics[metric]} over the run)")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(rows_, columns, figsize=(4.8 * columns, 3.4 * rows_), squeeze=False)
+    for ax, (metric, direction) in zip(axes.flat, metrics.items()):
+      _panel(ax, key, metric, direction,
+             [r for r in ranked if r["metrics"][metric]["best"] is not None])
+    for ax in list(axes.flat)[len(metrics):]:
+      ax.set_visible(False)
     fig.tight_layout()
     name = "sweep_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".png"
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,6 +196,32 @@ def plot(sweep_dir: str, ranked: list[dict], metrics: dict[str, str]) -> list[st
     plt.close(fig)
     names.append(name)
   return names
+
+
+def _panel(ax, key: str, metric: str, direction: str, points: list[dict]) -> None:
+  xs_raw = [r["overrides"].get(key) for r in points]
+  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_raw)
+  levels = None if numeric else sorted(set(map(str, xs_raw)))
+  xs = xs_raw if numeric else [levels.index(str(x)) for x in xs_raw]
+  values = [r["metrics"][metric] for r in points]
+  ys = [v["best"] for v in values]
+  ax.scatter(xs, ys, alpha=0.7)
+  for x, v in zip(xs, values):
+    if v.get("interval"):
+      ax.plot([x, x], v["interval"], color="C0", alpha=0.5, lw=1.5)
+  by_x: dict[Any, list[float]] = {}
+  for x, y in zip(xs, ys):
+    by_x.setdefault(x, []).append(y)
+  mean_x = sorted(by_x)
+  if mean_x:
+    ax.plot(mean_x, [sum(by_x[x]) / len(by_x[x]) for x in mean_x], "-", label="mean")
+  if numeric and mean_x and min(mean_x) > 0 and max(mean_x) / min(mean_x) >= 5:
+    ax.set_xscale("log")
+  if not numeric:
+    ax.set_xticks(range(len(levels)), levels, rotation=20)
+  ax.set_xlabel(key)
+  ax.set_ylabel(f"{metric} ({direction} over the run)", fontsize=8)
+  ax.grid(alpha=0.3)
 
 
 def write(sweep_dir: str, trials, metrics: dict[str, str]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ its own.
 A config file's `sweep(add, arg)` calls `add({"dotted.key": value, ...})` once per trial
 (`config_lib.grid` makes grids; `sweep=NAME` in the config argument picks a named sweep), and
 its optional `metrics()` gives `{metric: "min" | "max"}`, the first ranking the trials. Each
-trial runs `--command` (default `python -m instruct.train`) with `--config=FILE:ARG`,
+trial runs `--command` (default: the config file's `SWEEP_COMMAND`, else
+`python -m instruct.train`) with `--config=FILE:ARG`,
 `--workdir=DIR/trials/NAME`, the `--config.*` flags given here (every trial), then its own.
 
 DIR/
@@ -72,8 +73,12 @@ class SweepChangedError(ValueError):
   """DIR holds another sweep than the one asked for."""
 
 
-def load_sweep(config: str) -> tuple[list[Trial], dict[str, str]]:
-  """The trials of `FILE:ARG`'s `sweep(add, arg)` and its ranking metrics (`metrics()`)."""
+DEFAULT_COMMAND = "python -m instruct.train"
+
+
+def load_sweep(config: str) -> tuple[list[Trial], dict[str, str], str]:
+  """The trials of `FILE:ARG`'s `sweep(add, arg)`, its ranking metrics (`metrics()`) and what
+  runs a trial (the file's `SWEEP_COMMAND`, default `python -m instruct.train`)."""
   file, _, arg = config.partition(":")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"--config={config}: no config file at {file}.")
@@ -94,20 +99,22 @@ def load_sweep(config: str) -> tuple[list[Trial], dict[str, str]]:
   for key, direction in metrics.items():
     if direction not in ("min", "max"):
       raise ValueError(f"{file}: metrics() gives {key}: {direction!r}; expected 'min' or 'max'.")
-  return [Trial(n, o) for n, o in zip(names, added)], metrics
+  command = getattr(module, "SWEEP_COMMAND", DEFAULT_COMMAND)
+  return [Trial(n, o) for n, o in zip(names, added)], metrics, command
 
 
 def trial_names(trials: list[dict[str, Any]]) -> list[str]:
   """Directory names from each trial's index and overrides: `03-learning_rate=0.003,seed=1`
-  (the last part of each key; the whole key where the last parts would collide)."""
-  keys = sorted({k for t in trials for k in t})
+  (the last part of each key; the whole key where the last parts would collide). A key that
+  every trial sets to the same value does not tell them apart and stays out of the names."""
+  keys = sweep_summary.varied_keys(trials)
   short = {k: k.split(".")[-1] for k in keys}
   if len(set(short.values())) < len(keys):
     short = {k: k for k in keys}
   width = len(str(len(trials) - 1))
   names = []
   for i, overrides in enumerate(trials):
-    parts = ",".join(f"{short[k]}={flag_value(v)}" for k, v in overrides.items())
+    parts = ",".join(f"{short[k]}={flag_value(v)}" for k, v in overrides.items() if k in short)
     names.append(re.sub(r"[^A-Za-z0-9._,=+-]", "_", f"{i:0{width}d}-{parts}")[:120])
   return names
 
@@ -242,13 +249,10 @@ class Sweep:
   def _wait_for_workdir(self, trial: Trial) -> None:
     """Waits until no process holds the trial's own run lock (a killed worker's trial may
     still be saving its checkpoint)."""
-    workdir = paths.join(self.dir, "trials", trial.name)
-    while not self.stopping.is_set():
-      try:
-        workdir_lib.lock(workdir).release()
-        return
-      except workdir_lib.WorkdirBusyError:
-        self.stopping.wait(self.poll)
+    held = workdir_lib.lock_when_free(paths.join(self.dir, "trials", trial.name), self.poll,
+                                      self.stopping)
+    if held is not None:
+      held.release()
 
   def _run(self, trial: Trial) -> None:
     """Runs `trial` until it succeeds, fails `max_attempts` times, or the sweep stops."""
@@ -310,11 +314,15 @@ def base_flags(argv: list[str]) -> list[str]:
 
 
 def run(sweep_dir: str, config: str, base: list[str], workers: int = 1, max_attempts: int = 2,
-        command: str = "python -m instruct.train", poll_seconds: float = 5.0) -> dict:
-  """Runs (or resumes) the sweep in `sweep_dir` with `workers` workers; returns the summary."""
+        command: Optional[str] = None, poll_seconds: float = 5.0) -> dict:
+  """Runs (or resumes) the sweep in `sweep_dir` with `workers` workers; returns the summary.
+
+  `command` runs each trial (default: the config file's `SWEEP_COMMAND`, else
+  `python -m instruct.train`)."""
   if workers < 1 or max_attempts < 1:
     raise ValueError(f"--workers={workers} --max_attempts={max_attempts}: both must be >= 1.")
-  trials, metrics = load_sweep(config)
+  trials, metrics, default_command = load_sweep(config)
+  command = command or default_command
   write_trials(sweep_dir, config, trials, base)
   sweep = Sweep(sweep_dir, config, trials, metrics, base, command, max_attempts, poll_seconds)
   previous = signal.signal(signal.SIGTERM, lambda *_: sweep.stop())

@@ -226,6 +226,24 @@ def lock(workdir: str) -> Union[WorkdirLock, BucketLock]:
   return BucketLock(workdir) if paths.is_url(workdir) else WorkdirLock(workdir)
 
 
+def lock_when_free(workdir: str, poll_seconds: float = 5.0,
+                   stopping: Optional[threading.Event] = None):
+  """`lock(workdir)`, waiting while another process holds it (logged once); None when
+  `stopping` is set first."""
+  logged = False
+  while True:
+    try:
+      return lock(workdir)
+    except WorkdirBusyError as e:
+      if not logged:
+        logging.info("Waiting for %s: %s", workdir, e)
+        logged = True
+    if stopping is None:
+      time.sleep(poll_seconds)
+    elif stopping.wait(poll_seconds):
+      return None
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}

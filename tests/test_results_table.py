@@ -222,6 +222,20 @@ def test_mismatched_presets_are_an_error(tmp_path, capsys):
   assert "quick" in err and "full" in err
 
 
+def test_runs_of_different_ppo_settings_are_an_error(tmp_path, capsys):
+  """Trials of a sweep of the main job (run.json `overrides`) are not seeds of one run."""
+  dirs = [make_run(tmp_path, 0), make_run(tmp_path, 1)]
+  path = os.path.join(dirs[1], "run.json")
+  with open(path) as f:
+    info = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**info, "overrides": {"ppo.ptx_coef": 4.0}}, f)
+  assert rt.main(dirs) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "differ in their PPO settings" in err
+  assert "ppo.ptx_coef" in err and dirs[1] in err
+
+
 @pytest.mark.parametrize("problem,message", [("missing", "results.json is missing"),
                                              ("repeated", "seeds repeat"),
                                              ("no_outcomes", "no per-prompt outcomes")])

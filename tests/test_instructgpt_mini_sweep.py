@@ -1,0 +1,190 @@
+"""The main job as a config (configs/instructgpt_mini.py): its presets and PPO settings, the
+workdir's record of them, stages shared through an upstream run, and a sweep of it run by
+`instruct.sweep` to the trade-off table and plot."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from experiments import instructgpt_mini as mini
+from instruct import config_lib
+from instruct import sweep_summary
+from instruct import sweeps as sweep_lib
+from tests.test_sharding import ROOT
+
+JOB_CONFIG = os.path.join(ROOT, "configs", "instructgpt_mini.py")
+
+
+def _job_config(arg="test", **ppo):
+  config = config_lib.load_config_file(JOB_CONFIG, arg)
+  for key, value in ppo.items():
+    config.ppo[key] = value
+  return config
+
+
+def test_the_job_config_is_the_preset_with_its_seed_and_ppo_settings(tmp_path):
+  for name, preset in mini.PRESETS.items():
+    assert mini.preset_from_config(_job_config(name)) == preset  # Defaults change nothing.
+    assert mini.overrides(preset) == {}
+  config = _job_config("quick", ptx_coef=4.0, kl_beta=0.01, iterations=7)
+  config.seed = 2
+  preset = mini.preset_from_config(config)
+  assert (preset.seed, preset.world.seed, preset.ptx_coef, preset.kl_beta,
+          preset.ppo_iterations) == (2, 2, 4.0, 0.01, 7)
+  assert mini.overrides(preset) == {"ppo.ptx_coef": 4.0, "ppo.kl_beta": 0.01, "ppo.iterations": 7}
+  root = str(tmp_path / "run")
+  ptx = mini.stage_config("ppo_ptx", preset, root)
+  ppo = mini.stage_config("ppo", preset, root)
+  assert (ptx.ppo.ptx_coef, ptx.ppo.kl.initial_beta, ptx.train.num_steps) == (4.0, 0.01, 7)
+  assert (ppo.ppo.ptx_coef, ppo.ppo.kl.initial_beta) == (0.0, 0.01)  # PPO has no pretraining mix.
+  # Fewer iterations than the preset's checkpoint interval still save the last one.
+  assert (ptx.train.checkpoint_every, ptx.train.keep_checkpoints) == (7, 2)
+  for bad, message in ((dict(kl_beta=-0.1), r"config.ppo.kl_beta=-0.1: must be >= 0"),
+                       (dict(iterations=0), r"config.ppo.iterations=0: must be >= 1"),
+                       (dict(learning_rate=0.0), r"config.ppo.learning_rate=0.0: must be > 0")):
+    with pytest.raises(ValueError, match=message):
+      mini.preset_from_config(_job_config(**bad))
+  with pytest.raises(ValueError, match=r"config.preset='tiny': expected one of \['quick'"):
+    mini.preset_from_config(_job_config("tiny"))
+  # The workdir keeps its settings: another ptx_coef is another run.
+  os.makedirs(root)
+  mini._claim_workdir(root, preset)
+  with open(os.path.join(root, "run.json")) as f:
+    assert json.load(f)["overrides"] == mini.overrides(preset)
+  other = mini.preset_from_config(_job_config("quick", ptx_coef=1.0, kl_beta=0.01, iterations=7))
+  with pytest.raises(mini.WorkdirError,
+                     match=r"--config.ppo.ptx_coef=4.0, not --preset=quick --seed=0 "):
+    mini._claim_workdir(root, other)
+
+
+def test_preset_and_config_together_are_one_line_error(tmp_path):
+  result = subprocess.run([
+      sys.executable, "-m", "experiments.instructgpt_mini", f"--config={JOB_CONFIG}:test",
+      "--seed=1", f"--workdir={tmp_path / 'run'}"
+  ], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith("error: --seed with --config: give"), errors
+  assert not os.path.exists(tmp_path / "run" / "run.json")
+
+
+def test_runs_share_an_upstream_built_once_while_the_others_wait(tmp_path, monkeypatch):
+  """Two runs start at once with one upstream: the first builds its stages before PPO (under
+  its lock), the other waits, then both copy them; neither builds them itself."""
+  built = []
+
+  def fake_run_stages(root, preset, stages=mini.STAGES, label=""):
+    assert stages == mini.SHARED_STAGES and label
+    timings = {}
+    for stage in stages:
+      if not os.path.isdir(os.path.join(root, stage)):
+        time.sleep(0.05)
+        os.makedirs(os.path.join(root, stage))
+        with open(os.path.join(root, stage, "made_by.txt"), "w") as f:
+          f.write(str(preset.ptx_coef))
+        built.append(stage)
+      timings[stage] = 1.5
+    mini._write_json_atomic(os.path.join(root, "timings.json"), timings)
+
+  monkeypatch.setattr(mini, "_run_stages", fake_run_stages)
+  sweep_dir = tmp_path / "sweep"
+  roots = [str(sweep_dir / "trials" / name) for name in ("0-a", "1-b")]
+  presets = [mini.dataclasses.replace(mini.PRESETS["test"], ptx_coef=c) for c in (0.5, 4.0)]
+  threads = [
+      threading.Thread(target=mini.reuse_upstream, args=(r, "../../upstream", p))
+      for r, p in zip(roots, presets)
+  ]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert sorted(built) == sorted(mini.SHARED_STAGES)  # Each stage built once, upstream.
+  upstream = sweep_dir / "upstream"
+  with open(upstream / "run.json") as f:
+    assert json.load(f)["overrides"] == {}  # Built with the preset's own PPO settings,
+  for root in roots:
+    for stage in mini.SHARED_STAGES:
+      with open(os.path.join(root, stage, "made_by.txt")) as f:
+        assert f.read() == "1.0"  # which it says it built them with.
+    with open(os.path.join(root, "timings.json")) as f:
+      assert json.load(f) == {stage: 1.5 for stage in mini.SHARED_STAGES}
+    assert not [p for p in os.listdir(root) if p.endswith(".copying")]
+  built.clear()
+  mini.reuse_upstream(roots[0], "../../upstream", presets[0])  # Already copied: nothing to do.
+  assert built == []
+  with pytest.raises(mini.WorkdirError, match="--seed=0, not --preset=test --seed=3"):
+    mini.reuse_upstream(str(tmp_path / "other"), str(upstream), mini.with_seed(presets[0], 3))
+  with pytest.raises(ValueError, match="is the run's own workdir"):
+    mini.reuse_upstream(str(upstream), ".", presets[0])
+
+
+TWO_TRIALS = """
+import os
+from instruct import config_lib
+_job = config_lib.load_config_module({config!r})
+get_config, metrics, SWEEP_COMMAND = _job.get_config, _job.metrics, _job.SWEEP_COMMAND
+
+def sweep(add, arg=""):
+  for coef in (0.0, 4.0):
+    add({{"ppo.ptx_coef": coef, "upstream": _job.SHARED_UPSTREAM}})
+"""
+
+
+def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
+    pipeline_run, tmp_path):
+  """Two trials of PPO-ptx's coefficient (4 PPO iterations each, two workers) over the stages
+  before PPO of the finished test run: each trial copies them, trains PPO and PPO-ptx, is
+  evaluated, and the summary ranks them by PPO-ptx's win rate against SFT with its interval,
+  beside the perplexity regression, and plots both against the coefficient."""
+  sweep_dir = tmp_path / "sweep"
+  os.makedirs(sweep_dir)
+  shutil.copytree(
+      pipeline_run, sweep_dir / "upstream",
+      ignore=shutil.ignore_patterns("ppo", "ppo_ptx", "evaluate", "report.md", "plots", ".lock"))
+  config = tmp_path / "ptx_two.py"
+  config.write_text(TWO_TRIALS.format(config=JOB_CONFIG))
+  summary = sweep_lib.run(str(sweep_dir), f"{config}:test", ["--config.ppo.iterations=4"],
+                          workers=2, poll_seconds=0.5)
+  assert summary["counts"]["done"] == 2, summary["progress"]
+  metric = "ppo_ptx/win_vs_sft"
+  assert list(summary["metrics"])[:2] == [metric, "ppo_ptx/perplexity_regression"]
+  trials = summary["trials"]
+  wins = [t["metrics"][metric]["best"] for t in trials]
+  assert wins == sorted(wins, reverse=True) and [t["rank"] for t in trials] == [1, 2]
+  by_coef = {t["overrides"]["ppo.ptx_coef"]: t for t in trials}
+  assert sorted(by_coef) == [0.0, 4.0]
+  for coef, trial in by_coef.items():
+    root = trial["workdir"]
+    with open(os.path.join(root, "evaluate", "results.json")) as f:
+      results = json.load(f)
+    win = results["models"]["ppo_ptx"]["win_vs_sft"]
+    assert trial["metrics"][metric]["best"] == win["win_rate"]
+    assert trial["metrics"][metric]["interval"] == [win["ci_low"], win["ci_high"]]
+    regression = (results["models"]["ppo_ptx"]["perplexity"]
+                  - results["models"]["base_small"]["perplexity"])
+    assert trial["metrics"]["ppo_ptx/perplexity_regression"]["best"] == pytest.approx(regression)
+    saved = json.load(open(os.path.join(root, "ppo_ptx", "config.json")))
+    assert (saved["ppo"]["ptx_coef"], saved["train"]["num_steps"]) == (coef, 4)
+    # The stages before PPO are the upstream's, copied, not retrained.
+    for stage in ("sft", "rm"):
+      with open(os.path.join(root, stage, "metrics.jsonl")) as f, open(
+          os.path.join(pipeline_run, stage, "metrics.jsonl")) as g:
+        assert f.read() == g.read()
+    assert "[upstream 6/6] rm" in open(sweep_dir / "logs" / f"{trial['name']}.log").read()
+  # PPO does not read the coefficient: the same run in both trials.
+  ppo = [[{k: v for k, v in r.items() if not k.endswith("seconds")}
+          for r in mini.metrics_lib.read_metrics(os.path.join(t["workdir"], "ppo"))]
+         for t in trials]
+  assert len(ppo[0]) == 4 and ppo[0] == ppo[1]
+  assert summary["plots"] == ["sweep_ppo.ptx_coef.png"]  # The constant upstream is not plotted.
+  assert os.path.getsize(sweep_dir / "sweep_ppo.ptx_coef.png") > 10_000
+  table = (sweep_dir / "sweep.md").read_text()
+  low, high = trials[0]["metrics"][metric]["interval"]
+  assert f"{wins[0]:.4g} [{low:.4g}, {high:.4g}]" in table
+  assert sweep_summary.load(str(sweep_dir))["best"] == trials[0]["workdir"]
