@@ -168,27 +168,17 @@ def markdown(config: str, base: list[str], ranked: list[dict], metrics: dict[str
 
 
 def plot(sweep_dir: str, ranked: list[dict], metrics: dict[str, str]) -> list[str]:
-  """`sweep_<key>.png` per swept key: a panel per metric, its best value over each trial's run
-  (with the interval the run gives, if any) against the key's values, and the mean over
-  trials sharing a value as a line. Returns the file names."""
+  """`sweep_<key>.png` per swept key (`figure`). Returns the file names."""
   metrics = metrics or DEFAULT_METRICS
   keys = varied_keys([r["overrides"] for r in ranked])
-  if not keys or not any(r["metrics"][m]["best"] is not None for r in ranked for m in metrics):
+  if not any(r["metrics"][m]["best"] is not None for r in ranked for m in metrics):
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   names = []
-  columns = min(len(metrics), 2)
-  rows_ = math.ceil(len(metrics) / columns)
   for key in keys:
-    fig, axes = plt.subplots(rows_, columns, figsize=(4.8 * columns, 3.4 * rows_), squeeze=False)
-    for ax, (metric, direction) in zip(axes.flat, metrics.items()):
-      _panel(ax, key, metric, direction,
-             [r for r in ranked if r["metrics"][metric]["best"] is not None])
-    for ax in list(axes.flat)[len(metrics):]:
-      ax.set_visible(False)
-    fig.tight_layout()
+    fig = figure(ranked, metrics, key)
     name = "sweep_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".png"
     with tempfile.TemporaryDirectory() as tmp:
       fig.savefig(os.path.join(tmp, name), dpi=100)
@@ -196,6 +186,24 @@ def plot(sweep_dir: str, ranked: list[dict], metrics: dict[str, str]) -> list[st
     plt.close(fig)
     names.append(name)
   return names
+
+
+def figure(ranked: list[dict], metrics: dict[str, str], key: str):
+  """A panel per metric: its best value over each trial's run (with the interval the run
+  gives, if any) against the trial's value of `key`, and the mean over trials sharing a
+  value as a line; a log axis when positive values span a factor of 5 or more."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  metrics = metrics or DEFAULT_METRICS
+  columns = min(len(metrics), 2)
+  rows_ = math.ceil(len(metrics) / columns)
+  fig, axes = plt.subplots(rows_, columns, figsize=(4.8 * columns, 3.4 * rows_), squeeze=False)
+  for ax, (metric, direction) in zip(axes.flat, metrics.items()):
+    _panel(ax, key, metric, direction,
+           [r for r in ranked if r["metrics"][metric]["best"] is not None])
+  for ax in list(axes.flat)[len(metrics):]:
+    ax.set_visible(False)
+  fig.tight_layout()
+  return fig
 
 
 def _panel(ax, key: str, metric: str, direction: str, points: list[dict]) -> None:

@@ -19,7 +19,7 @@ DIR/
   status/NAME.json     a trial's state: done / failed / running, runs, failures and their
                        error lines, wall time
   claims/NAME/.lock    a trial being run (gone when it is finished)
-  logs/NAME.log        each attempt's output
+  logs/NAME.log        each attempt's output, as it comes (on a bucket: when it ends)
   sweep.md, sweep.json the comparison (`instruct.sweep_summary`), rewritten as trials finish
   sweep_<key>.png      the ranking metric against each swept key
 
@@ -45,6 +45,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Optional
@@ -269,30 +270,22 @@ class Sweep:
       logging.info("[sweep] %s: starting (%s)", trial.name, " ".join(argv[-len(trial.overrides):]
                                                                      or ["no overrides"]))
       start = time.time()
-      child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=_die_with_parent)
-      with self._lock:
-        self._children.add(child)
-      output = child.communicate()[0]
-      with self._lock:
-        self._children.discard(child)
-      old = paths.read_text(log_path) if paths.exists(log_path) else ""
-      paths.write_text_atomic(log_path, old + f"--- {' '.join(argv)}\n" + output)
+      returncode, output = self._run_logged(argv, log_path)
       status["wall_seconds"] += time.time() - start
       status["runs"] += 1
-      if child.returncode in INTERRUPTED or (self.stopping.is_set() and child.returncode != 0):
+      if returncode in INTERRUPTED or (self.stopping.is_set() and returncode != 0):
         # Preempted (saved) or interrupted: not a failure; the next claimant resumes it.
         self.preempted = True
         self.stop()
         _write_status(self.dir, trial.name, status)
         return
-      if child.returncode == 0:
+      if returncode == 0:
         status["status"] = DONE
         _write_status(self.dir, trial.name, status)
         logging.info("[sweep] %s: done", trial.name)
         return
       status["failures"] += 1
-      status["errors"].append(_error_line(output, child.returncode))
+      status["errors"].append(_error_line(output, returncode))
       failed = status["failures"] >= self.max_attempts
       status["status"] = FAILED if failed else "running"
       _write_status(self.dir, trial.name, status)
@@ -300,6 +293,31 @@ class Sweep:
                       self.max_attempts, status["errors"][-1])
       if failed:
         return
+
+  def _run_logged(self, argv: list[str], log_path: str) -> tuple[int, str]:
+    """Runs one attempt with its output appended to `log_path` as it comes (on a bucket, when
+    it ends); returns its exit status and output."""
+    local = not paths.is_url(log_path)
+    with tempfile.TemporaryDirectory() as tmp:
+      target = log_path if local else os.path.join(tmp, "attempt.log")
+      with open(target, "a") as log:
+        log.write(f"--- {' '.join(argv)}\n")
+        log.flush()
+        start = log.tell()
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
+        with self._lock:
+          self._children.add(child)
+        child.wait()
+        with self._lock:
+          self._children.discard(child)
+      with open(target, errors="replace") as log:
+        if not local:
+          old = paths.read_text(log_path) if paths.exists(log_path) else ""
+          paths.write_text_atomic(log_path, old + log.read())
+        log.seek(start)
+        output = log.read()
+    return child.returncode, output
 
   def report(self) -> None:
     """Rewrites the comparison and prints the progress line."""
