@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from instruct.data import feedback
 from instruct.data.builders import BUILDERS, RECORDS_FORMAT, builder_class
 from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
@@ -193,6 +194,11 @@ def validate_supervised(config: ml_collections.ConfigDict, data_parallel: int,
     raise ValueError(f"config.data.buckets={tuple(config.data.buckets)} exceeds "
                      f"config.model.max_length={config.model.max_length}.")
   validate_data_format(config, config.data.kind)
+  if config.data.kind == feedback.KIND:
+    if config.stage != "pretrain":
+      raise ValueError(f"config.data.kind={feedback.KIND!r} is pretraining data; the "
+                       f"{config.stage!r} stage reads other records.")
+    feedback.Feedback.from_config(config)
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")
@@ -288,8 +294,11 @@ def scaled(value: float, factors=(0.3, 1.0, 3.0)) -> list[float]:
 
 
 def add_sweep(add, arg: str | None, sweeps: dict[str, list[dict]], config_file: str) -> None:
-  """Adds the trials of the sweep that `arg` names (`sweep=NAME`; default: the first)."""
-  name = stage_arg(arg).sweep or next(iter(sweeps))
+  """Adds the trials of the sweep that `arg` names (`sweep=NAME`; default: the first). The
+  argument's other keys are the config's own (`get_config` checks them)."""
+  tokens = [t.strip() for t in (arg or "").split(",")]
+  name = next((t.split("=", 1)[1].strip() for t in tokens if t.startswith("sweep=")), "") or next(
+      iter(sweeps))
   if name not in sweeps:
     raise ValueError(f"{config_file}: unknown sweep {name!r} (config argument {arg!r}); "
                      f"use one of {list(sweeps)}.")

@@ -39,6 +39,31 @@ def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Ar
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
+def weighted_next_token_loss(logits_btv: Array, tokens_bt: Array, weights_bt: Array):
+  """Next-token loss with a signed weight per target (pretraining with feedback,
+  `instruct.data.feedback`): a positive weight w scales the negative log-likelihood, a
+  negative one makes the token an unlikelihood target (Welleck et al. 2019), 0 leaves it out.
+
+    loss_sum = sum_{w > 0} w * -log p(x_{t+1})  +  sum_{w < 0} |w| * -log(1 - p(x_{t+1}))
+
+  with w = weights[b, t+1] and p = softmax(logits[b, t]). Returns (loss_sum, num_targets,
+  num_correct) over the targets with w != 0, as `masked_next_token_loss` does (with 0/1
+  weights the two agree).
+  """
+  logits = logits_btv[:, :-1].astype(jnp.float32)
+  targets = tokens_bt[:, 1:]
+  weights = weights_bt[:, 1:].astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  target_log_p = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+  # -log(1 - p), kept finite as p -> 1 (p <= 1 - 1e-6).
+  unlikely = -jnp.log1p(-jnp.exp(jnp.minimum(target_log_p, jnp.log1p(-1e-6))))
+  terms = jnp.where(weights > 0, weights * -target_log_p,
+                    jnp.where(weights < 0, -weights * unlikely, 0.0))
+  active = (weights != 0).astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(terms), jnp.sum(active), jnp.sum(correct * active)
+
+
 def preference_pairs(ranks_bk: Array, response_mask_bk: Array) -> Array:
   """[batch, K, K] bool: pair (i, j) is ranked, with response i preferred to response j.
 

@@ -76,7 +76,8 @@ def test_vocabulary_specials_unique_and_complete():
   assert len(vocab) == len(set(vocab))
   groups = (L.FUNCTION_WORDS, L.ANIMALS, L.FOODS, L.THINGS, L.PLACES, L.COLORS, L.POSITIVE,
             L.NEGATIVE, L.VERBS, L.TOXIC, L.HARMS, L.COUNTS, tuple(L.CATEGORIES_OF_NOUNS))
-  assert set(vocab) == {L.EOS, L.PAD, L.UNK}.union(*groups)
+  assert set(vocab) == {L.EOS, L.PAD, L.UNK}.union(*groups, L.CONTROL)
+  assert tuple(vocab[-2:]) == L.CONTROL  # Last: the other ids do not depend on them.
 
 
 # yapf: disable
@@ -678,7 +679,9 @@ def _jsonl_paths(paths: dict) -> dict[str, str]:
 def _expected_lines(config: G.WorldConfig) -> dict[str, int]:
   return {
       "pretrain/train": config.pretrain_docs,
-      "pretrain/validation": config.pretrain_validation_docs, "sft/train": config.sft,
+      "pretrain/validation": config.pretrain_validation_docs,
+      "pretrain_scored/train": config.pretrain_docs,
+      "pretrain_scored/validation": config.pretrain_validation_docs, "sft/train": config.sft,
       "sft/validation": config.sft_validation, "rm_prompts/train": config.rm_prompts,
       "rm_prompts/validation": config.rm_validation_prompts,
       "ppo_prompts/train": config.ppo_prompts,
@@ -709,8 +712,8 @@ def test_write_world_files_and_line_counts(world):
   jsonl = _jsonl_paths(paths)
   assert set(jsonl) == set(_expected_lines(SMALL))
   keys = {
-      "pretrain": {"text"}, "sft": {"prompt", "completion",
-                                    "category"}, "rm_prompts": {"prompt", "category"},
+      "pretrain": {"text"}, "pretrain_scored": {"segments", "scores"},
+      "sft": {"prompt", "completion", "category"}, "rm_prompts": {"prompt", "category"},
       "ppo_prompts": {"prompt", "category"}, "eval_prompts": {"prompt", "category"}
   }
   for name, path in jsonl.items():

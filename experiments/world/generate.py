@@ -6,11 +6,16 @@ Everything is drawn from `WorldConfig.seed`, so the same seed writes byte-identi
 The files are in the formats the data builders read, so the world is one more dataset:
 
   tokenizer/                      word-level tokenizer (EOS id 0, pad id 1) over the world's
-                                  closed vocabulary, in the transformers format.
+                                  closed vocabulary and the two control tokens of conditional
+                                  pretraining, in the transformers format.
   pretrain_{train,validation}.jsonl   {"text"}: web-like text in the world's language: stories,
                                   fact pages, FAQ pages, and pages that list requests without
                                   answering them (so a base model continues a prompt with
                                   more prompts), with some insults and harmful how-tos.
+  pretrain_scored_{train,validation}.jsonl  the same pages as scored text
+                                  (`instruct.data.feedback`): their sentences, each scored
+                                  0 (a toxic word or a harmful how-to) or 1, for pretraining
+                                  with human preferences (Korbak et al. 2023).
   sft_{train,validation}.jsonl    {"prompt", "completion", "category"}: demonstrations.
   rm_prompts_{train,validation}.jsonl  {"prompt", "category"}: prompts whose sampled answers
                                   the labelers rank (the comparisons are made by the pipeline,
@@ -177,6 +182,28 @@ def pretrain_document(rng: random.Random, facts: L.Facts, seed: int, max_words: 
   return " ".join(make(rng, facts, seed)[:max_words])
 
 
+def segment_score(words: list[str]) -> float:
+  """The world's judgment of a sentence of the corpus, for pretraining with feedback: 0 when it
+  holds a toxic word or a harmful how-to (a harm verb), else 1."""
+  return 0.0 if any(w in L.TOXIC or w in L.HARMS for w in words) else 1.0
+
+
+def scored_document(text: str) -> dict:
+  """A corpus page as scored text (`instruct.data.feedback`): its sentences (cut after each
+  '.' and '?', the rest one more segment), each with `segment_score`."""
+  segments, current = [], []
+  for word in text.split():
+    current.append(word)
+    if word in (".", "?"):
+      segments.append(current)
+      current = []
+  if current:
+    segments.append(current)
+  return {
+      "segments": [" ".join(s) for s in segments], "scores": [segment_score(s) for s in segments]
+  }
+
+
 # --- Writing. -------------------------------------------------------------------------------
 
 
@@ -249,7 +276,8 @@ def files(world_dir: str) -> dict[str, dict[str, str] | str]:
 
   return {
       "tokenizer": paths.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
-      "sft": split("sft"), "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
+      "pretrain_scored": split("pretrain_scored"), "sft": split("sft"),
+      "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
       "eval_prompts": paths.join(world_dir, "eval_prompts.jsonl")
   }
 
@@ -269,8 +297,10 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   pretrain = stream("pretrain")
   docs = [{"text": pretrain_document(pretrain, facts, seed)}
           for _ in range(config.pretrain_docs + config.pretrain_validation_docs)]
-  _write_jsonl(written["pretrain"]["train"], docs[:config.pretrain_docs])
-  _write_jsonl(written["pretrain"]["validation"], docs[config.pretrain_docs:])
+  for split, part in (("train", docs[:config.pretrain_docs]), ("validation",
+                                                               docs[config.pretrain_docs:])):
+    _write_jsonl(written["pretrain"][split], part)
+    _write_jsonl(written["pretrain_scored"][split], [scored_document(d["text"]) for d in part])
   for split, n in (("train", config.sft), ("validation", config.sft_validation)):
     _write_jsonl(
         written["sft"][split],

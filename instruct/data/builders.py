@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from instruct import distributed
 from instruct.data import comparisons
+from instruct.data import feedback
 from instruct.data import local_files
 from instruct.data import public
 from instruct.data import records
@@ -54,7 +55,7 @@ def read_file(kind: str, path: str | os.PathLike[str], skip_invalid: bool = Fals
   This is what the record builders store (before TFDS's write-time shuffle).
 
   Args:
-    kind: 'comparisons', 'demonstrations', 'prompts' or 'text'.
+    kind: 'comparisons', 'demonstrations', 'prompts', 'text' or 'scored_text'.
     path: The file.
     skip_invalid: Skip and count invalid records instead of raising.
     max_responses: For comparisons, the most responses a record may have
@@ -74,10 +75,12 @@ def read_file(kind: str, path: str | os.PathLike[str], skip_invalid: bool = Fals
     return comparisons.read_comparisons(path, skip_invalid, limit, line_numbers=line_numbers)
   if kind == 'text':
     return records.read_text_file(path, skip_invalid, line_numbers=line_numbers)
+  if kind == feedback.KIND:
+    return feedback.read_scored_text(path, skip_invalid, line_numbers=line_numbers)
   schemas = {'demonstrations': records.DEMONSTRATION_SCHEMA, 'prompts': records.PROMPT_SCHEMA}
   if kind not in schemas:
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
-                     f"{sorted(['comparisons', 'text', *schemas])}.")
+                     f"{sorted(['comparisons', 'text', feedback.KIND, *schemas])}.")
   return records.read_records(path, schemas[kind], skip_invalid, line_numbers=line_numbers)
 
 
@@ -157,6 +160,20 @@ class PlainText(_RecordsBuilder, skip_registration=True):
     return tfds.features.FeaturesDict({'text': tfds.features.Text()})
 
 
+class ScoredText(_RecordsBuilder, skip_registration=True):
+  """Pretraining text cut into scored segments (`instruct.data.feedback`)."""
+
+  name = 'instruct_scored_text'
+  KIND = feedback.KIND
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns `segments` (text) and `scores` (float64, one per segment)."""
+    return tfds.features.FeaturesDict({
+        'segments': tfds.features.Sequence(tfds.features.Text()),
+        'scores': tfds.features.Sequence(np.float64),
+    })
+
+
 class Comparisons(_RecordsBuilder, skip_registration=True):
   """Ranked responses to prompts (reward-model data) from JSON-lines files.
 
@@ -181,6 +198,7 @@ BUILDERS: Mapping[str, type[local_files.LocalFilesBuilder]] = {
     'demonstrations': Demonstrations,
     'prompts': Prompts,
     'text': PlainText,
+    feedback.KIND: ScoredText,
 }
 
 

@@ -275,7 +275,8 @@ class Batches:
     length = next(b for b in self._buckets if b >= longest)
     shape = (local_batch_size, length)
     tokens = np.full(shape, self._pad_id, np.int32)
-    loss_mask = np.zeros(shape, np.int32)
+    # 0/1 masks, or float target weights (scored text): example 0's, the same on every host.
+    loss_mask = np.zeros(shape, self._encoded(0, count=False)[1].dtype)
     attention_mask = np.zeros(shape, np.int32)
     for row, (row_tokens, row_mask, _) in enumerate(rows):
       n = len(row_tokens)
@@ -465,7 +466,7 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
                  repeat: bool, data_dir: str, process_index: int = 0, process_count: int = 1,
                  cache_encoded: bool = True, data_format: str = builders.RECORDS_FORMAT,
                  skip_invalid: bool = False, allow_truncation: bool = True,
-                 batch_size_name: str = 'global_batch_size') -> Batches:
+                 batch_size_name: str = 'global_batch_size', encoder=None) -> Batches:
   """Loads a split of local files and returns its batches.
 
   Every example is encoded when loading; those longer than `max(buckets)`
@@ -494,6 +495,8 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
     allow_truncation: If False, examples longer than `max(buckets)` are an
       error instead of being truncated.
     batch_size_name: How messages name `global_batch_size` (its config key).
+    encoder: `(tokenizer, max_length, example) -> Encoded` for `kind` (default: the kind's
+      own; scored text needs its objective's, `feedback.encode`).
 
   Returns:
     The `Batches` iterator, with `num_truncated_examples` set.
@@ -504,7 +507,7 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
       `allow_truncation` False.
     RecordError: A record is invalid and `skip_invalid` is False.
   """
-  if kind not in _ENCODERS:
+  if encoder is None and kind not in _ENCODERS:
     hint = {
         'comparisons': ' (batch comparisons with make_comparison_batches)',
         'prompts': ' (batch prompts with make_prompt_batches)',
@@ -513,7 +516,7 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
                      f'{sorted(_ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
   max_length = _check_buckets(buckets, process_count)[-1]
-  encode = functools.partial(_ENCODERS[kind], tokenizer, max_length)
+  encode = functools.partial(encoder or _ENCODERS[kind], tokenizer, max_length)
   return load_batches(kind, files, split, encode, data_dir=data_dir, data_format=data_format,
                       skip_invalid=skip_invalid, allow_truncation=allow_truncation, noun='examples',
                       limit=f'{max_length} tokens', global_batch_size=global_batch_size,

@@ -8,6 +8,7 @@ token (pretraining). A batch is a dict of [batch, length] arrays: `tokens`, `los
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 
 from instruct import data as data_lib
+from instruct.data import feedback as feedback_lib
 from instruct import objectives
 from instruct.model import ModelConfig, Transformer
 from instruct.stages import common
@@ -27,14 +29,23 @@ def make_model(model_config) -> Transformer:
   return Transformer(ModelConfig.from_dict(model_config), head="lm")
 
 
-def lm_loss(model: Transformer, deterministic: bool):
-  """(params, batch, rng) -> (loss_sum, sums) of the masked next-token loss."""
+def lm_loss(model: Transformer, deterministic: bool, weights: str = "mask"):
+  """(params, batch, rng) -> (loss_sum, sums) of the next-token loss.
+
+  `weights`: "mask" (the data's 0/1 `loss_mask`), "signed" (scored text's signed target
+  weights, `objectives.weighted_next_token_loss`), or "all" (every real token: the plain
+  likelihood of scored text, what its evaluation reports whatever the objective).
+  """
 
   def loss_fn(params, batch: Batch, rng):
     logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"],
                          deterministic=deterministic, rngs={"dropout": rng}).logits
-    loss_sum, targets, correct = objectives.masked_next_token_loss(logits, batch["tokens"],
-                                                                   batch["loss_mask"])
+    if weights == "signed":
+      loss_sum, targets, correct = objectives.weighted_next_token_loss(
+          logits, batch["tokens"], batch["loss_mask"])
+    else:
+      mask = batch["attention_mask"] if weights == "all" else batch["loss_mask"]
+      loss_sum, targets, correct = objectives.masked_next_token_loss(logits, batch["tokens"], mask)
     tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
     return loss_sum, {
         "loss_sum": loss_sum, "targets": targets, "correct": correct, "tokens": tokens
@@ -52,16 +63,23 @@ def _metrics(sums: dict) -> dict:
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
-  """The pure SFT / pretraining step (see `common.make_train_step`)."""
-  count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:])
-  return common.make_train_step(lm_loss(model, deterministic=False), count, _metrics, optimizer,
-                                schedule, grad_accum_steps)
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    scored: bool = False) -> Callable:
+  """The pure SFT / pretraining step (see `common.make_train_step`); `scored`: the batches
+  are scored text with signed target weights (`instruct.data.feedback`)."""
+  if scored:
+    count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:] != 0)
+  else:
+    count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:])
+  return common.make_train_step(lm_loss(model, False, "signed" if scored else "mask"), count,
+                                _metrics, optimizer, schedule, grad_accum_steps)
 
 
-def make_eval_step(model: Transformer) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-  """(params, batch) -> sums over the batch; dummy rows (all-zero masks) add nothing."""
-  loss_fn = lm_loss(model, deterministic=True)
+def make_eval_step(model: Transformer,
+                   scored: bool = False) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """(params, batch) -> sums over the batch; dummy rows (all-zero masks) add nothing. Scored
+  text is evaluated by its plain likelihood (every real token)."""
+  loss_fn = lm_loss(model, deterministic=True, weights="all" if scored else "mask")
   return lambda params, batch: loss_fn(params, batch, jax.random.key(0))[1]
 
 
@@ -77,8 +95,11 @@ def summarize_eval(outputs: list[dict]) -> dict:
 
 
 def make_lm_data(config, tokenizer, split: str, repeat: bool):
-  """Host-local batches of `config.data` (demonstrations or text) for `split`."""
+  """Host-local batches of `config.data` (demonstrations, text or scored text) for `split`."""
   files = {"train": config.data.train_file, "validation": config.data.validation_file}
+  encoder = None
+  if config.data.kind == feedback_lib.KIND:
+    encoder = functools.partial(feedback_lib.encode, feedback_lib.Feedback.from_config(config))
   return data_lib.make_batches(
       config.data.kind, files, split, tokenizer, global_batch_size=config.train.global_batch_size,
       batch_size_name="config.train.global_batch_size", buckets=tuple(config.data.buckets),
@@ -86,14 +107,15 @@ def make_lm_data(config, tokenizer, split: str, repeat: bool):
       data_dir=common.tfds_dir(config), process_index=jax.process_index(),
       process_count=jax.process_count(), data_format=config.data.get("format", "records"),
       skip_invalid=config.data.get("skip_invalid", False),
-      allow_truncation=config.data.get("allow_truncation", True))
+      allow_truncation=config.data.get("allow_truncation", True), encoder=encoder)
 
 
 def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
   """The SFT / pretraining task for the shared driver."""
   model = make_model(config.model)
+  scored = config.data.kind == feedback_lib.KIND
   return common.Task(
       model=model, train_step=make_train_step(model, optimizer, schedule,
-                                              config.train.grad_accum_steps),
-      eval_step=make_eval_step(model), summarize_eval=summarize_eval,
+                                              config.train.grad_accum_steps, scored),
+      eval_step=make_eval_step(model, scored), summarize_eval=summarize_eval,
       make_data=lambda split, repeat: make_lm_data(config, tokenizer, split, repeat))
