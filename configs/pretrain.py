@@ -15,10 +15,10 @@ reads scored text (`config.data.kind='scored_text'`: documents cut into scored s
 instruct/data/feedback.py) and trains it with one of the paper's objectives, `mle`,
 `filter`, `conditional`, `unlikelihood` or `rwr` (settings in `config.feedback`). Point the
 data at scored files, e.g. the embedded world's (`python -m experiments.world.generate
---out=/tmp/world` writes them and a tokenizer with the control tokens):
+--out=/tmp/world` writes them, and `tokenizer_control/`, its tokenizer with the control tokens):
 
   python -m instruct.train --config=configs/pretrain.py:tiny,feedback=conditional \
-      --workdir=/tmp/pretrain_conditional --config.data.tokenizer=/tmp/world/tokenizer \
+      --workdir=/tmp/pretrain_conditional --config.data.tokenizer=/tmp/world/tokenizer_control \
       --config.data.train_file=/tmp/world/pretrain_scored_train.jsonl \
       --config.data.validation_file=/tmp/world/pretrain_scored_validation.jsonl \
       --config.model.vocab_size=144

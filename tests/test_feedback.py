@@ -34,7 +34,7 @@ def world(tmp_path_factory):
                                  sft_validation=8, rm_prompts=8, rm_validation_prompts=8,
                                  ppo_prompts=8, ppo_validation_prompts=8, eval_prompts=8)
   files = world_lib.write_world(out, config)
-  return files, tokenization.load_tokenizer(files["tokenizer"])
+  return files, tokenization.load_tokenizer(files["tokenizer_control"])
 
 
 def _ids(tokenizer, text):
@@ -153,10 +153,13 @@ def test_the_world_scores_its_corpus_by_sentence(world):
     assert [" ".join(d["segments"]) for d in scored] == plain  # The same pages, in order.
   scores = [s for d in scored for s in d["scores"]]
   assert set(scores) == {0.0, 1.0}
-  # The control tokens come last in the vocabulary, inside the models' 144 rows.
+  # The control tokens come last in their tokenizer's vocabulary, inside the models' 144 rows;
+  # every other word has the id of the world's plain tokenizer.
   vocab = tok.get_vocab()
   assert [vocab["<|good|>"], vocab["<|bad|>"]] == [len(vocab) - 2, len(vocab) - 1]
   assert len(vocab) <= 144
+  plain = tokenization.load_tokenizer(files["tokenizer"]).get_vocab()
+  assert {w: i for w, i in vocab.items() if w not in L.CONTROL} == plain
 
 
 @pytest.mark.parametrize("line,message", [
@@ -197,7 +200,7 @@ def test_impossible_feedback_configs_name_their_key(key, value, pattern):
 def _scored_config(files, tfds_dir, objective, **train):
   config = load_config("pretrain", f"tiny,feedback={objective}")
   config.data.tfds_dir = tfds_dir
-  config.data.tokenizer = files["tokenizer"]
+  config.data.tokenizer = files["tokenizer_control"]
   config.data.train_file = files["pretrain_scored"]["train"]
   config.data.validation_file = files["pretrain_scored"]["validation"]
   config.data.buckets = (64,)

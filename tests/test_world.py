@@ -76,8 +76,9 @@ def test_vocabulary_specials_unique_and_complete():
   assert len(vocab) == len(set(vocab))
   groups = (L.FUNCTION_WORDS, L.ANIMALS, L.FOODS, L.THINGS, L.PLACES, L.COLORS, L.POSITIVE,
             L.NEGATIVE, L.VERBS, L.TOXIC, L.HARMS, L.COUNTS, tuple(L.CATEGORIES_OF_NOUNS))
-  assert set(vocab) == {L.EOS, L.PAD, L.UNK}.union(*groups, L.CONTROL)
-  assert tuple(vocab[-2:]) == L.CONTROL  # Last: the other ids do not depend on them.
+  assert set(vocab) == {L.EOS, L.PAD, L.UNK}.union(*groups)
+  with_control = L.vocabulary(control=True)
+  assert with_control == vocab + list(L.CONTROL)  # Last: every other id stays.
 
 
 # yapf: disable
@@ -667,7 +668,7 @@ SMALL = G.WorldConfig(seed=5, pretrain_docs=30, pretrain_validation_docs=7, sft=
 def _jsonl_paths(paths: dict) -> dict[str, str]:
   out = {}
   for name, value in paths.items():
-    if name == "tokenizer":
+    if name.startswith("tokenizer"):
       continue
     if isinstance(value, dict):
       out.update({f"{name}/{split}": p for split, p in value.items()})

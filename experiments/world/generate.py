@@ -6,8 +6,9 @@ Everything is drawn from `WorldConfig.seed`, so the same seed writes byte-identi
 The files are in the formats the data builders read, so the world is one more dataset:
 
   tokenizer/                      word-level tokenizer (EOS id 0, pad id 1) over the world's
-                                  closed vocabulary and the two control tokens of conditional
-                                  pretraining, in the transformers format.
+                                  closed vocabulary, in the transformers format.
+  tokenizer_control/              the same with the two control tokens of conditional
+                                  pretraining last (every other word keeps its id).
   pretrain_{train,validation}.jsonl   {"text"}: web-like text in the world's language: stories,
                                   fact pages, FAQ pages, and pages that list requests without
                                   answering them (so a base model continues a prompt with
@@ -207,13 +208,14 @@ def scored_document(text: str) -> dict:
 # --- Writing. -------------------------------------------------------------------------------
 
 
-def write_tokenizer(out_dir: str) -> None:
-  """Saves the tokenizer into `out_dir` (a local directory or a bucket URL)."""
+def write_tokenizer(out_dir: str, control: bool = False) -> None:
+  """Saves the tokenizer into `out_dir` (a local directory or a bucket URL); with `control`,
+  the one whose vocabulary ends with the control tokens of conditional pretraining."""
   import tokenizers
   from tokenizers import models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
-  vocab = {w: i for i, w in enumerate(L.vocabulary())}
+  vocab = {w: i for i, w in enumerate(L.vocabulary(control))}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=L.UNK))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=L.EOS, pad_token=L.PAD,
@@ -275,9 +277,10 @@ def files(world_dir: str) -> dict[str, dict[str, str] | str]:
     return {s: paths.join(world_dir, f"{stem}_{s}.jsonl") for s in ("train", "validation")}
 
   return {
-      "tokenizer": paths.join(world_dir, "tokenizer"), "pretrain": split("pretrain"),
-      "pretrain_scored": split("pretrain_scored"), "sft": split("sft"),
-      "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
+      "tokenizer": paths.join(world_dir, "tokenizer"),
+      "tokenizer_control": paths.join(world_dir, "tokenizer_control"),
+      "pretrain": split("pretrain"), "pretrain_scored": split("pretrain_scored"),
+      "sft": split("sft"), "rm_prompts": split("rm_prompts"), "ppo_prompts": split("ppo_prompts"),
       "eval_prompts": paths.join(world_dir, "eval_prompts.jsonl")
   }
 
@@ -314,6 +317,7 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   _write_jsonl(written["eval_prompts"],
                _eval_records(stream("eval"), facts, seed, config.eval_prompts))
   write_tokenizer(written["tokenizer"])
+  write_tokenizer(written["tokenizer_control"], control=True)
   meta = {
       "config": dataclasses.asdict(config), "facts": {"home": facts.home, "color": facts.color},
       "splits": dict(SPLITS)

@@ -40,17 +40,18 @@ was very all for you of it here are some more ideas
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
-# The control tokens of conditional pretraining (instruct.data.feedback): last, so the ids of
-# every word before them are what they were without them. No text of the world holds them.
+# The control tokens of conditional pretraining (instruct.data.feedback), in the vocabulary of
+# its own tokenizer only (`vocabulary(control=True)`): last, so every other word keeps its id.
+# No text of the world holds them.
 CONTROL = ("<|good|>", "<|bad|>")
 
 
-def vocabulary() -> list[str]:
-  """Every word of the world, each once, special tokens first (EOS = 0, pad = 1, unk = 2),
-  the control tokens last."""
+def vocabulary(control: bool = False) -> list[str]:
+  """Every word of the world, each once, special tokens first (EOS = 0, pad = 1, unk = 2);
+  with `control`, the control tokens last."""
   words = [EOS, PAD, UNK]
   for group in (FUNCTION_WORDS, ANIMALS, FOODS, THINGS, PLACES, COLORS, POSITIVE, NEGATIVE, VERBS,
-                TOXIC, HARMS, COUNTS, tuple(CATEGORIES_OF_NOUNS), CONTROL):
+                TOXIC, HARMS, COUNTS, tuple(CATEGORIES_OF_NOUNS)) + ((CONTROL,) if control else ()):
     for word in group:
       if word not in words:
         words.append(word)
