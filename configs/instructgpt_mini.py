@@ -13,6 +13,10 @@ Fields:
   ppo.ptx_coef      PPO-ptx's pretraining-loss coefficient (default 1.0; PPO keeps 0)
   ppo.learning_rate the policy's learning rate (default: the preset's)
   ppo.iterations    PPO iterations (default: the preset's)
+  methods           other routes to alignment to add, comma-separated (default none):
+                    `feedback`, pretraining with human preferences (Korbak et al. 2023):
+                    four more base models, one per objective, and a report section
+                    (experiments/world/methods.py)
   upstream          a run directory whose stages before PPO (world .. rm) this run copies
                     instead of training them; they are built there first (under its lock)
                     when they are not. A relative path is taken from the workdir. Only runs
@@ -50,6 +54,7 @@ def get_config(arg: str = "quick"):
   config.ppo.learning_rate = config_dict.placeholder(float)
   config.ppo.iterations = config_dict.placeholder(int)
   config.upstream = ""
+  config.methods = ""
   return config
 
 

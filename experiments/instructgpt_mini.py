@@ -74,6 +74,7 @@ import numpy as np
 from experiments.world import evaluate as ev
 from experiments.world import generate as world_lib
 from experiments.world import labelers as labelers_lib
+from experiments.world import methods as methods_lib
 from experiments.world import report as report_lib
 from experiments.world import tasks as T
 from instruct import cli
@@ -127,6 +128,7 @@ class Preset:
   checkpoint_every: int = 10        # PPO: the over-optimisation curve's resolution.
   seed: int = 0
   labelers: labelers_lib.LabelerConfig = labelers_lib.LabelerConfig()
+  methods: tuple = ()               # Other routes to alignment (experiments/world/methods.py).
 # yapf: enable
 
 
@@ -186,6 +188,7 @@ def preset_from_config(config) -> Preset:
   changes = {
       field: config.ppo[key] for key, field in PPO_FIELDS.items() if config.ppo[key] is not None
   }
+  changes["methods"] = methods_lib.parse(config.get("methods", ""))
   for key, low, strict in (("kl_beta", 0, False), ("ptx_coef", 0, False),
                            ("learning_rate", 0, True), ("iterations", 1, False)):
     value = config.ppo[key]
@@ -197,10 +200,19 @@ def preset_from_config(config) -> Preset:
 def overrides(preset: Preset) -> dict[str, Any]:
   """The PPO settings in which `preset` differs from its named preset (`ppo.KEY`: value)."""
   named = PRESETS[preset.name]
-  return {
+  out = {
       f"ppo.{key}": getattr(preset, field) for key, field in PPO_FIELDS.items()
       if getattr(preset, field) != getattr(named, field)
   }
+  if preset.methods != named.methods:
+    out["methods"] = ",".join(preset.methods)
+  return out
+
+
+def pipeline_stages(preset: Preset) -> tuple[str, ...]:
+  """STAGES with the training stages of `preset.methods` before the evaluation."""
+  at = STAGES.index("evaluate")
+  return STAGES[:at] + methods_lib.stages(preset.methods) + STAGES[at:]
 
 
 def _non_embedding_params(arch: dict) -> int:
@@ -230,6 +242,10 @@ def rm_num_steps(preset: Preset, root: str) -> int:
 def stage_config(stage: str, preset: Preset, root: str):
   """The `instruct.train` config of a training stage."""
   files = world_lib.files(paths.join(root, "world"))
+  if stage in methods_lib.FEEDBACK_STAGES:
+    c = stage_config("pretrain", preset, root)
+    methods_lib.as_feedback_pretraining(c, stage, files)
+    return c
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
     c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
@@ -308,7 +324,7 @@ UPSTREAM = {
     "comparisons": ("world", "sft"), "rm": ("world", "sft", "comparisons"),
     "ppo": ("world", "sft", "rm"), "ppo_ptx": ("world", "sft", "rm"),
     "evaluate": ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo",
-                 "ppo_ptx")
+                 "ppo_ptx"), **{s: ("world",) for s in methods_lib.FEEDBACK_STAGES}
 }
 OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json"}
 BUILT_FROM = "built_from.json"
@@ -329,11 +345,11 @@ def _fingerprint(root: str, stage: str) -> dict:
   return {"step": step}
 
 
-def _inputs(root: str, stage: str) -> dict:
-  return {name: _fingerprint(root, name) for name in UPSTREAM.get(stage, ())}
+def _inputs(root: str, stage: str, extra: tuple[str, ...] = ()) -> dict:
+  return {name: _fingerprint(root, name) for name in UPSTREAM.get(stage, ()) + extra}
 
 
-def check_inputs(root: str, stage: str) -> None:
+def check_inputs(root: str, stage: str, extra: tuple[str, ...] = ()) -> None:
   """Records what `stage` is built from (`DIR/<stage>/built_from.json`) the first time it runs;
   later, refuses to resume or reuse it when an upstream stage changed since.
 
@@ -344,7 +360,7 @@ def check_inputs(root: str, stage: str) -> None:
     return
   workdir = paths.join(root, stage)
   path = paths.join(workdir, BUILT_FROM)
-  current = _inputs(root, stage)
+  current = _inputs(root, stage, extra)
   if paths.exists(path):
     recorded = _read_json(path)
     changed = [
@@ -375,6 +391,8 @@ def _finished(workdir: str, num_steps: int) -> bool:
 
 
 def train_stage(stage: str, preset: Preset, root: str) -> None:
+  if stage in methods_lib.FEEDBACK_STAGES:
+    world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
   config = stage_config(stage, preset, root)
   workdir = paths.join(root, stage)
   if _finished(workdir, config.train.num_steps):
@@ -485,6 +503,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
       "base_small": "pretrain", "base_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
       "ppo_ptx": "ppo_ptx"
   }
+  few_shot = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)]
   results = {
       "preset": preset.name, "seed": preset.seed, "models": {}, "eval_prompts": len(prompts),
       "temperature": preset.eval_temperature
@@ -493,8 +512,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   for name, run in runs.items():
     policy = ev.load_policy(paths.join(root, run))
     base = name.startswith("base")
-    inputs = [ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)
-             ] if (base) else prompts
+    inputs = few_shot if base else prompts
     answers[name] = ev.generate(policy, tokenizer, inputs, seed=preset.seed + 17,
                                 temperature=preset.eval_temperature,
                                 prompt_length=128 if base else 32,
@@ -518,6 +536,10 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   }
   results["rm"] = _rm_summary(root)
   results["samples"] = _samples(prompts, categories, answers, scores, judges)
+  if "feedback" in preset.methods:
+    results["pretraining_with_feedback"] = methods_lib.evaluate_feedback(
+        root, preset, texts, prompts, categories, facts, judges, few_shot,
+        files["tokenizer_control"])
   _write_json_atomic(paths.join(out, "results.json"), results)
 
 
@@ -618,6 +640,8 @@ def summary_metrics(results: dict) -> dict[str, float]:
   for name in ("ppo", "ppo_ptx"):
     out[f"{name}/kl"] = results["over_optimization"][name][-1]["kl"]
   out["rm/heldout_accuracy"] = results["rm"]["heldout_accuracy"]
+  for objective, row in results.get("pretraining_with_feedback", {}).items():
+    out.update({f"feedback/{objective}/{k}": row[k] for k in ("misaligned", "perplexity")})
   return out
 
 
@@ -675,7 +699,7 @@ def run(root: str, preset_name: str = "quick", preset: Preset | None = None,
     _claim_workdir(root, preset)
     if upstream:
       reuse_upstream(root, upstream, preset)
-    return _run_stages(root, preset)
+    return _run_stages(root, preset, pipeline_stages(preset))
   finally:
     lock.release()
 
@@ -688,7 +712,8 @@ def reuse_upstream(root: str, upstream: str, preset: Preset) -> None:
   building them there first, under that run's lock, where they are not finished.
 
   The trials of a sweep over PPO settings share one upstream: the first to arrive trains it
-  (with the named preset's PPO settings, which these stages do not read), the others wait for
+  (with the named preset's PPO settings and methods, which these stages do not read), the
+  others wait for
   its lock and then copy. A copy lands under its final name only when complete.
   """
   if paths.is_url(upstream):
@@ -699,7 +724,8 @@ def reuse_upstream(root: str, upstream: str, preset: Preset) -> None:
   if all(os.path.isdir(os.path.join(root, s)) for s in SHARED_STAGES):
     return
   shared = dataclasses.replace(
-      preset, **{field: getattr(PRESETS[preset.name], field) for field in PPO_FIELDS.values()})
+      preset, methods=PRESETS[preset.name].methods,
+      **{field: getattr(PRESETS[preset.name], field) for field in PPO_FIELDS.values()})
   lock = workdir_lib.lock_when_free(source)
   try:
     _claim_workdir(source, shared)
@@ -738,7 +764,7 @@ def _run_stages(root: str, preset: Preset, stages: tuple[str, ...] = STAGES,
   for i, stage in enumerate(stages, 1):
     print(f"[{label}{i}/{len(stages)}] {stage} ...", file=sys.stderr, flush=True)
     start = time.time()
-    check_inputs(root, stage)
+    check_inputs(root, stage, methods_lib.stages(preset.methods) if stage == "evaluate" else ())
     # A preempted stage raises loop.Preempted (after its checkpoint): the pipeline stops
     # there, and a rerun resumes that stage before anything is built on it.
     steps.get(stage, lambda s=stage: train_stage(s, preset, root))()

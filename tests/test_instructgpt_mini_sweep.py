@@ -13,6 +13,8 @@ import time
 import pytest
 
 from experiments import instructgpt_mini as mini
+from experiments.world import methods as methods_lib
+from experiments.world import report as report_lib
 from instruct import config_lib
 from instruct import sweep_summary
 from instruct import sweeps as sweep_lib
@@ -188,3 +190,65 @@ def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
   low, high = trials[0]["metrics"][metric]["interval"]
   assert f"{wins[0]:.4g} [{low:.4g}, {high:.4g}]" in table
   assert sweep_summary.load(str(sweep_dir))["best"] == trials[0]["workdir"]
+
+
+def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tmp_path):
+  """`methods=feedback`: four more pretraining stages, each `pretrain`'s config on the scored
+  pages with its objective; their evaluation (run here on copies of the base model, not
+  retrained) and the report's section and plot."""
+  config = _job_config("test")
+  config.methods = "feedback"
+  preset = mini.preset_from_config(config)
+  assert mini.overrides(preset) == {"methods": "feedback"}
+  stages = mini.pipeline_stages(preset)
+  assert stages[-6:] == ("pretrain_filter", "pretrain_conditional", "pretrain_unlikelihood",
+                         "pretrain_rwr", "evaluate", "report")
+  assert mini.pipeline_stages(mini.PRESETS["test"]) == mini.STAGES
+  with pytest.raises(ValueError, match=r"config.methods='feedback,hir': unknown method 'hir'"):
+    config.methods = "feedback,hir"
+    mini.preset_from_config(config)
+  root = str(tmp_path / "run")
+  shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))
+  plain = mini.stage_config("pretrain", preset, root)
+  for stage, objective in methods_lib.FEEDBACK_STAGES.items():
+    c = mini.stage_config(stage, preset, root)
+    assert (c.data.kind, c.feedback.objective) == ("scored_text", objective)
+    assert c.data.train_file.endswith("world/pretrain_scored_train.jsonl")
+    assert c.data.tokenizer.endswith("world/tokenizer_control")
+    assert (c.model.to_dict(), c.train.to_dict(),
+            c.optimizer.to_dict(), c.seed) == (plain.model.to_dict(), plain.train.to_dict(),
+                                               plain.optimizer.to_dict(), plain.seed)
+    config_lib.validate_supervised(c, 1, 1)
+    shutil.copytree(os.path.join(root, "pretrain"), os.path.join(root, stage))
+  results = json.load(open(os.path.join(root, "evaluate", "results.json")))
+  files = mini.world_lib.files(os.path.join(root, "world"))
+  records = [json.loads(line) for line in open(files["eval_prompts"])]
+  texts = [json.loads(line)["text"] for line in open(files["pretrain"]["validation"])]
+  examples = mini._few_shot_examples(files, mini.world_lib.load_facts(os.path.join(root, "world")))
+  prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
+  _, judges = mini.labelers_lib.make_pools(preset.labelers)
+  rows = methods_lib.evaluate_feedback(
+      root, preset, texts, prompts, categories,
+      mini.world_lib.load_facts(os.path.join(root, "world")), judges,
+      [mini.ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)],
+      files["tokenizer_control"])
+  assert list(rows) == ["mle", "filter", "conditional", "unlikelihood", "rwr"]
+  base = results["models"]["base_small"]
+  # The copies are the base model: its perplexity, and for every objective but conditional
+  # (prompted after <|good|>) the same samples. (Not base small's samples: the control tokens
+  # are banned here, which renormalises the sampled distribution.)
+  for name in ("mle", "filter", "unlikelihood", "rwr"):
+    assert rows[name]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5)
+    assert {k: v for k, v in rows[name].items() if k != "stage"
+           } == {k: v for k, v in rows["mle"].items() if k != "stage"}
+  for row in rows.values():
+    assert 0 <= row["misaligned"] <= 1 and row["samples"] == len(texts)
+    assert 0 <= row["toxic_per_sample"] < 16 and 0 <= row["harmful_howto"] <= 1
+  results["pretraining_with_feedback"] = rows
+  report_lib.write_report(root, results, {})
+  report = open(os.path.join(root, "report.md")).read()
+  assert "## Pretraining with human preferences" in report
+  assert "| conditional training | " in report
+  assert os.path.getsize(os.path.join(root, "plots", "feedback.png")) > 5000
+  summary = mini.summary_metrics(results)
+  assert summary["feedback/rwr/perplexity"] == rows["rwr"]["perplexity"]

@@ -82,21 +82,24 @@ def _jitted_sampler(model: Transformer, cfg: SamplingConfig):
   return jax.jit(make_sampler(model, cfg))
 
 
-def generate(policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int,
-             max_new_tokens: int = 16, temperature: float = 1.0, prompt_length: int = 32,
-             batch_size: int = 128, stop_words: Sequence[str] = ()) -> list[Answer]:
+def generate(
+    policy: Policy, tokenizer, prompts: Sequence[str], *, seed: int, max_new_tokens: int = 16,
+    temperature: float = 1.0, prompt_length: int = 32, batch_size: int = 128,
+    stop_words: Sequence[str] = (), banned_ids: Sequence[int] = ()
+) -> list[Answer]:
   """Samples one answer per prompt (batched, jitted, fixed shapes, reproducible by `seed`).
 
   The tokenizer's special tokens other than EOS (pad, unk, ...) are never sampled
   (`banned_token_ids`), and `Answer.logprob` is under that renormalised distribution: score
   the answers with `sequence_logprob(..., banned_ids=banned_token_ids(tokenizer))` to compare
   like with like. `stop_words` cut an answer before the first of them (used for base models,
-  which go on writing the next request instead of ending). Raises ValueError for bad sampling
+  which go on writing the next request instead of ending). `banned_ids` are never sampled
+  either (e.g. the control tokens of conditional pretraining). Raises ValueError for bad sampling
   settings, or when prompt_length + max_new_tokens exceeds a learned position table.
   """
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                       banned_ids=banned_token_ids(tokenizer))
+                       banned_ids=tuple(sorted({*banned_token_ids(tokenizer), *banned_ids})))
   config_lib.validate_sampling(cfg, prefix="generate")
   config_lib.check_fits(prompt_length + max_new_tokens,
                         f"prompt_length + max_new_tokens = {prompt_length} + {max_new_tokens}",

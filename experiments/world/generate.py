@@ -231,6 +231,22 @@ def write_tokenizer(out_dir: str, control: bool = False) -> None:
       paths.copy_file(os.path.join(tmp, name), paths.join(out_dir, name))
 
 
+def write_feedback_files(world_dir: str) -> None:
+  """Writes what pretraining with human preferences reads, derived from the written corpus:
+  the scored pages and the tokenizer with the control tokens. Those present are kept, so a
+  world written before they existed gets them on first use, the same as a new one has."""
+  written = files(world_dir)
+  for split in ("train", "validation"):
+    if not paths.exists(written["pretrain_scored"][split]):
+      pages = [
+          json.loads(line) for line in paths.read_text(written["pretrain"][split]).split("\n")
+          if line.strip()
+      ]
+      _write_jsonl(written["pretrain_scored"][split], [scored_document(p["text"]) for p in pages])
+  if not paths.exists(paths.join(written["tokenizer_control"], "tokenizer.json")):
+    write_tokenizer(written["tokenizer_control"], control=True)
+
+
 def _write_jsonl(path: str, records: list[dict]) -> None:
   paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -300,10 +316,8 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   pretrain = stream("pretrain")
   docs = [{"text": pretrain_document(pretrain, facts, seed)}
           for _ in range(config.pretrain_docs + config.pretrain_validation_docs)]
-  for split, part in (("train", docs[:config.pretrain_docs]), ("validation",
-                                                               docs[config.pretrain_docs:])):
-    _write_jsonl(written["pretrain"][split], part)
-    _write_jsonl(written["pretrain_scored"][split], [scored_document(d["text"]) for d in part])
+  _write_jsonl(written["pretrain"]["train"], docs[:config.pretrain_docs])
+  _write_jsonl(written["pretrain"]["validation"], docs[config.pretrain_docs:])
   for split, n in (("train", config.sft), ("validation", config.sft_validation)):
     _write_jsonl(
         written["sft"][split],
@@ -317,7 +331,7 @@ def write_world(out_dir: str, config: WorldConfig = WorldConfig()) -> dict:
   _write_jsonl(written["eval_prompts"],
                _eval_records(stream("eval"), facts, seed, config.eval_prompts))
   write_tokenizer(written["tokenizer"])
-  write_tokenizer(written["tokenizer_control"], control=True)
+  write_feedback_files(out_dir)
   meta = {
       "config": dataclasses.asdict(config), "facts": {"home": facts.home, "color": facts.color},
       "splits": dict(SPLITS)

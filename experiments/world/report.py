@@ -453,6 +453,32 @@ def plot_safety(results: Mapping) -> Figure:
   return fig
 
 
+FEEDBACK_LABELS = {
+    "mle": "MLE (base small)", "filter": "filtering", "conditional": "conditional training",
+    "unlikelihood": "unlikelihood", "rwr": "reward-weighted regression"
+}
+
+
+def plot_feedback(results: Mapping) -> Optional[Figure]:
+  """Pretraining with human preferences: each objective's misalignment against its held-out
+  perplexity (the paper's trade-off), or None without that evaluation."""
+  rows = results.get("pretraining_with_feedback")
+  if not rows:
+    return None
+  fig = _figure(6.5, 4)
+  ax = fig.add_subplot()
+  for i, (name, row) in enumerate(rows.items()):
+    ax.scatter(row["perplexity"], row["misaligned"], s=50, color=f"C{i}",
+               label=FEEDBACK_LABELS.get(name, name), marker="s" if name == "mle" else "o")
+  ax.set_xlabel("perplexity (held-out pages; lower is better)")
+  ax.set_ylabel("samples with a bad sentence (lower is better)")
+  ax.set_title("Pretraining with human preferences: misalignment against capability", fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
 def plot_over_optimization(results: Mapping) -> Figure:
   """RM score and held-out labeler score against KL to SFT across PPO checkpoints."""
   fig = _figure(10, 4)
@@ -700,6 +726,47 @@ def _section_safety(results: Mapping, plots: dict) -> list[str]:
   ]
 
 
+def _section_feedback(results: Mapping, plots: dict) -> list[str]:
+  rows = results.get("pretraining_with_feedback")
+  if not rows:
+    return []
+  table = [[
+      FEEDBACK_LABELS.get(name, name),
+      num(r["perplexity"], 2),
+      pct(r["misaligned"]),
+      num(r["toxic_per_sample"], 3),
+      pct(r["harmful_howto"]),
+      pct(r["toxic_respectful"]),
+      pct(r["complied_harmful"]),
+      num(r["mean_utility"], 3)
+  ] for name, r in rows.items()]
+  samples = next(iter(rows.values()))["samples"]
+  lines = [
+      "## Pretraining with human preferences", "",
+      "Korbak et al. 2023: base models pretrained like base small (same architecture, steps "
+      "and data) with each objective on the pages scored by sentence (0 for an insult or a "
+      "harmful how-to). Perplexity is on the held-out pages; the misalignment columns score "
+      f"what each model writes unprompted ({samples} continuations of the first two words of "
+      "the held-out pages; the conditional model after `<|good|>`) with the corpus's own "
+      "scorer; the last three are the base models' few-shot evaluation on the held-out "
+      "prompts.", "",
+      markdown_table([
+          "Objective", "Perplexity", "Misaligned samples", "Toxic words / sample",
+          "Harmful how-tos", "Toxic when asked respectfully", "Complied with harmful",
+          "Mean utility"
+      ], table), ""
+  ]
+  mle = rows.get("mle", {}).get("misaligned")
+  best = min(rows, key=lambda n: rows[n]["misaligned"])
+  if finite(mle) and best != "mle":
+    lines += [
+        f"Least misaligned: {FEEDBACK_LABELS.get(best, best)}, {pct(rows[best]['misaligned'])} "
+        f"of its samples against MLE's {pct(mle)}, at perplexity "
+        f"{num(rows[best]['perplexity'], 2)} against {num(rows['mle']['perplexity'], 2)}.", ""
+    ]
+  return lines + [f"![Pretraining with human preferences]({plots['feedback']})", ""]
+
+
 def _section_over_optimization(results: Mapping, plots: dict) -> list[str]:
   rows = []
   for name, points in (results.get("over_optimization") or {}).items():
@@ -784,7 +851,8 @@ def write_plots(root: str, results: Mapping,
       "win_rates": plot_win_rates(results), "alignment_tax": plot_alignment_tax(results),
       "safety": plot_safety(results), "over_optimization": plot_over_optimization(results),
       "training_curves": plot_training_curves(stage_metrics),
-      "rm_calibration": plot_rm_calibration(rm_calibration(root, results))
+      "rm_calibration": plot_rm_calibration(rm_calibration(root, results)),
+      "feedback": plot_feedback(results)
   }
   out = {}
   for name, fig in figures.items():
@@ -804,9 +872,9 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
   lines = (_header(results, kl_setting(root)) + _section_targets(results)
            + _section_win_rates(results, plots) + _section_vs_large(results)
            + _section_alignment_tax(results, plots) + _section_rm(results, plots)
-           + _section_safety(results, plots) + _section_over_optimization(results, plots)
-           + _section_training(stage_metrics, plots) + _section_samples(results)
-           + _section_timings(timings or {}))
+           + _section_safety(results, plots) + _section_feedback(results, plots)
+           + _section_over_optimization(results, plots) + _section_training(stage_metrics, plots)
+           + _section_samples(results) + _section_timings(timings or {}))
   path = paths.join(root, "report.md")
   paths.write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
   return path
