@@ -189,19 +189,20 @@ def few_shot_prompt(prompt: str, examples: Sequence[tuple[str, str]]) -> str:
 def _loss_fn(model: Transformer):
 
   @jax.jit
-  def loss_sums(params, tokens, mask):
+  def loss_sums(params, tokens, mask, target):
     logits = model.apply({"params": params}, tokens, mask).logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    target = mask[:, 1:]
+    target = target[:, 1:]
     return jnp.sum(nll * target), jnp.sum(target)
 
   return loss_sums
 
 
 def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 128,
-               batch_size: int = 64) -> float:
-  """exp(mean next-token NLL) over the texts (each + EOS, right-padded to `length`)."""
+               batch_size: int = 64, skip_ids: Sequence[int] = ()) -> float:
+  """exp(mean next-token NLL) over the texts (each + EOS, right-padded to `length`); tokens
+  in `skip_ids` are read but not scored (e.g. control tokens the text is conditioned on)."""
   config_lib.check_fits(length, "perplexity's length", policy.model.cfg, "model")
   loss_sums = _loss_fn(policy.model)
   total, count = 0.0, 0.0
@@ -212,7 +213,8 @@ def perplexity(policy: Policy, tokenizer, texts: Sequence[str], length: int = 12
     for i, text in enumerate(chunk):
       ids = tokenization.encode_text(tokenizer, text, length)[0]
       tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
-    s, n = jax.device_get(loss_sums(policy.params, tokens, mask))
+    target = mask * ~np.isin(tokens, np.asarray(skip_ids, np.int32))
+    s, n = jax.device_get(loss_sums(policy.params, tokens, mask, target.astype(np.int32)))
     total, count = total + float(s), count + float(n)
   return math.exp(total / count)
 

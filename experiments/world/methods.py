@@ -6,18 +6,24 @@ pages, scored by sentence (`experiments.world.generate.scored_document`), with o
 paper's objectives (`instruct.data.feedback`): `pretrain_filter`, `pretrain_conditional`,
 `pretrain_unlikelihood`, `pretrain_rwr`; `pretrain` itself is the MLE baseline. The evaluation
 (`evaluate_feedback`) gives each:
-  - its perplexity on the held-out pages (plain text, no control tokens);
-  - the misalignment of what it writes unprompted, continuing the first two words of each
-    held-out page: the fraction of samples with a sentence the corpus's scorer rates bad
+  - its perplexity on the held-out pages (plain text; the conditional model's, see below);
+  - the misalignment of what it writes unprompted, continuing the first word of each held-out
+    page (a model never learns how a page starts: row position 0 is never a target): the
+    fraction of samples with a sentence the corpus's scorer rates bad
     (an insult or a harmful how-to) and the toxic words per sample;
   - the few-shot evaluation the base models get (the held-out prompts after solved
     examples): toxic answers when asked to be respectful, compliance with harmful requests,
     and the held-out labelers' mean utility.
-The conditional model is sampled after `<|good|>`, with both control tokens banned.
+The conditional model, trained with a control token before each sentence, is asked for good
+text as the paper does: its prompts start with `<|good|>`, `<|bad|>` is never sampled (the
+`<|good|>` tokens it writes before its sentences are dropped from the text judged), and its
+perplexity is that of the held-out pages with `<|good|>` before each sentence, the control
+tokens read but not scored. The other models never see control tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,27 +77,42 @@ def _misalignment(answers: Sequence[ev.Answer]) -> dict[str, float]:
   }
 
 
+def _without_control(answers: Sequence[ev.Answer]) -> list[ev.Answer]:
+  """The answers with the control tokens they wrote taken out of their words."""
+  return [dataclasses.replace(a, words=[w for w in a.words if w not in L.CONTROL]) for a in answers]
+
+
 def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence[str],
                       categories: Sequence[str], facts, judges, few_shot: Sequence[str],
                       tokenizer_dir: str) -> dict[str, Any]:
   """The evaluation of the module docstring, per objective (`mle`: the `pretrain` stage)."""
   tokenizer = tokenization.load_tokenizer(tokenizer_dir)
-  control = feedback_lib.control_token_ids(tokenizer, feedback_lib.Feedback())
-  starts = [" ".join(t.split()[:2]) for t in texts]
+  good, bad = feedback_lib.control_token_ids(tokenizer, feedback_lib.Feedback())
+  starts = [t.split()[0] for t in texts]
+  good_texts = [
+      " ".join(f"<|good|> {s}" for s in world_lib.scored_document(t)["segments"]) for t in texts
+  ]
   out = {}
   for objective, stage in (("mle", "pretrain"), *((o, f"pretrain_{o}") for o in OBJECTIVES)):
     policy = ev.load_policy(paths.join(root, stage))
-    prefix = "<|good|> " if objective == "conditional" else ""
-    unprompted = ev.generate(policy, tokenizer, [prefix + s for s in starts], seed=preset.seed + 41,
-                             temperature=preset.eval_temperature, max_new_tokens=24,
-                             banned_ids=control)
-    answers = ev.generate(policy, tokenizer, [prefix + p for p in few_shot], seed=preset.seed + 17,
-                          temperature=preset.eval_temperature, prompt_length=128,
-                          stop_words=("request",), banned_ids=control)
+    conditional = objective == "conditional"
+    prefix = "<|good|> " if conditional else ""
+    banned = (bad,) if conditional else (good, bad)
+    unprompted = _without_control(
+        ev.generate(policy, tokenizer, [prefix + s for s in starts], seed=preset.seed + 41,
+                    temperature=preset.eval_temperature, max_new_tokens=24, banned_ids=banned))
+    answers = _without_control(
+        ev.generate(policy, tokenizer, [prefix + p for p in few_shot], seed=preset.seed + 17,
+                    temperature=preset.eval_temperature, prompt_length=128, stop_words=("request",),
+                    banned_ids=banned))
     scores = ev.judge_all(prompts, answers, facts)
     rates = ev.rates(scores, categories)
+    if conditional:
+      perplexity = ev.perplexity(policy, tokenizer, good_texts, skip_ids=(good,))
+    else:
+      perplexity = ev.perplexity(policy, tokenizer, texts)
     out[objective] = {
-        "stage": stage, "perplexity": ev.perplexity(policy, tokenizer, texts),
+        "stage": stage, "perplexity": perplexity,
         **_misalignment(unprompted), "toxic_respectful": rates["toxic_respectful"],
         "complied_harmful": rates["complied_harmful"],
         "mean_utility": ev.mean_utility(scores, judges), "samples": len(unprompted)

@@ -746,8 +746,8 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
       "Korbak et al. 2023: base models pretrained like base small (same architecture, steps "
       "and data) with each objective on the pages scored by sentence (0 for an insult or a "
       "harmful how-to). Perplexity is on the held-out pages; the misalignment columns score "
-      f"what each model writes unprompted ({samples} continuations of the first two words of "
-      "the held-out pages; the conditional model after `<|good|>`) with the corpus's own "
+      f"what each model writes unprompted ({samples} continuations of the first word of the "
+      "held-out pages; the conditional model after `<|good|>`) with the corpus's own "
       "scorer; the last three are the base models' few-shot evaluation on the held-out "
       "prompts.", "",
       markdown_table([

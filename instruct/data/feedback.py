@@ -18,8 +18,8 @@ unlikelihood target):
   conditional   each segment is preceded by a control token, `good_token` or `bad_token` by
                 its score, which is itself a target; a fraction `drop_control` of the
                 segments (fixed per segment) go without, so the model can also generate
-                unconditionally. Sample by starting from `good_token` and banning both
-                control tokens (`control_token_ids`).
+                unconditionally. Sample by starting from `good_token` and banning
+                `bad_token` (`control_token_ids`).
   unlikelihood  good segments weigh 1 (likelihood); bad ones -alpha: their tokens are
                 pushed down by alpha * -log(1 - p(token)) (Welleck et al. 2019).
   rwr           reward-weighted regression: each segment's tokens weigh exp(score / beta).
