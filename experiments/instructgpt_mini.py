@@ -29,10 +29,10 @@ Every training stage is the normal `instruct.train` stage with its config saved 
 demonstrations; `WorldConfig.seed`), every training stage's initialisation and data order,
 the comparisons' sampling and rankings, and the evaluation's sampling and judgments. The
 simulated labelers stay the same people at every seed (`LabelerConfig.seed`): they define
-what the targets mean. A workdir keeps the preset, seed and PPO overrides it was made with
-(`DIR/run.json`); resuming it with others is an error. Several seeds of one preset are several runs, each into
-its own workdir, with no config file; `experiments.results_table` then pools them (win rates
-with intervals over prompts and seeds, the targets judged on the pooled values):
+what the targets mean. A workdir keeps the preset, seed and overrides it was made with
+(`DIR/run.json`); resuming it with others is an error. Several seeds of one preset are several
+runs, each into its own workdir; `experiments.results_table` then pools them (win rates with
+intervals over prompts and seeds, the targets judged on the pooled values):
 
   for seed in 0 1 2; do
     python -m experiments.instructgpt_mini --preset=quick --seed=$seed \
@@ -40,8 +40,9 @@ with intervals over prompts and seeds, the targets judged on the pooled values):
   done
   python -m experiments.results_table /tmp/instructgpt_mini_quick_{0,1,2} [--readme README.md]
 
-The same run as a config, with the PPO settings a sweep varies (configs/instructgpt_mini.py:
-`seed`, `ppo.kl_beta`, `ppo.ptx_coef`, `ppo.learning_rate`, `ppo.iterations`, `upstream`):
+The same run as a config, with the settings a sweep varies (configs/instructgpt_mini.py:
+`seed`, `ppo.kl_beta`, `ppo.ptx_coef`, `ppo.learning_rate`, `ppo.iterations`, `upstream`, and
+`methods`, the other routes to alignment to add, experiments/world/methods.py):
 
   python -m experiments.instructgpt_mini --config=configs/instructgpt_mini.py:quick \
       --config.ppo.ptx_coef=4 --workdir=/tmp/instructgpt_mini_ptx4
@@ -198,7 +199,8 @@ def preset_from_config(config) -> Preset:
 
 
 def overrides(preset: Preset) -> dict[str, Any]:
-  """The PPO settings in which `preset` differs from its named preset (`ppo.KEY`: value)."""
+  """The settings in which `preset` differs from its named preset (`ppo.KEY` or `methods`:
+  value), as run.json records them."""
   named = PRESETS[preset.name]
   out = {
       f"ppo.{key}": getattr(preset, field) for key, field in PPO_FIELDS.items()

@@ -26,7 +26,8 @@ unlikelihood target):
 
 EOS weighs what the document does under `filter` (1 or 0) and `rwr` (exp(document score /
 beta)), and 1 otherwise. A document's score is its worst segment's: one insult makes a page
-one to filter (Korbak et al. score documents by their sentences too). Sequences longer than the largest bucket are cut on the right.
+one to filter (Korbak et al. score documents by their sentences too). Sequences longer than
+the largest bucket are cut on the right.
 """
 
 from __future__ import annotations
