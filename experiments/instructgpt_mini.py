@@ -248,6 +248,10 @@ def stage_config(stage: str, preset: Preset, root: str):
     c = stage_config("pretrain", preset, root)
     methods_lib.as_feedback_pretraining(c, stage, files)
     return c
+  if stage in methods_lib.FEEDBACK_SFT:
+    c = stage_config("sft", preset, root)
+    methods_lib.as_feedback_sft(c, stage, root, files)
+    return c
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
     c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
@@ -326,7 +330,8 @@ UPSTREAM = {
     "comparisons": ("world", "sft"), "rm": ("world", "sft", "comparisons"),
     "ppo": ("world", "sft", "rm"), "ppo_ptx": ("world", "sft", "rm"),
     "evaluate": ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo",
-                 "ppo_ptx"), **{s: ("world",) for s in methods_lib.FEEDBACK_STAGES}
+                 "ppo_ptx"),
+    **{s: methods_lib.upstream(s) for s in methods_lib.METHODS["feedback"]}
 }
 OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json"}
 BUILT_FROM = "built_from.json"
@@ -393,7 +398,7 @@ def _finished(workdir: str, num_steps: int) -> bool:
 
 
 def train_stage(stage: str, preset: Preset, root: str) -> None:
-  if stage in methods_lib.FEEDBACK_STAGES:
+  if stage in methods_lib.METHODS["feedback"]:
     world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
   config = stage_config(stage, preset, root)
   workdir = paths.join(root, stage)
@@ -541,7 +546,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   if "feedback" in preset.methods:
     results["pretraining_with_feedback"] = methods_lib.evaluate_feedback(
         root, preset, texts, prompts, categories, facts, judges, few_shot,
-        files["tokenizer_control"])
+        files["tokenizer_control"], scores["sft"])
   _write_json_atomic(paths.join(out, "results.json"), results)
 
 

@@ -16,6 +16,7 @@ from experiments import instructgpt_mini as mini
 from experiments.world import methods as methods_lib
 from experiments.world import report as report_lib
 from instruct import config_lib
+from instruct.data import tokenization
 from instruct import sweep_summary
 from instruct import sweeps as sweep_lib
 from tests.test_sharding import ROOT
@@ -201,8 +202,10 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
   preset = mini.preset_from_config(config)
   assert mini.overrides(preset) == {"methods": "feedback"}
   stages = mini.pipeline_stages(preset)
-  assert stages[-6:] == ("pretrain_filter", "pretrain_conditional", "pretrain_unlikelihood",
-                         "pretrain_rwr", "evaluate", "report")
+  assert stages[-10:] == ("pretrain_filter", "pretrain_conditional", "pretrain_unlikelihood",
+                          "pretrain_rwr", "sft_filter", "sft_conditional", "sft_unlikelihood",
+                          "sft_rwr", "evaluate", "report")
+  assert mini.UPSTREAM["sft_rwr"] == ("world", "pretrain_rwr")
   assert mini.pipeline_stages(mini.PRESETS["test"]) == mini.STAGES
   with pytest.raises(ValueError, match=r"config.methods='feedback,hir': unknown method 'hir'"):
     config.methods = "feedback,hir"
@@ -220,6 +223,13 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
                                                plain.optimizer.to_dict(), plain.seed)
     config_lib.validate_supervised(c, 1, 1)
     shutil.copytree(os.path.join(root, "pretrain"), os.path.join(root, stage))
+    sft = mini.stage_config(f"sft_{objective}", preset, root)
+    main_sft = mini.stage_config("sft", preset, root)
+    assert sft.init_from == os.path.join(root, stage)
+    assert sft.data.tokenizer.endswith("world/tokenizer_control")
+    assert (sft.data.train_file, sft.train.to_dict()) == (main_sft.data.train_file,
+                                                          main_sft.train.to_dict())
+    shutil.copytree(os.path.join(root, "sft"), os.path.join(root, f"sft_{objective}"))
   results = json.load(open(os.path.join(root, "evaluate", "results.json")))
   files = mini.world_lib.files(os.path.join(root, "world"))
   records = [json.loads(line) for line in open(files["eval_prompts"])]
@@ -227,11 +237,16 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
   examples = mini._few_shot_examples(files, mini.world_lib.load_facts(os.path.join(root, "world")))
   prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
   _, judges = mini.labelers_lib.make_pools(preset.labelers)
+  facts = mini.world_lib.load_facts(os.path.join(root, "world"))
+  sft_answers = mini.ev.generate(mini.ev.load_policy(os.path.join(root, "sft")),
+                                 tokenization.load_tokenizer(files["tokenizer"]), prompts,
+                                 seed=preset.seed + 17)
+  sft_scores = mini.ev.judge_all(prompts, sft_answers, facts)
   rows = methods_lib.evaluate_feedback(
       root, preset, texts, prompts, categories,
       mini.world_lib.load_facts(os.path.join(root, "world")), judges,
       [mini.ev.few_shot_prompt(p, examples[c]) for p, c in zip(prompts, categories)],
-      files["tokenizer_control"])
+      files["tokenizer_control"], sft_scores)
   assert list(rows) == ["mle", "filter", "conditional", "unlikelihood", "rwr"]
   base = results["models"]["base_small"]
   # The copies are the base model: its perplexity, and for every objective but conditional
@@ -239,16 +254,22 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
   # are banned here, which renormalises the sampled distribution.)
   for name in ("mle", "filter", "unlikelihood", "rwr"):
     assert rows[name]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5)
-    assert {k: v for k, v in rows[name].items() if k != "stage"
-           } == {k: v for k, v in rows["mle"].items() if k != "stage"}
+    assert {k: v for k, v in rows[name].items() if k not in ("stage", "sft")
+           } == {k: v for k, v in rows["mle"].items() if k not in ("stage", "sft")}
   for row in rows.values():
     assert 0 <= row["misaligned"] <= 1 and row["samples"] == len(texts)
+    # Every SFT copy is the SFT model, sampled with the control tokens banned.
+    assert row["sft"]["perplexity"] == pytest.approx(results["models"]["sft"]["perplexity"],
+                                                     rel=1e-5)
+    assert row["sft"]["win_vs_sft"]["n"] == len(prompts)
+    assert 0 <= row["sft"]["win_vs_sft"]["ci_low"] <= row["sft"]["win_vs_sft"]["win_rate"] <= 1
     assert 0 <= row["toxic_per_sample"] < 16 and 0 <= row["harmful_howto"] <= 1
   results["pretraining_with_feedback"] = rows
   report_lib.write_report(root, results, {})
   report = open(os.path.join(root, "report.md")).read()
   assert "## Pretraining with human preferences" in report
   assert "| conditional training | " in report
+  assert "| MLE (base small) (the SFT model) | " in report
   assert os.path.getsize(os.path.join(root, "plots", "feedback.png")) > 5000
   summary = mini.summary_metrics(results)
   assert summary["feedback/rwr/perplexity"] == rows["rwr"]["perplexity"]

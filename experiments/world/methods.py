@@ -14,6 +14,11 @@ paper's objectives (`instruct.data.feedback`): `pretrain_filter`, `pretrain_cond
   - the few-shot evaluation the base models get (the held-out prompts after solved
     examples): toxic answers when asked to be respectful, compliance with harmful requests,
     and the held-out labelers' mean utility.
+Then SFT from each (`sft_<objective>`, the `sft` stage's settings from that base model), judged
+on the held-out prompts against the main SFT (`sft`, from the MLE base model) by the held-out
+labelers, with its perplexity and safety rates: whether a better-aligned base model makes a
+better-aligned SFT model.
+
 The conditional model, trained with a control token before each sentence, is asked for good
 text as the paper does: its prompts start with `<|good|>`, `<|bad|>` is never sampled (the
 `<|good|>` tokens it writes before its sentences are dropped from the text judged), and its
@@ -37,7 +42,8 @@ from instruct.data import tokenization
 
 OBJECTIVES = ("filter", "conditional", "unlikelihood", "rwr")  # MLE is `pretrain` itself.
 FEEDBACK_STAGES = {f"pretrain_{o}": o for o in OBJECTIVES}
-METHODS = {"feedback": tuple(FEEDBACK_STAGES)}
+FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `sft`).
+METHODS = {"feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT)}
 
 
 def parse(methods: str) -> tuple[str, ...]:
@@ -65,6 +71,20 @@ def as_feedback_pretraining(config, stage: str, files: dict) -> None:
   config.data.validation_file = files["pretrain_scored"]["validation"]
 
 
+def as_feedback_sft(config, stage: str, root: str, files: dict) -> None:
+  """Turns the `sft` stage's config into `stage`'s: the same demonstrations and settings, from
+  its objective's base model (and its tokenizer)."""
+  config.init_from = paths.join(root, f"pretrain_{FEEDBACK_SFT[stage]}")
+  config.data.tokenizer = files["tokenizer_control"]
+
+
+def upstream(stage: str) -> tuple[str, ...]:
+  """What a method's stage is built from (the main job fingerprints it)."""
+  if stage in FEEDBACK_SFT:
+    return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
+  return ("world",)
+
+
 def _misalignment(answers: Sequence[ev.Answer]) -> dict[str, float]:
   bad = [
       any(s == 0.0 for s in world_lib.scored_document(a.text)["scores"]) if a.words else False
@@ -84,8 +104,9 @@ def _without_control(answers: Sequence[ev.Answer]) -> list[ev.Answer]:
 
 def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence[str],
                       categories: Sequence[str], facts, judges, few_shot: Sequence[str],
-                      tokenizer_dir: str) -> dict[str, Any]:
-  """The evaluation of the module docstring, per objective (`mle`: the `pretrain` stage)."""
+                      tokenizer_dir: str, sft_scores: Sequence[dict]) -> dict[str, Any]:
+  """The evaluation of the module docstring, per objective (`mle`: the `pretrain` and `sft`
+  stages); `sft_scores`: the judged answers of `sft` in the main evaluation."""
   tokenizer = tokenization.load_tokenizer(tokenizer_dir)
   good, bad = feedback_lib.control_token_ids(tokenizer, feedback_lib.Feedback())
   starts = [t.split()[0] for t in texts]
@@ -115,6 +136,27 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
         "stage": stage, "perplexity": perplexity,
         **_misalignment(unprompted), "toxic_respectful": rates["toxic_respectful"],
         "complied_harmful": rates["complied_harmful"],
-        "mean_utility": ev.mean_utility(scores, judges), "samples": len(unprompted)
+        "mean_utility": ev.mean_utility(scores, judges), "samples": len(unprompted),
+        "sft": _evaluate_sft(root, preset, "sft" if objective == "mle" else f"sft_{objective}",
+                             tokenizer, (good, bad), texts, prompts, categories, facts, judges,
+                             sft_scores, seed=preset.seed + 300 + len(out))
     }
   return out
+
+
+def _evaluate_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts, judges,
+                  sft_scores, seed) -> dict[str, Any]:
+  """An SFT model from one objective's base model, as the main SFT is evaluated, against the
+  main SFT's answers: the held-out labelers' win rate, perplexity, and the safety rates."""
+  policy = ev.load_policy(paths.join(root, stage))
+  answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 17,
+                        temperature=preset.eval_temperature, banned_ids=banned)
+  scores = ev.judge_all(prompts, answers, facts)
+  rates = ev.rates(scores, categories)
+  win = ev.win_rate(scores, sft_scores, judges, seed=seed)
+  return {
+      "stage": stage, "win_vs_sft": {k: v for k, v in win.items() if k != "outcomes"},
+      "perplexity": ev.perplexity(policy, tokenizer,
+                                  texts), "mean_utility": ev.mean_utility(scores, judges),
+      **{k: rates[k] for k in ("honest", "harmless", "toxic_respectful", "complied_harmful")}
+  }

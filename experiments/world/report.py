@@ -756,6 +756,24 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
           "Mean utility"
       ], table), ""
   ]
+  sft_rows = [[
+      FEEDBACK_LABELS.get(name, name) + (" (the SFT model)" if name == "mle" else ""),
+      f"{pct(r['sft']['win_vs_sft']['win_rate'])} {ci(r['sft']['win_vs_sft'])}",
+      num(r["sft"]["perplexity"], 2),
+      pct(r["sft"]["honest"]),
+      pct(r["sft"]["harmless"]),
+      pct(r["sft"]["toxic_respectful"]),
+      pct(r["sft"]["complied_harmful"])
+  ] for name, r in rows.items() if "sft" in r]
+  if sft_rows:
+    lines += [
+        "SFT from each base model (the SFT stage's demonstrations and settings), judged on the "
+        "held-out prompts by the held-out labelers against the SFT model:", "",
+        markdown_table([
+            "SFT from", "Win rate vs SFT [95%]", "Perplexity", "Honest", "Harmless",
+            "Toxic when asked respectfully", "Complied with harmful"
+        ], sft_rows), ""
+    ]
   mle = rows.get("mle", {}).get("misaligned")
   best = min(rows, key=lambda n: rows[n]["misaligned"])
   if finite(mle) and best != "mle":
