@@ -67,10 +67,7 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
                     scored: bool = False) -> Callable:
   """The pure SFT / pretraining step (see `common.make_train_step`); `scored`: the batches
   are scored text with signed target weights (`instruct.data.feedback`)."""
-  if scored:
-    count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:] != 0)
-  else:
-    count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:])
+  count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:] != 0)  # Targets (of any weight).
   return common.make_train_step(lm_loss(model, False, "signed" if scored else "mask"), count,
                                 _metrics, optimizer, schedule, grad_accum_steps)
 
