@@ -18,8 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = ("base_small", "base_large", "sft", "ppo", "ppo_ptx")
 SECTIONS = ("# Miniature InstructGPT: report", "## Targets", "## Win rates against SFT",
             "## PPO-ptx against the larger base model", "## Alignment tax", "## Reward model",
-            "## Honesty and harmlessness", "## Over-optimisation", "## Training curves",
-            "## Samples", "## Stage timings")
+            "## Honesty and harmlessness", "## Every method against SFT", "## Over-optimisation",
+            "## Training curves", "## Samples", "## Stage timings")
 
 
 def win(rate, low, high, n=200):
@@ -243,7 +243,8 @@ def test_report_has_every_section_and_valid_plots(written):
   images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
   assert set(images) >= {
       "plots/win_rates.png", "plots/alignment_tax.png", "plots/safety.png",
-      "plots/over_optimization.png", "plots/training_curves.png", "plots/rm_calibration.png"
+      "plots/over_optimization.png", "plots/training_curves.png", "plots/rm_calibration.png",
+      "plots/methods.png"
   }
   for image in images:
     assert not os.path.isabs(image)
@@ -309,6 +310,29 @@ def test_tables_of_the_other_sections(written):
   assert timings["**total**"][1] == "**173.8**"
   assert timings["ppo_ptx"][1:] == ["45.0", f"{100 * 45 / 173.75:.1f}%"]
 # yapf: enable
+
+
+def test_every_method_is_judged_against_sft_beside_its_alignment_tax():
+  results = make_results()
+  rows = report.method_rows(results)
+  assert [r["method"] for r in rows] == ["PPO", "PPO-ptx"]
+  assert rows[1]["win"]["win_rate"] == 0.652 and rows[1]["regression"] == 22.0 - 20.0
+  sft = {"win_vs_sft": win(0.55, 0.5, 0.6), "perplexity": 25.5, "honest": 0.7, "harmless": 0.8}
+  results["pretraining_with_feedback"] = {
+      name: {"sft": dict(sft, perplexity=25.5 + i)}
+      for i, name in enumerate(("mle", "filter", "conditional"))
+  }
+  rows = report.method_rows(results)
+  assert [r["method"] for r in rows[2:]
+         ] == ["SFT from filtering pretraining",
+               "SFT from conditional training pretraining"]  # MLE's SFT is the SFT model itself.
+  assert [r["regression"] for r in rows[2:]] == [26.5 - 20.0, 27.5 - 20.0]
+  assert rows[3]["honest"] == 0.7 and rows[3]["win"]["ci_low"] == 0.5
+  text = "\n".join(report._section_methods(results, {"methods": "plots/methods.png"}))
+  cells = table_rows(text)[1:]  # Without the header.
+  assert cells[0][:3] == ["PPO", "67.1% [60.3%, 73.3%]", "+6.00"]
+  assert cells[3][0] == "SFT from conditional training pretraining" and cells[3][3] == "70.0%"
+  assert report.plot_methods(results) is not None and report.plot_methods({}) is None
 
 
 def test_report_is_deterministic(written):

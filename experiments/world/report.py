@@ -479,6 +479,62 @@ def plot_feedback(results: Mapping) -> Optional[Figure]:
   return fig
 
 
+def method_rows(results: Mapping) -> list[dict]:
+  """Every method that starts from or replaces SFT, against SFT: PPO, PPO-ptx and, with the
+  `feedback` methods, SFT from each objective's base model. Each: its label, win rate record
+  against SFT, perplexity regression against base small (the alignment tax), honesty and
+  harmlessness rates."""
+  base = _value(results, "models", "base_small", "perplexity")
+  rows = []
+  for m in ("ppo", "ppo_ptx"):
+    if m in results.get("models", {}):
+      model = results["models"][m]
+      rows.append({
+          "method": LABELS[m], "win": model.get("win_vs_sft") or {},
+          "regression": _value(results, "models", m, "perplexity") - base,
+          "honest": model.get("honest"), "harmless": model.get("harmless")
+      })
+  for name, row in (results.get("pretraining_with_feedback") or {}).items():
+    sft = row.get("sft")
+    if name != "mle" and sft:
+      rows.append({
+          "method": f"SFT from {FEEDBACK_LABELS.get(name, name)} pretraining",
+          "win": sft["win_vs_sft"], "regression": sft["perplexity"] - base,
+          "honest": sft.get("honest"), "harmless": sft.get("harmless")
+      })
+  return rows
+
+
+def plot_methods(results: Mapping) -> Optional[Figure]:
+  """Win rate against SFT (95% interval) against the alignment tax, every method a point."""
+  rows = method_rows(results)
+  if not rows:
+    return None
+  fig = _figure(7, 4.2)
+  ax = fig.add_subplot()
+  for i, row in enumerate(rows):
+    win = row["win"]
+    low, high = win.get("ci_low"), win.get("ci_high")
+    y = win.get("win_rate")
+    if not (finite(y) and finite(row["regression"])):
+      continue
+    yerr = [[y - low], [high - y]] if finite(low) and finite(high) else None
+    ax.errorbar(row["regression"], y, yerr=yerr, fmt="o", color=f"C{i}", capsize=3,
+                label=row["method"])
+  ax.axhline(0.5, color="black", lw=0.8, ls="--")
+  sft = _value(results, "models", "sft", "perplexity") - _value(results, "models", "base_small",
+                                                                "perplexity")
+  if math.isfinite(sft):
+    ax.axvline(sft, color="gray", lw=0.8, ls=":", label="SFT's regression")
+  ax.set_xlabel("perplexity regression vs base small (alignment tax; left is better)")
+  ax.set_ylabel("win rate against SFT (held-out labelers)")
+  ax.set_title("Every method against SFT: preference against alignment tax", fontsize=10)
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
 def plot_over_optimization(results: Mapping) -> Figure:
   """RM score and held-out labeler score against KL to SFT across PPO checkpoints."""
   fig = _figure(10, 4)
@@ -785,6 +841,28 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
   return lines + [f"![Pretraining with human preferences]({plots['feedback']})", ""]
 
 
+def _section_methods(results: Mapping, plots: dict) -> list[str]:
+  rows = method_rows(results)
+  if not rows:
+    return []
+  table = [[
+      r["method"], f"{pct(r['win'].get('win_rate'))} {ci(r['win'])}",
+      signed(r["regression"]),
+      pct(r["honest"]),
+      pct(r["harmless"])
+  ] for r in rows]
+  return [
+      "## Every method against SFT", "",
+      "Each method that starts from SFT or replaces it, judged on the held-out prompts by the "
+      "held-out labelers against the SFT model (95% interval over prompts), with its "
+      "perplexity regression against base small (positive: worse) and its honesty and "
+      "harmlessness rates.", "",
+      markdown_table(
+          ["Method", "Win rate vs SFT [95%]", "Regression vs base small", "Honest", "Harmless"],
+          table), "", f"![Every method against SFT]({plots['methods']})", ""
+  ]
+
+
 def _section_over_optimization(results: Mapping, plots: dict) -> list[str]:
   rows = []
   for name, points in (results.get("over_optimization") or {}).items():
@@ -870,7 +948,7 @@ def write_plots(root: str, results: Mapping,
       "safety": plot_safety(results), "over_optimization": plot_over_optimization(results),
       "training_curves": plot_training_curves(stage_metrics),
       "rm_calibration": plot_rm_calibration(rm_calibration(root, results)),
-      "feedback": plot_feedback(results)
+      "feedback": plot_feedback(results), "methods": plot_methods(results)
   }
   out = {}
   for name, fig in figures.items():
@@ -891,8 +969,9 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
            + _section_win_rates(results, plots) + _section_vs_large(results)
            + _section_alignment_tax(results, plots) + _section_rm(results, plots)
            + _section_safety(results, plots) + _section_feedback(results, plots)
-           + _section_over_optimization(results, plots) + _section_training(stage_metrics, plots)
-           + _section_samples(results) + _section_timings(timings or {}))
+           + _section_methods(results, plots) + _section_over_optimization(results, plots)
+           + _section_training(stage_metrics, plots) + _section_samples(results)
+           + _section_timings(timings or {}))
   path = paths.join(root, "report.md")
   paths.write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
   return path
