@@ -470,10 +470,17 @@ def plot_feedback(results: Mapping) -> Optional[Figure]:
   for i, (name, row) in enumerate(rows.items()):
     ax.scatter(row["perplexity"], row["misaligned"], s=50, color=f"C{i}",
                label=FEEDBACK_LABELS.get(name, name), marker="s" if name == "mle" else "o")
-  ax.set_xlabel("perplexity (held-out pages; lower is better)")
-  ax.set_ylabel("samples with a bad sentence (lower is better)")
-  ax.set_title("Pretraining with human preferences: misalignment against capability", fontsize=10)
-  ax.legend(fontsize=8)
+  return _finish(fig, ax, "perplexity (held-out pages; lower is better)",
+                 "samples with a bad sentence (lower is better)",
+                 "Pretraining with human preferences: misalignment against capability")
+
+
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, legend: int = 8) -> Figure:
+  """Labels, title, legend and grid of a one-panel scatter figure."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=legend)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   return fig
@@ -526,13 +533,9 @@ def plot_methods(results: Mapping) -> Optional[Figure]:
                                                                 "perplexity")
   if math.isfinite(sft):
     ax.axvline(sft, color="gray", lw=0.8, ls=":", label="SFT's regression")
-  ax.set_xlabel("perplexity regression vs base small (alignment tax; left is better)")
-  ax.set_ylabel("win rate against SFT (held-out labelers)")
-  ax.set_title("Every method against SFT: preference against alignment tax", fontsize=10)
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, "perplexity regression vs base small (alignment tax; left is better)",
+                 "win rate against SFT (held-out labelers)",
+                 "Every method against SFT: preference against alignment tax", legend=7)
 
 
 def plot_over_optimization(results: Mapping) -> Figure:
