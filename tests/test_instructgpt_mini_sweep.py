@@ -261,7 +261,8 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
     # Every SFT copy is the SFT model, sampled with the control tokens banned.
     assert row["sft"]["perplexity"] == pytest.approx(results["models"]["sft"]["perplexity"],
                                                      rel=1e-5)
-    assert row["sft"]["win_vs_sft"]["n"] == len(prompts)
+    assert row["sft"]["win_vs_sft"]["n"] == len(
+        row["sft"]["win_vs_sft"]["outcomes"]) == len(prompts)
     assert 0 <= row["sft"]["win_vs_sft"]["ci_low"] <= row["sft"]["win_vs_sft"]["win_rate"] <= 1
     assert 0 <= row["toxic_per_sample"] < 16 and 0 <= row["harmful_howto"] <= 1
   results["pretraining_with_feedback"] = rows

@@ -155,7 +155,7 @@ def _evaluate_sft(root, preset, stage, tokenizer, banned, texts, prompts, catego
   rates = ev.rates(scores, categories)
   win = ev.win_rate(scores, sft_scores, judges, seed=seed)
   return {
-      "stage": stage, "win_vs_sft": {k: v for k, v in win.items() if k != "outcomes"},
+      "stage": stage, "win_vs_sft": win,  # With its per-prompt outcomes, to pool seeds.
       "perplexity": ev.perplexity(policy, tokenizer,
                                   texts), "mean_utility": ev.mean_utility(scores, judges),
       **{k: rates[k] for k in ("honest", "harmless", "toxic_respectful", "complied_harmful")}
