@@ -38,17 +38,41 @@ The filtered Reddit TL;DR of Stiennon et al. 2020 (train.jsonl / valid.jsonl): t
       --config.data.validation_file=/data/tldr_3_filtered
 
 Add `--config.data.skip_invalid=True` to skip (and count) malformed rows instead of failing.
+
+Hindsight instruction relabeling (HIR, Zhang et al. 2023): `hir` in the argument reads
+hindsight records (`config.data.kind='hindsight'`: demonstrations with a `satisfied` verdict,
+see instruct/data/hindsight.py) and trains the relabeled likelihood plus the contrastive
+instruction and entropy terms (`config.hindsight.alpha`, `beta`). The tokenizer needs the two
+instruction tokens, e.g. the embedded world's `tokenizer_control/`; the main job's `hir`
+method samples, judges and writes these records round after round
+(experiments/world/hindsight.py):
+
+  python -m instruct.train --config=configs/sft.py:tiny,hir --workdir=/tmp/hir \
+      --config.data.tokenizer=/tmp/world/tokenizer_control --config.model.vocab_size=144 \
+      --config.data.train_file=/tmp/hir_train.jsonl \
+      --config.data.validation_file=/tmp/hir_validation.jsonl
 """
 
+import dataclasses
+
+from ml_collections import config_dict
+
 from instruct import config_lib
+from instruct.data import hindsight
 from instruct.model.config import learning_rate
 
 
 def get_config(arg: str = "tiny"):
   """The SFT config for a preset name."""
+  arg = config_lib.parse_arg(arg, preset="tiny", sweep="", hir=False)
   config = config_lib.base_config()
   config.stage = "sft"
-  preset = config_lib.stage_arg(arg).preset
+  # Read with data.kind='hindsight' only (see the module docstring).
+  config.hindsight = config_dict.ConfigDict(dataclasses.asdict(hindsight.Hindsight()))
+  if arg.hir:
+    config.data.kind = hindsight.KIND
+    config.data.train_file = config.data.validation_file = ""
+  preset = arg.preset
   if config_lib.apply_preset(config, preset, "configs/sft.py"):
     config.train.num_steps = 60
     config.train.global_batch_size = 16

@@ -74,6 +74,7 @@ import numpy as np
 
 from experiments.world import evaluate as ev
 from experiments.world import generate as world_lib
+from experiments.world import hindsight as hindsight_lib
 from experiments.world import labelers as labelers_lib
 from experiments.world import methods as methods_lib
 from experiments.world import report as report_lib
@@ -331,9 +332,9 @@ UPSTREAM = {
     "ppo": ("world", "sft", "rm"), "ppo_ptx": ("world", "sft", "rm"),
     "evaluate": ("world", "pretrain", "pretrain_large", "sft", "comparisons", "rm", "ppo",
                  "ppo_ptx"),
-    **{s: methods_lib.upstream(s) for s in methods_lib.METHODS["feedback"]}
+    **{s: methods_lib.upstream(s) for m in methods_lib.METHODS.values() for s in m}
 }
-OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json"}
+OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json", "hir": "done.json"}
 BUILT_FROM = "built_from.json"
 
 
@@ -397,6 +398,22 @@ def _finished(workdir: str, num_steps: int) -> bool:
   return run_lib.latest_step(workdir) == num_steps
 
 
+def _train(config, workdir: str) -> None:
+  table.get(config.stage).run(config, workdir)
+
+
+def hir_stage(preset: Preset, root: str) -> None:
+  """HIR's rounds from the SFT policy (`experiments.world.hindsight`)."""
+  done = paths.join(root, "hir", OUTPUT_FILE["hir"])
+  if paths.exists(done):
+    logging.info("[hir] already finished; skipping.")
+    return
+  world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
+  hindsight_lib.hir_stage(root, preset, stage_config("sft", preset, root), _train)
+  final = hindsight_lib.final_policy_dir(root, preset)
+  _write_json_atomic(done, {"policy": final, "step": run_lib.latest_step(final)})
+
+
 def train_stage(stage: str, preset: Preset, root: str) -> None:
   if stage in methods_lib.METHODS["feedback"]:
     world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
@@ -405,7 +422,7 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
   if _finished(workdir, config.train.num_steps):
     logging.info("[%s] already finished; skipping.", stage)
     return
-  table.get(config.stage).run(config, workdir)
+  _train(config, workdir)
 
 
 # --- Non-training stages. -------------------------------------------------------------------
@@ -547,6 +564,12 @@ def evaluate_stage(preset: Preset, root: str) -> None:
     results["pretraining_with_feedback"] = methods_lib.evaluate_feedback(
         root, preset, texts, prompts, categories, facts, judges, few_shot,
         files["tokenizer_control"], scores["sft"])
+  if "hir" in preset.methods:
+    results.setdefault("methods",
+                       {})["hir"] = hindsight_lib.evaluate_hir(root, preset, texts, prompts,
+                                                               categories, facts, judges,
+                                                               scores["sft"],
+                                                               seed=preset.seed + 400)
   _write_json_atomic(paths.join(out, "results.json"), results)
 
 
@@ -642,6 +665,10 @@ def summary_metrics(results: dict) -> dict[str, float]:
     out[f"{name}/perplexity_regression"] = regressions[name]["vs_base"]
   wins = {f"{n}/win_vs_sft": results["models"][n]["win_vs_sft"] for n in ("ppo", "ppo_ptx")}
   wins["ppo_ptx/win_vs_base_large"] = results["ppo_ptx_vs_base_large"]
+  for name, row in results.get("methods", {}).items():
+    wins[f"{name}/win_vs_sft"] = row["win_vs_sft"]
+    out[f"{name}/perplexity_regression"] = row["perplexity"] - results["models"]["base_small"][
+        "perplexity"]
   for key, win in wins.items():
     out.update({key: win["win_rate"], f"{key}_low": win["ci_low"], f"{key}_high": win["ci_high"]})
   for name in ("ppo", "ppo_ptx"):
@@ -764,7 +791,7 @@ def _run_stages(root: str, preset: Preset, stages: tuple[str, ...] = STAGES,
   steps: dict[str, Callable[[], None]] = {
       "world": lambda: world_stage(preset, root),
       "comparisons": lambda: comparisons_stage(preset, root),
-      "evaluate": lambda: evaluate_stage(preset, root),
+      "hir": lambda: hir_stage(preset, root), "evaluate": lambda: evaluate_stage(preset, root),
       "report": lambda: report_stage(preset, root)
   }
   total = time.time()

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from instruct.data import feedback
+from instruct.data import hindsight
 from instruct.data.builders import BUILDERS, RECORDS_FORMAT, builder_class
 from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
@@ -62,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = data_config()
   c.data.kind = "demonstrations"   # 'demonstrations' {prompt, completion} | 'text' {text} |
-  # 'comparisons' (reward model; see configs/rm.py).
+  # 'comparisons' (reward model; see configs/rm.py) | 'scored_text' (configs/pretrain.py) |
+  # 'hindsight' (configs/sft.py).
   c.data.train_file = embedded_files("demos")["train"]
   c.data.validation_file = embedded_files("demos")["validation"]
   c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
@@ -199,6 +201,11 @@ def validate_supervised(config: ml_collections.ConfigDict, data_parallel: int,
       raise ValueError(f"config.data.kind={feedback.KIND!r} is pretraining data; the "
                        f"{config.stage!r} stage reads other records.")
     feedback.Feedback.from_config(config)
+  if config.data.kind == hindsight.KIND:
+    if config.stage != "sft":
+      raise ValueError(f"config.data.kind={hindsight.KIND!r} is read by the sft stage; the "
+                       f"{config.stage!r} stage reads other records.")
+    hindsight.Hindsight.from_config(config)
   if config.optimizer.schedule not in ("cosine", "linear", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}; expected "
                      "'cosine', 'linear' or 'constant'.")

@@ -64,6 +64,50 @@ def weighted_next_token_loss(logits_btv: Array, tokens_bt: Array, weights_bt: Ar
   return jnp.sum(terms), jnp.sum(active), jnp.sum(correct * active)
 
 
+def _target_log_probs(logits_btv: Array, tokens_bt: Array):
+  """log softmax(logits[b, t]) and the log-probability of token t+1 under it."""
+  log_p = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+  return log_p, jnp.take_along_axis(log_p, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+
+
+def hindsight_terms(logits_btv: Array, contrast_logits_btv: Array, tokens_bt: Array,
+                    loss_mask_bt: Array):
+  """The per-target sums of HIR's loss (Zhang et al. 2023; `instruct.data.hindsight`).
+
+  `logits_btv` are the model's outputs on the relabeled sequence (instruction i+ and output
+  o), `contrast_logits_btv` on the same sequence under the contrasting instruction i- (the
+  targets, selected by `loss_mask_bt` as in `masked_next_token_loss`, are the same). With
+  log p(o | i) = sum of the targets' log-probabilities, each answer's contrastive term is
+
+    c_b = -log p(o | i+) / (p(o | i+) + p(o | i-)) = softplus(log p(o | i-) - log p(o | i+))
+
+  and the negative entropy at target position t is sum_v p log p under i+. Each answer's c_b
+  counts once per target of it, so that the step's normalisation by the batch's target count
+  (exact under gradient accumulation) makes every term a per-token mean, as the likelihood is.
+
+  Returns:
+    A dict of float32 sums: `nll` (the relabeled likelihood's), `contrastive` (sum_b n_b c_b),
+    `neg_entropy`, `targets`, `correct`; and per answer `contrastive_answers` (sum_b c_b),
+    `answers` (rows with a target).
+  """
+  mask = loss_mask_bt[:, 1:].astype(jnp.float32)
+  log_p, target = _target_log_probs(logits_btv, tokens_bt)
+  _, contrast_target = _target_log_probs(contrast_logits_btv, tokens_bt)
+  logp_pos = jnp.sum(target * mask, axis=1)
+  logp_neg = jnp.sum(contrast_target * mask, axis=1)
+  per_answer = jax.nn.softplus(logp_neg - logp_pos)
+  n = jnp.sum(mask, axis=1)
+  neg_entropy = jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  correct = (jnp.argmax(log_p, axis=-1) == tokens_bt[:, 1:]).astype(jnp.float32)
+  return {
+      "nll": -jnp.sum(target * mask), "contrastive": jnp.sum(n * per_answer),
+      "neg_entropy": jnp.sum(neg_entropy * mask), "targets": jnp.sum(mask),
+      "correct": jnp.sum(correct * mask),
+      "contrastive_answers": jnp.sum(jnp.where(n > 0, per_answer, 0.0)), "answers": jnp.sum(
+          (n > 0).astype(jnp.float32))
+  }
+
+
 def preference_pairs(ranks_bk: Array, response_mask_bk: Array) -> Array:
   """[batch, K, K] bool: pair (i, j) is ranked, with response i preferred to response j.
 

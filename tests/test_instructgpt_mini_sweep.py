@@ -207,8 +207,8 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
                           "sft_rwr", "evaluate", "report")
   assert mini.UPSTREAM["sft_rwr"] == ("world", "pretrain_rwr")
   assert mini.pipeline_stages(mini.PRESETS["test"]) == mini.STAGES
-  with pytest.raises(ValueError, match=r"config.methods='feedback,hir': unknown method 'hir'"):
-    config.methods = "feedback,hir"
+  with pytest.raises(ValueError, match=r"config.methods='feedback,rlaif': unknown method 'rlaif'"):
+    config.methods = "feedback,rlaif"
     mini.preset_from_config(config)
   root = str(tmp_path / "run")
   shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))

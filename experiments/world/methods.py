@@ -1,5 +1,7 @@
 """The main job's other routes to alignment (`config.methods`), beside PPO-ptx.
 
+`hir`: hindsight instruction relabeling (Zhang et al. 2023), `experiments.world.hindsight`.
+
 `feedback`: pretraining with human preferences (Korbak et al. 2023). Four more base models,
 each pretrained like `pretrain` (same architecture, steps, batch and learning rate) on the same
 pages, scored by sentence (`experiments.world.generate.scored_document`), with one of the
@@ -43,7 +45,9 @@ from instruct.data import tokenization
 OBJECTIVES = ("filter", "conditional", "unlikelihood", "rwr")  # MLE is `pretrain` itself.
 FEEDBACK_STAGES = {f"pretrain_{o}": o for o in OBJECTIVES}
 FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `sft`).
-METHODS = {"feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT)}
+# Composite stages (not one `instruct.train` run) and what they are built from.
+COMPOSITE = {"hir": ("world", "sft")}
+METHODS = {"feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT), "hir": ("hir",)}
 
 
 def parse(methods: str) -> tuple[str, ...]:
@@ -82,7 +86,7 @@ def upstream(stage: str) -> tuple[str, ...]:
   """What a method's stage is built from (the main job fingerprints it)."""
   if stage in FEEDBACK_SFT:
     return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
-  return ("world",)
+  return COMPOSITE.get(stage, ("world",))
 
 
 def _misalignment(answers: Sequence[ev.Answer]) -> dict[str, float]:

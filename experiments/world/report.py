@@ -487,10 +487,10 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, legend: int =
 
 
 def method_rows(results: Mapping) -> list[dict]:
-  """Every method that starts from or replaces SFT, against SFT: PPO, PPO-ptx and, with the
-  `feedback` methods, SFT from each objective's base model. Each: its label, win rate record
-  against SFT, perplexity regression against base small (the alignment tax), honesty and
-  harmlessness rates."""
+  """Every method that starts from or replaces SFT, against SFT: PPO, PPO-ptx, with the
+  `feedback` methods SFT from each objective's base model, and the other methods' rows
+  (`results["methods"]`: HIR, ...). Each: its label, win rate record against SFT, perplexity
+  regression against base small (the alignment tax), honesty and harmlessness rates."""
   base = _value(results, "models", "base_small", "perplexity")
   rows = []
   for m in ("ppo", "ppo_ptx"):
@@ -509,6 +509,11 @@ def method_rows(results: Mapping) -> list[dict]:
           "win": sft["win_vs_sft"], "regression": sft["perplexity"] - base,
           "honest": sft.get("honest"), "harmless": sft.get("harmless")
       })
+  for row in (results.get("methods") or {}).values():
+    rows.append({
+        "method": row["label"], "win": row["win_vs_sft"], "regression": row["perplexity"] - base,
+        "honest": row.get("honest"), "harmless": row.get("harmless")
+    })
   return rows
 
 

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from instruct import distributed
 from instruct.data import comparisons
 from instruct.data import feedback
+from instruct.data import hindsight
 from instruct.data import local_files
 from instruct.data import public
 from instruct.data import records
@@ -55,7 +56,7 @@ def read_file(kind: str, path: str | os.PathLike[str], skip_invalid: bool = Fals
   This is what the record builders store (before TFDS's write-time shuffle).
 
   Args:
-    kind: 'comparisons', 'demonstrations', 'prompts', 'text' or 'scored_text'.
+    kind: 'comparisons', 'demonstrations', 'prompts', 'text', 'scored_text' or 'hindsight'.
     path: The file.
     skip_invalid: Skip and count invalid records instead of raising.
     max_responses: For comparisons, the most responses a record may have
@@ -77,10 +78,12 @@ def read_file(kind: str, path: str | os.PathLike[str], skip_invalid: bool = Fals
     return records.read_text_file(path, skip_invalid, line_numbers=line_numbers)
   if kind == feedback.KIND:
     return feedback.read_scored_text(path, skip_invalid, line_numbers=line_numbers)
+  if kind == hindsight.KIND:
+    return hindsight.read_hindsight(path, skip_invalid, line_numbers=line_numbers)
   schemas = {'demonstrations': records.DEMONSTRATION_SCHEMA, 'prompts': records.PROMPT_SCHEMA}
   if kind not in schemas:
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
-                     f"{sorted(['comparisons', 'text', feedback.KIND, *schemas])}.")
+                     f"{sorted(['comparisons', 'text', feedback.KIND, hindsight.KIND, *schemas])}.")
   return records.read_records(path, schemas[kind], skip_invalid, line_numbers=line_numbers)
 
 
@@ -174,6 +177,21 @@ class ScoredText(_RecordsBuilder, skip_registration=True):
     })
 
 
+class Hindsight(_RecordsBuilder, skip_registration=True):
+  """Demonstrations with a verdict, for hindsight relabeling (`instruct.data.hindsight`)."""
+
+  name = 'instruct_hindsight'
+  KIND = hindsight.KIND
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    """Returns `prompt`, `completion` (text) and `satisfied` (bool)."""
+    return tfds.features.FeaturesDict({
+        'prompt': tfds.features.Text(),
+        'completion': tfds.features.Text(),
+        'satisfied': np.bool_,
+    })
+
+
 class Comparisons(_RecordsBuilder, skip_registration=True):
   """Ranked responses to prompts (reward-model data) from JSON-lines files.
 
@@ -199,6 +217,7 @@ BUILDERS: Mapping[str, type[local_files.LocalFilesBuilder]] = {
     'prompts': Prompts,
     'text': PlainText,
     feedback.KIND: ScoredText,
+    hindsight.KIND: Hindsight,
 }
 
 

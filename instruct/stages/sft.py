@@ -3,7 +3,10 @@
 Both are the same pure step, `(state, batch, rng) -> (state, metrics)`: masked next-token
 cross-entropy where the data's `loss_mask` selects completion tokens (SFT) or every real
 token (pretraining). A batch is a dict of [batch, length] arrays: `tokens`, `loss_mask`,
-`attention_mask`.
+`attention_mask`. Two data kinds change the loss: scored text (pretraining with human
+preferences, `instruct.data.feedback`: signed per-token weights) and hindsight records (HIR,
+`instruct.data.hindsight`: the relabeled likelihood plus a contrastive instruction term and an
+entropy bonus, from a second forward pass under the contrasting instruction).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import optax
 
 from instruct import data as data_lib
 from instruct.data import feedback as feedback_lib
+from instruct.data import hindsight as hindsight_lib
 from instruct import objectives
 from instruct.model import ModelConfig, Transformer
 from instruct.stages import common
@@ -54,6 +58,39 @@ def lm_loss(model: Transformer, deterministic: bool, weights: str = "mask"):
   return loss_fn
 
 
+def hindsight_loss(model: Transformer, hindsight: hindsight_lib.Hindsight, good_id: int,
+                   bad_id: int):
+  """(params, batch, rng) -> (loss_sum, sums) of HIR's loss on hindsight batches: per target
+  token, -log p(o_t | i+) + alpha * c(answer) + beta * sum_v p log p
+  (`objectives.hindsight_terms`). i- is the batch's sequence with its instruction token (at
+  position 0) swapped for the other one."""
+
+  def loss_fn(params, batch: Batch, rng):
+    tokens = batch["tokens"]
+    first = tokens[:, :1]
+    contrast = jnp.concatenate([jnp.where(first == good_id, bad_id, good_id), tokens[:, 1:]],
+                               axis=1)
+    rngs = jax.random.split(rng)
+    logits, contrast_logits = (model.apply({"params": params}, t, batch["attention_mask"],
+                                           deterministic=False, rngs={"dropout": r}).logits
+                               for t, r in ((tokens, rngs[0]), (contrast, rngs[1])))
+    sums = objectives.hindsight_terms(logits, contrast_logits, tokens, batch["loss_mask"])
+    loss_sum = (sums["nll"] + hindsight.alpha * sums["contrastive"]
+                + hindsight.beta * sums["neg_entropy"])
+    sums = dict(sums, loss_sum=loss_sum,
+                tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32))
+    return loss_sum, sums
+
+  return loss_fn
+
+
+def _hindsight_metrics(sums: dict) -> dict:
+  targets = jnp.maximum(sums["targets"], 1.0)
+  return dict(_metrics(sums), nll=sums["nll"] / targets,
+              contrastive=sums["contrastive_answers"] / jnp.maximum(sums["answers"], 1.0),
+              entropy=-sums["neg_entropy"] / targets)
+
+
 def _metrics(sums: dict) -> dict:
   targets = jnp.maximum(sums["targets"], 1.0)
   return {
@@ -63,11 +100,15 @@ def _metrics(sums: dict) -> dict:
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    scored: bool = False) -> Callable:
+                    schedule: optax.Schedule, grad_accum_steps: int = 1, scored: bool = False,
+                    hindsight: tuple | None = None) -> Callable:
   """The pure SFT / pretraining step (see `common.make_train_step`); `scored`: the batches
-  are scored text with signed target weights (`instruct.data.feedback`)."""
+  are scored text with signed target weights (`instruct.data.feedback`); `hindsight`:
+  `(Hindsight, good_id, bad_id)` for HIR on hindsight batches."""
   count = lambda batch: jnp.sum(batch["loss_mask"][:, 1:] != 0)  # Targets (of any weight).
+  if hindsight is not None:
+    return common.make_train_step(hindsight_loss(model, *hindsight), count, _hindsight_metrics,
+                                  optimizer, schedule, grad_accum_steps)
   return common.make_train_step(lm_loss(model, False, "signed" if scored else "mask"), count,
                                 _metrics, optimizer, schedule, grad_accum_steps)
 
@@ -97,6 +138,8 @@ def make_lm_data(config, tokenizer, split: str, repeat: bool):
   encoder = None
   if config.data.kind == feedback_lib.KIND:
     encoder = functools.partial(feedback_lib.encode, feedback_lib.Feedback.from_config(config))
+  elif config.data.kind == hindsight_lib.KIND:
+    encoder = functools.partial(hindsight_lib.encode, hindsight_lib.Hindsight.from_config(config))
   return data_lib.make_batches(
       config.data.kind, files, split, tokenizer, global_batch_size=config.train.global_batch_size,
       batch_size_name="config.train.global_batch_size", buckets=tuple(config.data.buckets),
@@ -111,8 +154,12 @@ def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
   """The SFT / pretraining task for the shared driver."""
   model = make_model(config.model)
   scored = config.data.kind == feedback_lib.KIND
+  hindsight = None
+  if config.data.kind == hindsight_lib.KIND:
+    settings = hindsight_lib.Hindsight.from_config(config)
+    hindsight = (settings, *settings.token_ids(tokenizer))
   return common.Task(
       model=model, train_step=make_train_step(model, optimizer, schedule,
-                                              config.train.grad_accum_steps, scored),
+                                              config.train.grad_accum_steps, scored, hindsight),
       eval_step=make_eval_step(model, scored), summarize_eval=summarize_eval,
       make_data=lambda split, repeat: make_lm_data(config, tokenizer, split, repeat))
