@@ -72,6 +72,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from experiments.world import correction as correction_lib
 from experiments.world import evaluate as ev
 from experiments.world import generate as world_lib
 from experiments.world import hindsight as hindsight_lib
@@ -334,7 +335,9 @@ UPSTREAM = {
                  "ppo_ptx"),
     **{s: methods_lib.upstream(s) for m in methods_lib.METHODS.values() for s in m}
 }
-OUTPUT_FILE = {"world": "world.json", "comparisons": "stats.json", "hir": "done.json"}
+OUTPUT_FILE = {
+    "world": "world.json", "comparisons": "stats.json", "hir": "done.json", "corrector": "done.json"
+}
 BUILT_FROM = "built_from.json"
 
 
@@ -402,15 +405,24 @@ def _train(config, workdir: str) -> None:
   table.get(config.stage).run(config, workdir)
 
 
-def hir_stage(preset: Preset, root: str) -> None:
-  """HIR's rounds from the SFT policy (`experiments.world.hindsight`)."""
-  done = paths.join(root, "hir", OUTPUT_FILE["hir"])
+def composite_stage(stage: str, preset: Preset, root: str) -> None:
+  """A method's stage of several runs (`methods_lib.COMPOSITE`): HIR's rounds
+  (`experiments.world.hindsight`) or the self-corrector's (`experiments.world.correction`),
+  each from the SFT stage's config; `DIR/<stage>/done.json` names the final run once all are
+  finished (what the stages after it fingerprint)."""
+  done = paths.join(root, stage, OUTPUT_FILE[stage])
   if paths.exists(done):
-    logging.info("[hir] already finished; skipping.")
+    logging.info("[%s] already finished; skipping.", stage)
     return
   world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
-  hindsight_lib.hir_stage(root, preset, stage_config("sft", preset, root), _train)
-  final = hindsight_lib.final_policy_dir(root, preset)
+  sft_config = stage_config("sft", preset, root)
+  if stage == "hir":
+    hindsight_lib.hir_stage(root, preset, sft_config, _train)
+    final = hindsight_lib.final_policy_dir(root, preset)
+  else:
+    settings = correction_lib.settings_for(preset.name)
+    correction_lib.correction_stage(root, preset, sft_config, _train, settings)
+    final = correction_lib.final_corrector(root, settings)
   _write_json_atomic(done, {"policy": final, "step": run_lib.latest_step(final)})
 
 
@@ -570,6 +582,19 @@ def evaluate_stage(preset: Preset, root: str) -> None:
                                                                categories, facts, judges,
                                                                scores["sft"],
                                                                seed=preset.seed + 400)
+  if "correction" in preset.methods:
+    correction = correction_lib.evaluate_correction(root, preset, prompts, categories, facts,
+                                                    judges, tokenizer, answers["sft"],
+                                                    scores["sft"], answers["base_large"],
+                                                    scores["base_large"],
+                                                    correction_lib.settings_for(preset.name))
+    results["self_correction"] = correction
+    for row in correction["passes"]:
+      # The generator is the SFT policy: its text, and so its alignment tax, is SFT's.
+      results.setdefault("methods", {})[f"correction_{row['pass']}"] = {
+          "label": f"SFT + self-correction, {row['pass']} pass{'es' if row['pass'] > 1 else ''}",
+          "perplexity": results["models"]["sft"]["perplexity"], **row
+      }
   _write_json_atomic(paths.join(out, "results.json"), results)
 
 
@@ -790,8 +815,9 @@ def _run_stages(root: str, preset: Preset, stages: tuple[str, ...] = STAGES,
   timings = _read_json(timings_path) if paths.exists(timings_path) else {}
   steps: dict[str, Callable[[], None]] = {
       "world": lambda: world_stage(preset, root),
-      "comparisons": lambda: comparisons_stage(preset, root),
-      "hir": lambda: hir_stage(preset, root), "evaluate": lambda: evaluate_stage(preset, root),
+      "comparisons": lambda: comparisons_stage(preset, root), **{
+          s: (lambda s=s: composite_stage(s, preset, root)) for s in methods_lib.COMPOSITE
+      }, "evaluate": lambda: evaluate_stage(preset, root),
       "report": lambda: report_stage(preset, root)
   }
   total = time.time()

@@ -188,7 +188,7 @@ def test_the_main_jobs_hir_rounds_resume_and_reach_the_report(pipeline_run, tmp_
   assert mini.pipeline_stages(preset)[-3:] == ("hir", "evaluate", "report")
   root = str(tmp_path / "run")
   shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))
-  mini.hir_stage(preset, root)
+  mini.composite_stage("hir", preset, root)
   settings = hir.settings_for(preset)
   rounds = json.load(open(os.path.join(root, "hir", "rounds.json")))
   assert sum(r["samples"] for r in rounds.values()) == preset.ppo_iterations * preset.ppo_batch
@@ -209,9 +209,9 @@ def test_the_main_jobs_hir_rounds_resume_and_reach_the_report(pipeline_run, tmp_
       n: open(os.path.join(root, "hir", n), "rb").read()
       for n in os.listdir(os.path.join(root, "hir")) if n.endswith(".json") or n.endswith(".jsonl")
   }
-  mini.hir_stage(preset, root)
+  mini.composite_stage("hir", preset, root)
   os.remove(os.path.join(root, "hir", "done.json"))  # Rounds themselves skip when finished.
-  mini.hir_stage(preset, root)
+  mini.composite_stage("hir", preset, root)
   assert {n: open(os.path.join(root, "hir", n), "rb").read() for n in saved} == saved
   results = json.load(open(os.path.join(root, "evaluate", "results.json")))
   files = world_lib.files(os.path.join(root, "world"))
@@ -233,7 +233,7 @@ def test_the_main_jobs_hir_rounds_resume_and_reach_the_report(pipeline_run, tmp_
   results["methods"] = {"hir": row}
   report_lib.write_report(root, results, {})
   report = open(os.path.join(root, "report.md")).read()
-  assert "| HIR | " in report
+  assert "| HIR | " in report and "## Hindsight instruction relabeling (HIR)" in report
   summary = mini.summary_metrics(results)
   assert summary["hir/win_vs_sft"] == row["win_vs_sft"]["win_rate"]
   assert summary["hir/perplexity_regression"] == pytest.approx(

@@ -2,6 +2,9 @@
 
 `hir`: hindsight instruction relabeling (Zhang et al. 2023), `experiments.world.hindsight`.
 
+`correction`: a self-corrector (Welleck et al. 2022) of the SFT policy's answers,
+`experiments.world.correction`.
+
 `feedback`: pretraining with human preferences (Korbak et al. 2023). Four more base models,
 each pretrained like `pretrain` (same architecture, steps, batch and learning rate) on the same
 pages, scored by sentence (`experiments.world.generate.scored_document`), with one of the
@@ -46,8 +49,11 @@ OBJECTIVES = ("filter", "conditional", "unlikelihood", "rwr")  # MLE is `pretrai
 FEEDBACK_STAGES = {f"pretrain_{o}": o for o in OBJECTIVES}
 FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `sft`).
 # Composite stages (not one `instruct.train` run) and what they are built from.
-COMPOSITE = {"hir": ("world", "sft")}
-METHODS = {"feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT), "hir": ("hir",)}
+COMPOSITE = {"hir": ("world", "sft"), "corrector": ("world", "sft")}
+METHODS = {
+    "feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT), "hir": ("hir",),
+    "correction": ("corrector",)
+}
 
 
 def parse(methods: str) -> tuple[str, ...]:

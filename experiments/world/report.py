@@ -849,6 +849,72 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
   return lines + [f"![Pretraining with human preferences]({plots['feedback']})", ""]
 
 
+def _section_hir(results: Mapping) -> list[str]:
+  row = (results.get("methods") or {}).get("hir")
+  if not row:
+    return []
+  rounds = row["rounds"]
+  table = [[r, x["samples"], pct(x["satisfied"]),
+            pct(x["validation_satisfied"])] for r, x in rounds.items()]
+  settings = row["settings"]
+  return [
+      "## Hindsight instruction relabeling (HIR)", "",
+      "Zhang et al. 2023, from the SFT policy, with no reward model, critic or labeler: "
+      f"{settings['rounds']} rounds, each sampling {settings['samples_per_prompt']} answers to "
+      "fresh PPO training prompts under the instruction to answer well (`<|good|>`), the "
+      "world's judge marking each answer satisfied (full help, honest, harmless, in format) "
+      "or not, every answer so far relabeled to the instruction it satisfies (`<|good|>` or "
+      "`<|bad|>`), and training on them (relabeled likelihood, contrastive instruction term "
+      f"alpha {settings['alpha']}, entropy bonus beta {settings['beta']}). {row['samples']} "
+      "samples in all, as many as PPO's. The fraction of each round's samples that satisfied "
+      "their prompt:", "",
+      markdown_table(["Round", "Samples", "Satisfied", "Satisfied (validation prompts)"],
+                     table), "", f"The final policy, asked after `<|good|>`: win rate against SFT "
+      f"{pct(row['win_vs_sft']['win_rate'])} {ci(row['win_vs_sft'])}, perplexity "
+      f"{num(row['perplexity'], 2)} (SFT {num(_value(results, 'models', 'sft', 'perplexity'), 2)}),"
+      f" honest {pct(row['honest'])}, harmless {pct(row['harmless'])}.", ""
+  ]
+
+
+def _section_correction(results: Mapping) -> list[str]:
+  out = results.get("self_correction")
+  if not out:
+    return []
+  rows = [["0 (raw SFT)", "", num(out["sft_mean_utility"], 3), "", "", ""]]
+  for p in out["passes"]:
+    rows.append([
+        p["pass"], f"{pct(p['win_vs_sft']['win_rate'])} {ci(p['win_vs_sft'])}",
+        num(p["mean_utility"], 3),
+        pct(p["improved"]),
+        pct(p["worsened"]), f"{pct(p['honest'])} / {pct(p['harmless'])}"
+    ])
+  large = out["base_large"]
+  large_rows = [["0 (raw)", "", num(large["mean_utility"], 3)]] + [[
+      p["pass"], f"{pct(p['win_vs_raw']['win_rate'])} {ci(p['win_vs_raw'])}",
+      num(p["mean_utility"], 3)
+  ] for p in large["passes"]]
+  settings = out["settings"]
+  return [
+      "## Self-correction", "",
+      "Welleck et al. 2022: a corrector (the small model, from SFT) trained on pairs of the "
+      "SFT policy's answers to PPO training prompts, each pair (y, y') with a better y' drawn "
+      f"with probability proportional to exp({settings['alpha']} x improvement + "
+      f"{settings['beta']} x proximity), the input being the prompt, y and the judge's "
+      f"feedback on y; {settings['rounds']} rounds, the later ones adding the corrector's own "
+      "corrections to the pool (exploration). At inference the judge's feedback is given "
+      "too, as in the paper's setting with feedback: a corrected system reads the judge at "
+      "test time, which PPO and HIR do not, so its rows are not a like-for-like comparison. "
+      "Passes apply the corrector again to its own output.", "",
+      markdown_table([
+          "Passes", "Win rate vs raw SFT [95%]", "Mean utility", "Improved", "Worsened",
+          "Honest / harmless"
+      ], rows), "",
+      "The same corrector, trained on the small SFT policy's answers, applied to the larger "
+      "base model's few-shot answers:", "",
+      markdown_table(["Passes", "Win rate vs raw [95%]", "Mean utility"], large_rows), ""
+  ]
+
+
 def _section_methods(results: Mapping, plots: dict) -> list[str]:
   rows = method_rows(results)
   if not rows:
@@ -977,6 +1043,7 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
            + _section_win_rates(results, plots) + _section_vs_large(results)
            + _section_alignment_tax(results, plots) + _section_rm(results, plots)
            + _section_safety(results, plots) + _section_feedback(results, plots)
+           + _section_hir(results) + _section_correction(results)
            + _section_methods(results, plots) + _section_over_optimization(results, plots)
            + _section_training(stage_metrics, plots) + _section_samples(results)
            + _section_timings(timings or {}))
