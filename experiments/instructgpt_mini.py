@@ -74,6 +74,7 @@ import numpy as np
 
 from experiments.world import correction as correction_lib
 from experiments.world import evaluate as ev
+from experiments.world import flan as flan_lib
 from experiments.world import generate as world_lib
 from experiments.world import hindsight as hindsight_lib
 from experiments.world import labelers as labelers_lib
@@ -254,6 +255,8 @@ def stage_config(stage: str, preset: Preset, root: str):
     c = stage_config("sft", preset, root)
     methods_lib.as_feedback_sft(c, stage, root, files)
     return c
+  if stage in flan_lib.STAGES:
+    return _flan_config(stage, preset, root)
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
     c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
@@ -322,6 +325,26 @@ def stage_config(stage: str, preset: Preset, root: str):
     c.train.checkpoint_every = c.train.num_steps
   c.train.log_every = max(1, c.train.num_steps // 10) if stage not in ("ppo", "ppo_ptx") else (max(
       1, preset.ppo_iterations // 20))
+  return c
+
+
+def _flan_config(stage: str, preset: Preset, root: str):
+  """A FLAN stage's config (`experiments.world.flan`): the sft stage's on a mixture, or the
+  sft / rm / ppo_ptx stage's from the instruction-tuned model."""
+  if stage in flan_lib.RUNS:
+    c = stage_config("sft", preset, root)
+    c.data.mixture = config_lib.ml_collections.ConfigDict(
+        flan_lib.mixture(paths.join(root, "world"), stage))
+    c.data.train_file = c.data.validation_file = ""
+    c.data.buckets = (128,)  # Few-shot prompts: three tasks in a row.
+    return c
+  c = stage_config(stage.removesuffix("_flan"), preset, root)
+  if stage == "sft_flan":
+    c.init_from = paths.join(root, "flan")
+  elif stage == "rm_flan":
+    c.init_from = paths.join(root, "sft_flan")
+  else:
+    c.policy_from, c.reward_from = paths.join(root, "sft_flan"), paths.join(root, "rm_flan")
   return c
 
 
@@ -429,6 +452,10 @@ def composite_stage(stage: str, preset: Preset, root: str) -> None:
 def train_stage(stage: str, preset: Preset, root: str) -> None:
   if stage in methods_lib.METHODS["feedback"]:
     world_lib.write_feedback_files(paths.join(root, "world"))  # A world written before them.
+  if stage in flan_lib.RUNS:
+    # Enough rows per component that the full mixture is about an epoch of SFT's steps.
+    flan_lib.write_flan_files(paths.join(root, "world"), preset.seed,
+                              max(8, preset.sft_steps * 32 // 60))
   config = stage_config(stage, preset, root)
   workdir = paths.join(root, stage)
   if _finished(workdir, config.train.num_steps):
@@ -582,6 +609,19 @@ def evaluate_stage(preset: Preset, root: str) -> None:
                                                                categories, facts, judges,
                                                                scores["sft"],
                                                                seed=preset.seed + 400)
+  if "flan" in preset.methods:
+    results["flan"] = flan_lib.evaluate_flan(root, preset, prompts, categories, facts, judges,
+                                             files["tokenizer"], examples)
+    results["flan"]["rm"] = {
+        stage: _last_val(root, stage, "val_accuracy") for stage in ("rm", "rm_flan")
+    }
+    for i, (stage, label) in enumerate(
+        (("sft_flan", "SFT from FLAN"), ("ppo_ptx_flan", "PPO-ptx from FLAN-SFT"))):
+      results.setdefault("methods", {}
+                        )[stage] = {
+                            "label": label, **methods_lib.evaluate_against_sft(
+                                root, preset, stage, tokenizer, (), texts, prompts, categories, facts, judges, scores["sft"], seed=preset.seed + 450 + i)
+                        }
   if "correction" in preset.methods:
     correction = correction_lib.evaluate_correction(root, preset, prompts, categories, facts,
                                                     judges, tokenizer, answers["sft"],
@@ -633,6 +673,11 @@ def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) ->
         "labeler_score": ev.mean_utility(scores, judges)
     })
   return points
+
+
+def _last_val(root: str, stage: str, key: str) -> float | None:
+  evals = [r for r in metrics_lib.read_metrics(paths.join(root, stage)) if key in r]
+  return evals[-1][key] if evals else None
 
 
 def _rm_summary(root) -> dict:

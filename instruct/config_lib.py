@@ -16,6 +16,7 @@ import ml_collections
 
 from instruct.data import feedback
 from instruct.data import hindsight
+from instruct.data import mixture
 from instruct.data.builders import BUILDERS, RECORDS_FORMAT, builder_class
 from instruct.data.tokenization import DEFAULT_TOKENIZER
 from instruct.model.config import ModelConfig, preset
@@ -69,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_file = embedded_files("demos")["validation"]
   c.data.buckets = (64, 128)       # Padded lengths; the longest is the maximum length.
   c.data.shuffle = True
+  # Pretrain / SFT: a weighted mixture of record files instead of train_file /
+  # validation_file: {name: {train_file, validation_file, weight}} (instruct/data/mixture.py).
+  c.data.mixture = ml_collections.ConfigDict()
+  c.data.mixture_size = 0          # Rows per epoch of the mixture; 0: its components' together.
 
   c.optimizer = optimizer_config()
   c.train = train_config()
@@ -201,6 +206,13 @@ def validate_supervised(config: ml_collections.ConfigDict, data_parallel: int,
       raise ValueError(f"config.data.kind={feedback.KIND!r} is pretraining data; the "
                        f"{config.stage!r} stage reads other records.")
     feedback.Feedback.from_config(config)
+  if config.data.get("mixture"):
+    if config.stage == "rm":
+      raise ValueError("config.data.mixture is read by the pretrain and sft stages; the rm "
+                       "stage reads config.data.train_file.")
+    mixture.components(config.data.mixture)
+    if config.data.get("mixture_size", 0) < 0:
+      raise ValueError(f"config.data.mixture_size={config.data.mixture_size}: must be >= 0.")
   if config.data.kind == hindsight.KIND:
     if config.stage != "sft":
       raise ValueError(f"config.data.kind={hindsight.KIND!r} is read by the sft stage; the "

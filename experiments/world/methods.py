@@ -2,6 +2,8 @@
 
 `hir`: hindsight instruction relabeling (Zhang et al. 2023), `experiments.world.hindsight`.
 
+`flan`: instruction-tuning mixtures (FLAN), `experiments.world.flan`.
+
 `correction`: a self-corrector (Welleck et al. 2022) of the SFT policy's answers,
 `experiments.world.correction`.
 
@@ -39,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.world import evaluate as ev
+from experiments.world import flan as flan_lib
 from experiments.world import generate as world_lib
 from experiments.world import language as L
 from instruct import paths
@@ -52,7 +55,7 @@ FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `s
 COMPOSITE = {"hir": ("world", "sft"), "corrector": ("world", "sft")}
 METHODS = {
     "feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT), "hir": ("hir",),
-    "correction": ("corrector",)
+    "correction": ("corrector",), "flan": flan_lib.STAGES
 }
 
 
@@ -92,6 +95,8 @@ def upstream(stage: str) -> tuple[str, ...]:
   """What a method's stage is built from (the main job fingerprints it)."""
   if stage in FEEDBACK_SFT:
     return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
+  if stage in flan_lib.STAGES:
+    return flan_lib.upstream(stage)
   return COMPOSITE.get(stage, ("world",))
 
 
@@ -147,17 +152,19 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
         **_misalignment(unprompted), "toxic_respectful": rates["toxic_respectful"],
         "complied_harmful": rates["complied_harmful"],
         "mean_utility": ev.mean_utility(scores, judges), "samples": len(unprompted),
-        "sft": _evaluate_sft(root, preset, "sft" if objective == "mle" else f"sft_{objective}",
-                             tokenizer, (good, bad), texts, prompts, categories, facts, judges,
-                             sft_scores, seed=preset.seed + 300 + len(out))
+        "sft": evaluate_against_sft(root, preset,
+                                    "sft" if objective == "mle" else f"sft_{objective}", tokenizer,
+                                    (good, bad), texts, prompts, categories, facts, judges,
+                                    sft_scores, seed=preset.seed + 300 + len(out))
     }
   return out
 
 
-def _evaluate_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts, judges,
-                  sft_scores, seed) -> dict[str, Any]:
-  """An SFT model from one objective's base model, as the main SFT is evaluated, against the
-  main SFT's answers: the held-out labelers' win rate, perplexity, and the safety rates."""
+def evaluate_against_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts,
+                         judges, sft_scores, seed) -> dict[str, Any]:
+  """A policy (an SFT model from another base model, or RL from it), as the main SFT is
+  evaluated, against the main SFT's answers: the held-out labelers' win rate, perplexity, and
+  the safety rates."""
   policy = ev.load_policy(paths.join(root, stage))
   answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 17,
                         temperature=preset.eval_temperature, banned_ids=banned)

@@ -475,6 +475,38 @@ def plot_feedback(results: Mapping) -> Optional[Figure]:
                  "Pretraining with human preferences: misalignment against capability")
 
 
+FLAN_AXES = (("categories", ("flan_c1", "flan_c2", "flan_c4", "flan"), "training categories"),
+             ("templates", ("flan_t1", "flan_t3", "flan"), "templates per task"))
+FLAN_SCORES = (("held_out_zero", "held-out categories, zero-shot"),
+               ("held_out_few", "held-out categories, few-shot"), ("held_in_zero",
+                                                                   "held-in categories, zero-shot"))
+
+
+def plot_flan(results: Mapping) -> Optional[Figure]:
+  """Instruction tuning: the mean utility on held-out (and held-in) categories against the
+  number of training categories and of templates, base small as the 0 point's line."""
+  flan = results.get("flan")
+  if not flan:
+    return None
+  runs = flan["runs"]
+  fig = _figure(10, 3.8)
+  for i, (key, names, xlabel) in enumerate(FLAN_AXES):
+    ax = fig.add_subplot(1, 2, i + 1)
+    for j, (score, label) in enumerate(FLAN_SCORES):
+      xs = [runs[n][key] for n in names if n in runs]
+      ys = [runs[n][score]["mean_utility"] for n in names if n in runs]
+      ax.plot(xs, ys, "o-", color=f"C{j}", label=label)
+      ax.axhline(runs["base_small"][score]["mean_utility"], color=f"C{j}", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean utility (held-out labelers)")
+    ax.grid(alpha=0.3)
+    if i == 0:
+      ax.legend(fontsize=7)
+  fig.suptitle("Instruction tuning (FLAN): dotted lines are base small", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
 def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, legend: int = 8) -> Figure:
   """Labels, title, legend and grid of a one-panel scatter figure."""
   ax.set_xlabel(xlabel)
@@ -849,6 +881,39 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
   return lines + [f"![Pretraining with human preferences]({plots['feedback']})", ""]
 
 
+def _section_flan(results: Mapping, plots: dict) -> list[str]:
+  flan = results.get("flan")
+  if not flan:
+    return []
+  table = []
+  for name, row in flan["runs"].items():
+    setting = ("-" if name == "base_small" else
+               f"{row['categories']} / {row['templates']} / {' + '.join(row['styles'])}")
+    table.append([name, setting] + [num(row[score]["mean_utility"], 3) for score, _ in FLAN_SCORES]
+                 + [pct(row["held_out_zero"]["help"])])
+  rm = flan.get("rm", {})
+  return [
+      "## Instruction tuning (FLAN)", "",
+      "Instruction-tuning mixtures (Wei et al. 2022; Chung et al. 2022): the base small model "
+      "fine-tuned, with SFT's steps and batch, on a weighted mixture of the world's public "
+      "instruction datasets (the six categories of academic benchmarks with their correct "
+      "answers, through up to five templates, zero-shot and with two solved examples). The "
+      f"other categories ({', '.join(flan['held_out'])}; {flan['held_out_prompts']} "
+      "evaluation prompts) are in no training mixture: the held-out score is how far "
+      "instruction tuning carries to tasks it never saw. Mean utility by the held-out "
+      "labelers; help is the judge's.", "",
+      markdown_table([
+          "Run", "Categories / templates / styles", "Held-out, zero-shot", "Held-out, few-shot",
+          "Held-in, zero-shot", "Held-out help"
+      ], table), "",
+      f"FLAN as the start of the rest of the pipeline: SFT from `flan`, the reward model from "
+      f"that SFT model on the same comparisons (held-out accuracy {pct(rm.get('rm_flan'))} "
+      f"against the main reward model's {pct(rm.get('rm'))}), and PPO-ptx from that SFT "
+      f"model against it; their rows are in the comparison of every method below.", "",
+      f"![Instruction tuning]({plots['flan']})", ""
+  ]
+
+
 def _section_hir(results: Mapping) -> list[str]:
   row = (results.get("methods") or {}).get("hir")
   if not row:
@@ -1022,7 +1087,8 @@ def write_plots(root: str, results: Mapping,
       "safety": plot_safety(results), "over_optimization": plot_over_optimization(results),
       "training_curves": plot_training_curves(stage_metrics),
       "rm_calibration": plot_rm_calibration(rm_calibration(root, results)),
-      "feedback": plot_feedback(results), "methods": plot_methods(results)
+      "feedback": plot_feedback(results), "methods": plot_methods(results),
+      "flan": plot_flan(results)
   }
   out = {}
   for name, fig in figures.items():
@@ -1043,7 +1109,7 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
            + _section_win_rates(results, plots) + _section_vs_large(results)
            + _section_alignment_tax(results, plots) + _section_rm(results, plots)
            + _section_safety(results, plots) + _section_feedback(results, plots)
-           + _section_hir(results) + _section_correction(results)
+           + _section_flan(results, plots) + _section_hir(results) + _section_correction(results)
            + _section_methods(results, plots) + _section_over_optimization(results, plots)
            + _section_training(stage_metrics, plots) + _section_samples(results)
            + _section_timings(timings or {}))

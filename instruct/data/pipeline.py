@@ -118,7 +118,7 @@ class Batches:
     self.num_truncated_examples: int | None = None
     _check_sizes(len(source), global_batch_size, process_index, process_count, repeat, name=name,
                  batch_size_name=batch_size_name, num_skipped=self.num_skipped)
-    self._buckets = _check_buckets(buckets, process_count, custom_collate=collate is not None)
+    self._buckets = check_buckets(buckets, process_count, custom_collate=collate is not None)
     self._global_lengths = process_count > 1 and len(self._buckets) > 1
     self._longest = 0  # With several hosts and buckets: the global batch's longest row.
     self._source = source
@@ -310,8 +310,8 @@ def _check_sizes(num_examples: int, global_batch_size: int, process_index: int, 
                      f'Lower {batch_size_name}, or add examples.')
 
 
-def _check_buckets(buckets: Sequence[int], process_count: int,
-                   custom_collate: bool = False) -> tuple[int, ...]:
+def check_buckets(buckets: Sequence[int], process_count: int,
+                  custom_collate: bool = False) -> tuple[int, ...]:
   """Returns `buckets` as a tuple; ValueError if they are not positive and
   strictly increasing, or several with `process_count > 1` and a custom
   collate (which picks its lengths from the host's own rows)."""
@@ -356,7 +356,7 @@ def _encode_comparison(tokenizer: Any, max_length: int,
   return comparisons.encode_comparison(tokenizer, example, max_length)
 
 
-_ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
+ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
     'demonstrations': _encode_demonstration,
     'text': _encode_text,
 }
@@ -389,8 +389,8 @@ def _first_truncated(kind: str, files: Mapping[str, str], split: str, data_forma
   return f'the example whose {field} begins {example[field][:60]!r}'
 
 
-def _check_loaded(batches: Batches, *, noun: str, limit: str, allow_truncation: bool,
-                  locate: Callable[[int], str]) -> None:
+def check_loaded(batches: Batches, *, noun: str, limit: str, allow_truncation: bool,
+                 locate: Callable[[int], str]) -> None:
   """Logs a loaded split's skipped records, and counts its truncated examples.
 
   Truncated examples are logged in one warning line, or refused.
@@ -433,7 +433,7 @@ def load_batches(kind: str, files: Mapping[str, str], split: str, encode: Encode
 
   Skipped invalid records are logged, and every example is encoded once:
   the truncated ones are counted and logged in one warning line naming the
-  split and its file, or refused (see `_check_loaded`).
+  split and its file, or refused (see `check_loaded`).
 
   Args:
     kind: The kind of records (see `builders.load_split`).
@@ -457,7 +457,7 @@ def load_batches(kind: str, files: Mapping[str, str], split: str, encode: Encode
   batches = Batches(source, encode, name=describe_split(files, split), **batches_args)
   locate = functools.partial(_first_truncated, kind, files, split, data_format, skip_invalid,
                              max_responses, encode, source)
-  _check_loaded(batches, noun=noun, limit=limit, allow_truncation=allow_truncation, locate=locate)
+  check_loaded(batches, noun=noun, limit=limit, allow_truncation=allow_truncation, locate=locate)
   return batches
 
 
@@ -507,16 +507,16 @@ def make_batches(kind: str, files: Mapping[str, str], split: str, tokenizer: Any
       `allow_truncation` False.
     RecordError: A record is invalid and `skip_invalid` is False.
   """
-  if encoder is None and kind not in _ENCODERS:
+  if encoder is None and kind not in ENCODERS:
     hint = {
         'comparisons': ' (batch comparisons with make_comparison_batches)',
         'prompts': ' (batch prompts with make_prompt_batches)',
     }.get(kind, '')
     raise ValueError(f'Unknown data kind {kind!r}; allowed kinds: '
-                     f'{sorted(_ENCODERS)}{hint}.')
+                     f'{sorted(ENCODERS)}{hint}.')
   tokenization.check_special_tokens(tokenizer)
-  max_length = _check_buckets(buckets, process_count)[-1]
-  encode = functools.partial(encoder or _ENCODERS[kind], tokenizer, max_length)
+  max_length = check_buckets(buckets, process_count)[-1]
+  encode = functools.partial(encoder or ENCODERS[kind], tokenizer, max_length)
   return load_batches(kind, files, split, encode, data_dir=data_dir, data_format=data_format,
                       skip_invalid=skip_invalid, allow_truncation=allow_truncation, noun='examples',
                       limit=f'{max_length} tokens', global_batch_size=global_batch_size,
@@ -585,7 +585,7 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
     raise ValueError(f'max_responses must be at least '
                      f'{comparisons.MIN_RESPONSES}, got {max_responses}.')
   tokenization.check_special_tokens(tokenizer)
-  buckets = _check_buckets(buckets, process_count)
+  buckets = check_buckets(buckets, process_count)
   encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
   collate = functools.partial(comparisons.collate_comparisons, max_responses=max_responses,
                               buckets=buckets, pad_id=tokenizer.pad_token_id)

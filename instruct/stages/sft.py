@@ -22,6 +22,7 @@ import optax
 from instruct import data as data_lib
 from instruct.data import feedback as feedback_lib
 from instruct.data import hindsight as hindsight_lib
+from instruct.data import mixture as mixture_lib
 from instruct import objectives
 from instruct.model import ModelConfig, Transformer
 from instruct.stages import common
@@ -133,21 +134,27 @@ def summarize_eval(outputs: list[dict]) -> dict:
 
 
 def make_lm_data(config, tokenizer, split: str, repeat: bool):
-  """Host-local batches of `config.data` (demonstrations, text or scored text) for `split`."""
-  files = {"train": config.data.train_file, "validation": config.data.validation_file}
+  """Host-local batches of `config.data` (demonstrations, text, scored text or hindsight
+  records; one file per split, or a weighted mixture, `instruct.data.mixture`) for `split`."""
   encoder = None
   if config.data.kind == feedback_lib.KIND:
     encoder = functools.partial(feedback_lib.encode, feedback_lib.Feedback.from_config(config))
   elif config.data.kind == hindsight_lib.KIND:
     encoder = functools.partial(hindsight_lib.encode, hindsight_lib.Hindsight.from_config(config))
-  return data_lib.make_batches(
-      config.data.kind, files, split, tokenizer, global_batch_size=config.train.global_batch_size,
-      batch_size_name="config.train.global_batch_size", buckets=tuple(config.data.buckets),
-      seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
-      data_dir=common.tfds_dir(config), process_index=jax.process_index(),
-      process_count=jax.process_count(), data_format=config.data.get("format", "records"),
-      skip_invalid=config.data.get("skip_invalid", False),
-      allow_truncation=config.data.get("allow_truncation", True), encoder=encoder)
+  args = dict(global_batch_size=config.train.global_batch_size,
+              batch_size_name="config.train.global_batch_size", buckets=tuple(config.data.buckets),
+              seed=config.seed, shuffle=config.data.shuffle and repeat, repeat=repeat,
+              data_dir=common.tfds_dir(config), process_index=jax.process_index(),
+              process_count=jax.process_count(), data_format=config.data.get("format", "records"),
+              skip_invalid=config.data.get("skip_invalid", False),
+              allow_truncation=config.data.get("allow_truncation", True), encoder=encoder)
+  if config.data.get("mixture"):
+    return mixture_lib.make_mixture_batches(config.data.kind,
+                                            mixture_lib.components(config.data.mixture), split,
+                                            tokenizer,
+                                            mixture_size=config.data.get("mixture_size", 0), **args)
+  files = {"train": config.data.train_file, "validation": config.data.validation_file}
+  return data_lib.make_batches(config.data.kind, files, split, tokenizer, **args)
 
 
 def make_task(config, tokenizer, optimizer, schedule) -> common.Task:
