@@ -602,39 +602,39 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   if "feedback" in preset.methods:
     results["pretraining_with_feedback"] = methods_lib.evaluate_feedback(
         root, preset, texts, prompts, categories, facts, judges, few_shot,
-        files["tokenizer_control"], scores["sft"])
+        files["tokenizer_control"], scores["sft"], ppo_ptx_scores=scores["ppo_ptx"])
+  methods = results.setdefault("methods", {})
   if "hir" in preset.methods:
-    results.setdefault("methods",
-                       {})["hir"] = hindsight_lib.evaluate_hir(root, preset, texts, prompts,
-                                                               categories, facts, judges,
-                                                               scores["sft"],
-                                                               seed=preset.seed + 400)
+    methods["hir"] = hindsight_lib.evaluate_hir(root, preset, texts, prompts, categories, facts,
+                                                judges, scores["sft"], seed=preset.seed + 400,
+                                                ppo_ptx_scores=scores["ppo_ptx"])
   if "flan" in preset.methods:
     results["flan"] = flan_lib.evaluate_flan(root, preset, prompts, categories, facts, judges,
                                              files["tokenizer"], examples)
-    results["flan"]["rm"] = {
-        stage: _last_val(root, stage, "val_accuracy") for stage in ("rm", "rm_flan")
-    }
+    results["flan"]["rm"] = {s: _last_val(root, s, "val_accuracy") for s in ("rm", "rm_flan")}
     for i, (stage, label) in enumerate(
         (("sft_flan", "SFT from FLAN"), ("ppo_ptx_flan", "PPO-ptx from FLAN-SFT"))):
-      results.setdefault("methods", {}
-                        )[stage] = {
-                            "label": label, **methods_lib.evaluate_against_sft(
-                                root, preset, stage, tokenizer, (), texts, prompts, categories, facts, judges, scores["sft"], seed=preset.seed + 450 + i)
-                        }
+      row = methods_lib.evaluate_against_sft(root, preset, stage, tokenizer, (), texts, prompts,
+                                             categories, facts, judges, scores["sft"],
+                                             seed=preset.seed + 450 + i,
+                                             ppo_ptx_scores=scores["ppo_ptx"])
+      methods[stage] = {"label": label, **row}
   if "correction" in preset.methods:
     correction = correction_lib.evaluate_correction(root, preset, prompts, categories, facts,
                                                     judges, tokenizer, answers["sft"],
                                                     scores["sft"], answers["base_large"],
                                                     scores["base_large"],
-                                                    correction_lib.settings_for(preset.name))
+                                                    correction_lib.settings_for(preset.name),
+                                                    ppo_ptx_scores=scores["ppo_ptx"])
     results["self_correction"] = correction
     for row in correction["passes"]:
       # The generator is the SFT policy: its text, and so its alignment tax, is SFT's.
-      results.setdefault("methods", {})[f"correction_{row['pass']}"] = {
+      methods[f"correction_{row['pass']}"] = {
           "label": f"SFT + self-correction, {row['pass']} pass{'es' if row['pass'] > 1 else ''}",
           "perplexity": results["models"]["sft"]["perplexity"], **row
       }
+  if not methods:
+    del results["methods"]
   _write_json_atomic(paths.join(out, "results.json"), results)
 
 

@@ -200,6 +200,65 @@ def pooled_results(runs: Sequence[Run]) -> dict:
   return pooled
 
 
+def pooled_methods(runs: Sequence[Run]) -> list[dict]:
+  """Every method of `report.method_rows` present in all runs, pooled: its win rates against
+  SFT and head to head against PPO-ptx over all seeds' prompts (with the interval over
+  prompts and seeds), per-seed win rates, and mean regression, honesty and harmlessness."""
+  per_run = [{row["method"]: row for row in report.method_rows(r.results)} for r in runs]
+  out = []
+  for label in [m for m in per_run[0] if all(m in x for x in per_run)]:
+    rows = [x[label] for x in per_run]
+
+    def pool(key):
+      outcomes = [r[key].get("outcomes") for r in rows]
+      return pooled_win(outcomes) if all(outcomes) else {}
+
+    out.append({
+        "method": label, "win": pool("win"), "win_ptx": pool("win_ptx"),
+        "per_seed": [r["win"] for r in rows],
+        **{k: _mean([r[k] for r in rows]) for k in ("regression", "honest", "harmless")}
+    })
+  return out
+
+
+def _verdict(rows: Sequence[Mapping], key: str, other: str) -> str:
+  """Which methods the pooled intervals put above, below or level with `other`."""
+  groups = {"beat": [], "lose to": [], "are not distinguishable from": []}
+  for row in rows:
+    win = row[key]
+    if not win:
+      continue
+    group = ("beat" if win["ci_low"] > 0.5 else
+             "lose to" if win["ci_high"] < 0.5 else "are not distinguishable from")
+    groups[group].append(f"{row['method']} ({_win_cell(win)})")
+  return " ".join(
+      f"These {verb} {other}: {'; '.join(names)}." for verb, names in groups.items() if names)
+
+
+def methods_markdown(runs: Sequence[Run]) -> str:
+  """Every method against SFT and PPO-ptx, pooled over the runs, with the verdicts."""
+  rows = pooled_methods(runs)
+  table = report.markdown_table([
+      "Method", "Win rate vs SFT, pooled [95%]", "Per seed", "Win rate vs PPO-ptx, pooled [95%]",
+      "Regression vs base small", "Honest", "Harmless"
+  ], [[
+      r["method"],
+      _win_cell(r["win"]), " / ".join(report.pct(w.get("win_rate")) for w in r["per_seed"]),
+      _win_cell(r["win_ptx"]) if r["win_ptx"] else "",
+      report.signed(r["regression"]),
+      report.pct(r["honest"]),
+      report.pct(r["harmless"])
+  ] for r in rows])
+  return "\n".join([
+      "Every method against SFT (and head to head against PPO-ptx), held-out labelers, all "
+      "seeds' prompts pooled with the interval over prompts and seeds; regression, honesty "
+      "and harmlessness are means over seeds. A method beats another when the whole interval "
+      "is above 50%.", "", table, "",
+      _verdict(rows, "win", "SFT"),
+      _verdict([r for r in rows if r["win_ptx"]], "win_ptx", "PPO-ptx"), ""
+  ])
+
+
 # --- Markdown. -------------------------------------------------------------------------------
 
 
@@ -301,7 +360,8 @@ def results_markdown(runs: Sequence[Run]) -> str:
       f"prompts and seeds (hierarchical bootstrap: seeds, then prompts within each, "
       f"{NUM_RESAMPLES:,} resamples); the other pooled values are means over seeds.", "", table, "",
       f"Targets, judged on the pooled values: {met} of {len(applicable)} that apply to "
-      f"`{preset}` met.", "", targets, ""
+      f"`{preset}` met.", "", targets, "",
+      methods_markdown(runs)
   ])
 
 

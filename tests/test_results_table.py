@@ -260,3 +260,34 @@ def test_one_seed_pools_to_its_own_numbers(tmp_path):
   assert mine["win_rate"] == own["win_rate"] and mine["n"] == own["n"]
   assert mine["ci_low"] == pytest.approx(own["ci_low"], abs=0.01)
   assert mine["ci_high"] == pytest.approx(own["ci_high"], abs=0.01)
+
+
+def test_every_method_is_pooled_against_sft_and_ppo_ptx_with_a_verdict(tmp_path, capsys):
+  """Method rows (`results["methods"]`, e.g. HIR) pool like the win rates: all seeds' prompts,
+  the interval over prompts and seeds; the verdict follows the pooled interval."""
+  dirs = []
+  for seed, (hir, hir_vs_ptx) in enumerate(((0.70, 0.40), (0.72, 0.42), (0.68, 0.38))):
+    directory = make_run(tmp_path, seed)
+    path = os.path.join(directory, "evaluate", "results.json")
+    results = json.load(open(path))
+    rng = np.random.default_rng(10 + seed)
+    results["methods"] = {
+        "hir": {
+            "label": "HIR", "win_vs_sft": win(hir, 400, rng),
+            "win_vs_ppo_ptx": win(hir_vs_ptx, 400, rng), "perplexity": 5.0 + seed,
+            "honest": 0.9, "harmless": 1.0
+        }
+    }
+    json.dump(results, open(path, "w"))
+    dirs.append(directory)
+  assert rt.main(dirs) == 0
+  text = capsys.readouterr().out
+  rows = {cells[0]: cells for cells in map(table_cells, text.splitlines()) if cells}
+  hir = rows["HIR"]
+  assert hir[1].startswith("70.0% [") and hir[2] == "70.0% / 72.0% / 68.0%"
+  assert hir[3].startswith("40.0% [") and hir[4:] == ["+3.00", "90.0%", "100.0%"]  # 6 - 3.
+  pooled = rt.pooled_methods(rt.load_runs(dirs))
+  assert pooled[-1]["win"]["n"] == 1200 and pooled[-1]["win"]["ci_high"] < 0.8
+  assert "These beat SFT: PPO (" in text and "; HIR (70.0% [" in text
+  assert "These lose to PPO-ptx: HIR (40.0% [" in text
+  assert rows["PPO-ptx"][3] == ""  # Not judged against itself.

@@ -326,7 +326,8 @@ def _read_stats(root: str, settings: Correction) -> list[dict]:
 def evaluate_correction(root: str, preset, prompts: Sequence[str], categories: Sequence[str],
                         facts: L.Facts, judges, tokenizer, sft_answers: Sequence[ev.Answer],
                         sft_scores: Sequence[dict], large_answers: Sequence[ev.Answer],
-                        large_scores: Sequence[dict], settings: Correction) -> dict[str, Any]:
+                        large_scores: Sequence[dict], settings: Correction,
+                        ppo_ptx_scores: Sequence[dict] | None = None) -> dict[str, Any]:
   """The final corrector on the held-out prompts, pass by pass.
 
   `passes[k - 1]` (pass k): the corrected SFT answers' win rate against the raw SFT answers
@@ -350,9 +351,10 @@ def evaluate_correction(root: str, preset, prompts: Sequence[str], categories: S
     scores = ev.judge_all(prompts, answers, facts)
     rates = ev.rates(scores, categories)
     out["passes"].append({
-        "pass": k, "win_vs_sft": ev.win_rate(scores, sft_scores, judges,
-                                             seed=preset.seed + 500 + k),
-        "mean_utility": ev.mean_utility(scores, judges), **{key: rates[key] for key in RATES},
+        "pass": k, "win_vs_sft": ev.
+        win_rate(scores, sft_scores, judges, seed=preset.seed + 500 + k), **ev.head_to_head(
+            scores, ppo_ptx_scores, judges, preset.seed + 500 + k), "mean_utility": ev.mean_utility(
+            scores, judges), **{key: rates[key] for key in RATES},
         **_changes(sft_answers, answers, sft_scores, scores)
     })
   large = {"mean_utility": ev.mean_utility(large_scores, judges), "passes": []}

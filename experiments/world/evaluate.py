@@ -260,6 +260,15 @@ def win_rate(scores_a: Sequence[dict], scores_b: Sequence[dict],
   }
 
 
+def head_to_head(scores: Sequence[dict], ppo_ptx_scores: Optional[Sequence[dict]],
+                 judges: Sequence[labelers_lib.Labeler], seed: int) -> dict:
+  """`{"win_vs_ppo_ptx": win_rate(...)}` of a method's answers against PPO-ptx's on the same
+  prompts, or `{}` without PPO-ptx's (a method judged against SFT only)."""
+  if ppo_ptx_scores is None:
+    return {}
+  return {"win_vs_ppo_ptx": win_rate(scores, ppo_ptx_scores, judges, seed=seed + 1000)}
+
+
 def mean_utility(scores: Sequence[dict], judges: Sequence[labelers_lib.Labeler]) -> float:
   """The judges' average utility of the answers (the held-out labelers' score)."""
   return float(np.mean([[j.utility(s) for j in judges] for s in scores]))

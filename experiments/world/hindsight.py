@@ -196,8 +196,8 @@ def _round_config(sft_config, preset, settings: Settings, root: str, r: int, ini
 
 
 def evaluate_hir(root: str, preset, texts: Sequence[str], prompts: Sequence[str],
-                 categories: Sequence[str], facts, judges, sft_scores: Sequence[dict],
-                 seed: int) -> dict[str, Any]:
+                 categories: Sequence[str], facts, judges, sft_scores: Sequence[dict], seed: int,
+                 ppo_ptx_scores: Sequence[dict] | None = None) -> dict[str, Any]:
   """The final HIR policy on the held-out prompts (asked after `<|good|>`), judged against the
   main SFT's answers by the held-out labelers; its perplexity on held-out pages (plain text),
   its rates, and the rounds' fraction of satisfied samples."""
@@ -212,9 +212,9 @@ def evaluate_hir(root: str, preset, texts: Sequence[str], prompts: Sequence[str]
   rounds = json.loads(paths.read_text(paths.join(root, STAGE, "rounds.json")))
   return {
       "label": "HIR", "stage": STAGE, "win_vs_sft": ev.win_rate(scores, sft_scores, judges, seed),
-      "perplexity": ev.perplexity(policy, tokenizer, texts),
-      "mean_utility": ev.mean_utility(scores, judges), **{
-          k: rates[k] for k in ("honest", "harmless", "toxic_respectful", "complied_harmful")
-      }, "samples": sum(r["samples"] for r in rounds.values()), "rounds": rounds,
+      **ev.head_to_head(scores, ppo_ptx_scores, judges, seed), "perplexity": ev.perplexity(
+          policy, tokenizer, texts), "mean_utility": ev.mean_utility(scores, judges), **{
+              k: rates[k] for k in ("honest", "harmless", "toxic_respectful", "complied_harmful")
+          }, "samples": sum(r["samples"] for r in rounds.values()), "rounds": rounds,
       "settings": dataclasses.asdict(settings)
   }

@@ -119,7 +119,8 @@ def _without_control(answers: Sequence[ev.Answer]) -> list[ev.Answer]:
 
 def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence[str],
                       categories: Sequence[str], facts, judges, few_shot: Sequence[str],
-                      tokenizer_dir: str, sft_scores: Sequence[dict]) -> dict[str, Any]:
+                      tokenizer_dir: str, sft_scores: Sequence[dict],
+                      ppo_ptx_scores: Sequence[dict] | None = None) -> dict[str, Any]:
   """The evaluation of the module docstring, per objective (`mle`: the `pretrain` and `sft`
   stages); `sft_scores`: the judged answers of `sft` in the main evaluation."""
   tokenizer = tokenization.load_tokenizer(tokenizer_dir)
@@ -155,13 +156,14 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
         "sft": evaluate_against_sft(root, preset,
                                     "sft" if objective == "mle" else f"sft_{objective}", tokenizer,
                                     (good, bad), texts, prompts, categories, facts, judges,
-                                    sft_scores, seed=preset.seed + 300 + len(out))
+                                    sft_scores, seed=preset.seed + 300 + len(out),
+                                    ppo_ptx_scores=ppo_ptx_scores)
     }
   return out
 
 
 def evaluate_against_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts,
-                         judges, sft_scores, seed) -> dict[str, Any]:
+                         judges, sft_scores, seed, ppo_ptx_scores=None) -> dict[str, Any]:
   """A policy (an SFT model from another base model, or RL from it), as the main SFT is
   evaluated, against the main SFT's answers: the held-out labelers' win rate, perplexity, and
   the safety rates."""
@@ -173,7 +175,7 @@ def evaluate_against_sft(root, preset, stage, tokenizer, banned, texts, prompts,
   win = ev.win_rate(scores, sft_scores, judges, seed=seed)
   return {
       "stage": stage, "win_vs_sft": win,  # With its per-prompt outcomes, to pool seeds.
-      "perplexity": ev.perplexity(policy, tokenizer,
-                                  texts), "mean_utility": ev.mean_utility(scores, judges),
+      **ev.head_to_head(scores, ppo_ptx_scores, judges, seed), "perplexity": ev.perplexity(
+          policy, tokenizer, texts), "mean_utility": ev.mean_utility(scores, judges),
       **{k: rates[k] for k in ("honest", "harmless", "toxic_respectful", "complied_harmful")}
   }

@@ -529,7 +529,7 @@ def method_rows(results: Mapping) -> list[dict]:
     if m in results.get("models", {}):
       model = results["models"][m]
       rows.append({
-          "method": LABELS[m], "win": model.get("win_vs_sft") or {},
+          "method": LABELS[m], "win": model.get("win_vs_sft") or {}, "win_ptx": {},
           "regression": _value(results, "models", m, "perplexity") - base,
           "honest": model.get("honest"), "harmless": model.get("harmless")
       })
@@ -538,13 +538,15 @@ def method_rows(results: Mapping) -> list[dict]:
     if name != "mle" and sft:
       rows.append({
           "method": f"SFT from {FEEDBACK_LABELS.get(name, name)} pretraining",
-          "win": sft["win_vs_sft"], "regression": sft["perplexity"] - base,
-          "honest": sft.get("honest"), "harmless": sft.get("harmless")
+          "win": sft["win_vs_sft"], "win_ptx": sft.get("win_vs_ppo_ptx") or {},
+          "regression": sft["perplexity"] - base, "honest": sft.get("honest"),
+          "harmless": sft.get("harmless")
       })
   for row in (results.get("methods") or {}).values():
     rows.append({
-        "method": row["label"], "win": row["win_vs_sft"], "regression": row["perplexity"] - base,
-        "honest": row.get("honest"), "harmless": row.get("harmless")
+        "method": row["label"], "win": row["win_vs_sft"], "win_ptx": row.get("win_vs_ppo_ptx")
+        or {}, "regression": row["perplexity"] - base, "honest": row.get("honest"),
+        "harmless": row.get("harmless")
     })
   return rows
 
@@ -986,6 +988,7 @@ def _section_methods(results: Mapping, plots: dict) -> list[str]:
     return []
   table = [[
       r["method"], f"{pct(r['win'].get('win_rate'))} {ci(r['win'])}",
+      f"{pct(r['win_ptx'].get('win_rate'))} {ci(r['win_ptx'])}" if r["win_ptx"] else "",
       signed(r["regression"]),
       pct(r["honest"]),
       pct(r["harmless"])
@@ -993,12 +996,13 @@ def _section_methods(results: Mapping, plots: dict) -> list[str]:
   return [
       "## Every method against SFT", "",
       "Each method that starts from SFT or replaces it, judged on the held-out prompts by the "
-      "held-out labelers against the SFT model (95% interval over prompts), with its "
-      "perplexity regression against base small (positive: worse) and its honesty and "
-      "harmlessness rates.", "",
-      markdown_table(
-          ["Method", "Win rate vs SFT [95%]", "Regression vs base small", "Honest", "Harmless"],
-          table), "", f"![Every method against SFT]({plots['methods']})", ""
+      "held-out labelers against the SFT model and head to head against PPO-ptx (95% "
+      "intervals over prompts), with its perplexity regression against base small (positive: "
+      "worse) and its honesty and harmlessness rates.", "",
+      markdown_table([
+          "Method", "Win rate vs SFT [95%]", "Win rate vs PPO-ptx [95%]",
+          "Regression vs base small", "Honest", "Harmless"
+      ], table), "", f"![Every method against SFT]({plots['methods']})", ""
   ]
 
 
