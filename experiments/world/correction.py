@@ -342,33 +342,29 @@ def evaluate_correction(root: str, preset, prompts: Sequence[str], categories: S
   out: dict[str, Any] = {
       "corrector": paths.join(STAGE, f"round_{settings.rounds}"), "step": corrector.step,
       "settings": dataclasses.asdict(settings), "rounds": _read_stats(root, settings),
-      "sft_mean_utility": ev.mean_utility(sft_scores, judges), "passes": []
+      "sft_mean_utility": ev.mean_utility(sft_scores, judges)
   }
-  corrected = correct(corrector, tokenizer, prompts, sft_answers, facts, settings.passes,
-                      seed=preset.seed + 61, temperature=temperature,
-                      keep_perfect=settings.keep_perfect)
-  for k, answers in enumerate(corrected, 1):
-    scores = ev.judge_all(prompts, answers, facts)
-    rates = ev.rates(scores, categories)
-    out["passes"].append({
-        "pass": k, "win_vs_sft": ev.
-        win_rate(scores, sft_scores, judges, seed=preset.seed + 500 + k), **ev.head_to_head(
-            scores, ppo_ptx_scores, judges, preset.seed + 500 + k), "mean_utility": ev.mean_utility(
-            scores, judges), **{key: rates[key] for key in RATES},
-        **_changes(sft_answers, answers, sft_scores, scores)
-    })
-  large = {"mean_utility": ev.mean_utility(large_scores, judges), "passes": []}
-  corrected = correct(corrector, tokenizer, prompts, large_answers, facts, settings.passes,
-                      seed=preset.seed + 71, temperature=temperature,
-                      keep_perfect=settings.keep_perfect)
-  for k, answers in enumerate(corrected, 1):
-    scores = ev.judge_all(prompts, answers, facts)
-    rates = ev.rates(scores, categories)
-    large["passes"].append({
-        "pass": k, "win_vs_raw": ev.win_rate(scores, large_scores, judges,
-                                             seed=preset.seed + 600 + k),
-        "mean_utility": ev.mean_utility(scores, judges), **{key: rates[key] for key in RATES},
-        **_changes(large_answers, answers, large_scores, scores)
-    })
-  out["base_large"] = large
+
+  def passes(answers, scores, seed: int, against: str) -> list[dict]:
+    """Each pass's corrected answers against the raw ones (`win_vs_<against>`)."""
+    rows = []
+    for k, corrected in enumerate(
+        correct(corrector, tokenizer, prompts, answers, facts, settings.passes, seed=seed,
+                temperature=temperature, keep_perfect=settings.keep_perfect), 1):
+      new = ev.judge_all(prompts, corrected, facts)
+      rates = ev.rates(new, categories)
+      row = {"pass": k, f"win_vs_{against}": ev.win_rate(new, scores, judges, seed=seed + 439 + k)}
+      if against == "sft":
+        row.update(ev.head_to_head(new, ppo_ptx_scores, judges, seed + 439 + k))
+      rows.append({
+          **row, "mean_utility": ev.mean_utility(new, judges), **{key: rates[key] for key in RATES},
+          **_changes(answers, corrected, scores, new)
+      })
+    return rows
+
+  out["passes"] = passes(sft_answers, sft_scores, preset.seed + 61, "sft")
+  out["base_large"] = {
+      "mean_utility": ev.mean_utility(large_scores, judges),
+      "passes": passes(large_answers, large_scores, preset.seed + 71, "raw")
+  }
   return out

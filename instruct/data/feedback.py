@@ -111,14 +111,9 @@ class Feedback:
 def control_token_ids(tokenizer: Any, feedback: Feedback) -> tuple[int, int]:
   """The ids of the good and bad control tokens; ValueError unless both are in the
   tokenizer's vocabulary (a new token would have no embedding row)."""
-  vocab = tokenizer.get_vocab()
-  for key in ('good_token', 'bad_token'):
-    token = getattr(feedback, key)
-    if token not in vocab:
-      raise ValueError(f'config.feedback.{key}={token!r} is not a token of the tokenizer '
-                       '(config.data.tokenizer); conditional training needs both control '
-                       'tokens in its vocabulary.')
-  return vocab[feedback.good_token], vocab[feedback.bad_token]
+  return tokenization.vocabulary_ids(
+      tokenizer, {'good_token': feedback.good_token, 'bad_token': feedback.bad_token}, 'feedback',
+      'conditional training needs both control tokens in its vocabulary')
 
 
 def encode(feedback: Feedback, tokenizer: Any, max_length: int,

@@ -70,14 +70,10 @@ class Hindsight:
   def token_ids(self, tokenizer: Any) -> tuple[int, int]:
     """The ids of the good and bad instruction tokens; ValueError unless both are single
     tokens of the tokenizer's vocabulary (a new token would have no embedding row)."""
-    vocab = tokenizer.get_vocab()
-    for key in ('good_token', 'bad_token'):
-      token = getattr(self, key)
-      if token not in vocab:
-        raise ValueError(f'config.hindsight.{key}={token!r} is not a token of the tokenizer '
-                         '(config.data.tokenizer); HIR needs both instruction tokens in its '
-                         'vocabulary.')
-    return vocab[self.good_token], vocab[self.bad_token]
+    return tokenization.vocabulary_ids(tokenizer,
+                                       {'good_token': self.good_token, 'bad_token': self.bad_token},
+                                       'hindsight',
+                                       'HIR needs both instruction tokens in its vocabulary')
 
 
 def encode(hindsight: Hindsight, tokenizer: Any, max_length: int,

@@ -136,6 +136,19 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, pad_token: str = ''
   return tokenizer
 
 
+def vocabulary_ids(tokenizer: Any, tokens: dict[str, str], section: str,
+                   purpose: str) -> tuple[int, ...]:
+  """The ids of `tokens` ({config key: token}, e.g. control tokens), in order; ValueError
+  naming `config.{section}.KEY` unless each is one token of the tokenizer's vocabulary (an
+  added token would have no embedding row). `purpose` ends the message: what needs them."""
+  vocab = tokenizer.get_vocab()
+  for key, token in tokens.items():
+    if token not in vocab:
+      raise ValueError(f'config.{section}.{key}={token!r} is not a token of the tokenizer '
+                       f'(config.data.tokenizer); {purpose}.')
+  return tuple(vocab[token] for token in tokens.values())
+
+
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
   """Returns the token ids of `text` without special tokens."""
   return list(tokenizer.encode(text, add_special_tokens=False))
