@@ -13,9 +13,12 @@ Fields:
   ppo.ptx_coef      PPO-ptx's pretraining-loss coefficient (default 1.0; PPO keeps 0)
   ppo.learning_rate the policy's learning rate (default: the preset's)
   ppo.iterations    PPO iterations (default: the preset's)
-  methods           other routes to alignment to add, comma-separated (default none):
-                    `feedback`, pretraining with human preferences (Korbak et al. 2023):
-                    four more base models, one per objective, and a report section
+  methods           other routes to alignment to add, comma-separated, or `all` (default:
+                    the preset's, none in quick and test, all in full; "" for none):
+                    `feedback` (pretraining with human preferences, Korbak et al. 2023),
+                    `flan` (instruction-tuning mixtures), `hir` (hindsight instruction
+                    relabeling), `correction` (self-correction); each adds its stages, a
+                    report section and rows in "Every method against SFT"
                     (experiments/world/methods.py)
   upstream          a run directory whose stages before PPO (world .. rm) this run copies
                     instead of training them; they are built there first (under its lock)
@@ -54,7 +57,7 @@ def get_config(arg: str = "quick"):
   config.ppo.learning_rate = config_dict.placeholder(float)
   config.ppo.iterations = config_dict.placeholder(int)
   config.upstream = ""
-  config.methods = ""
+  config.methods = config_dict.placeholder(str)  # None: the preset's.
   return config
 
 

@@ -157,7 +157,9 @@ PRESETS = {
                                                  ppo_prompts=4096, eval_prompts=800),
                    small=_arch(64, 2, 4, 16, 192), large=_arch(192, 3, 6, 32, 384),
                    pretrain_steps=800, pretrain_large_steps=800, sft_steps=600,
-                   ppo_iterations=100, responses_per_prompt=6),
+                   ppo_iterations=100, responses_per_prompt=6,
+                   # Every other route to alignment (experiments/world/methods.py).
+                   methods=tuple(methods_lib.METHODS)),
     "test": Preset("test", world_lib.WorldConfig(pretrain_docs=256, pretrain_validation_docs=32,
                                                  sft=128, sft_validation=32, rm_prompts=64,
                                                  rm_validation_prompts=32, ppo_prompts=64,
@@ -192,7 +194,8 @@ def preset_from_config(config) -> Preset:
   changes = {
       field: config.ppo[key] for key, field in PPO_FIELDS.items() if config.ppo[key] is not None
   }
-  changes["methods"] = methods_lib.parse(config.get("methods", ""))
+  if config.get("methods") is not None:  # None: the preset's.
+    changes["methods"] = methods_lib.parse(config.methods)
   for key, low, strict in (("kl_beta", 0, False), ("ptx_coef", 0, False),
                            ("learning_rate", 0, True), ("iterations", 1, False)):
     value = config.ppo[key]

@@ -207,6 +207,17 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
                           "sft_rwr", "evaluate", "report")
   assert mini.UPSTREAM["sft_rwr"] == ("world", "pretrain_rwr")
   assert mini.pipeline_stages(mini.PRESETS["test"]) == mini.STAGES
+  # Names in any order are one setting; `all` is every method, `full`'s default; "" is none.
+  config.methods = "correction, hir"
+  assert mini.preset_from_config(config).methods == ("hir", "correction")
+  full = _job_config("full")
+  assert mini.preset_from_config(full).methods == tuple(
+      methods_lib.METHODS) == ("feedback", "hir", "correction", "flan")
+  assert mini.overrides(mini.preset_from_config(full)) == {}
+  full.methods = ""
+  assert mini.overrides(mini.preset_from_config(full)) == {"methods": ""}
+  full.methods = "all"
+  assert mini.overrides(mini.preset_from_config(full)) == {}
   with pytest.raises(ValueError, match=r"config.methods='feedback,rlaif': unknown method 'rlaif'"):
     config.methods = "feedback,rlaif"
     mini.preset_from_config(config)

@@ -60,13 +60,16 @@ METHODS = {
 
 
 def parse(methods: str) -> tuple[str, ...]:
-  """`config.methods` ("feedback", comma-separated) as a tuple; ValueError naming it."""
+  """`config.methods` (names of METHODS, comma-separated, or `all`) as a tuple in METHODS'
+  order; ValueError naming it."""
+  if methods.strip() == "all":
+    return tuple(METHODS)
   names = tuple(m.strip() for m in methods.split(",") if m.strip())
   for name in names:
     if name not in METHODS:
       raise ValueError(f"config.methods={methods!r}: unknown method {name!r}; expected some "
-                       f"of {list(METHODS)}.")
-  return names
+                       f"of {list(METHODS)}, or 'all'.")
+  return tuple(m for m in METHODS if m in names)
 
 
 def stages(methods: Sequence[str]) -> tuple[str, ...]:
