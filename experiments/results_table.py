@@ -12,8 +12,9 @@ With `--readme`, the section also replaces what lies between the README's marker
   <!-- results:PRESET:begin -->
   <!-- results:PRESET:end -->
 
-(PRESET: the runs' preset, e.g. quick or full), with the machine, date, commit, seeds and
-wall times the runs recorded. A missing file or runs of different presets is an error (one
+(PRESET: the runs' preset, e.g. quick or full, followed by the settings they override, e.g.
+`quick methods=feedback,hir`), with the machine, date, commit, seeds and wall times the runs
+recorded. A missing file or runs of different presets is an error (one
 line, exit status 1).
 
 The interval of a pooled win rate covers prompts and seeds: a two-level (hierarchical)
@@ -368,6 +369,13 @@ def results_markdown(runs: Sequence[Run]) -> str:
 # --- README. ---------------------------------------------------------------------------------
 
 
+def setting(runs: Sequence[Run]) -> str:
+  """The runs' preset and the settings they override (one for all, `load_runs` checks), e.g.
+  `quick` or `quick methods=feedback,hir`: what names their README section."""
+  overrides = runs[0].info.get("overrides", {})
+  return " ".join([runs[0].results["preset"]] + [f"{k}={v}" for k, v in sorted(overrides.items())])
+
+
 def markers(preset: str) -> tuple[str, str]:
   return f"<!-- results:{preset}:begin -->", f"<!-- results:{preset}:end -->"
 
@@ -399,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = load_runs(args.run_dirs)
     markdown = results_markdown(runs)
     if args.readme:
-      rewrite_readme(args.readme, runs[0].results["preset"], markdown)
+      rewrite_readme(args.readme, setting(runs), markdown)
   except (ResultsError, OSError, json.JSONDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

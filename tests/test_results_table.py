@@ -291,3 +291,24 @@ def test_every_method_is_pooled_against_sft_and_ppo_ptx_with_a_verdict(tmp_path,
   assert "These beat SFT: PPO (" in text and "; HIR (70.0% [" in text
   assert "These lose to PPO-ptx: HIR (40.0% [" in text
   assert rows["PPO-ptx"][3] == ""  # Not judged against itself.
+
+
+def test_runs_with_overrides_rewrite_their_own_section(tmp_path, capsys):
+  """Runs of a setting other than the preset's (run.json `overrides`) have their section, named
+  by preset and settings; the plain preset's section stays."""
+  dirs = []
+  for seed in (0, 1):
+    directory = make_run(tmp_path, seed)
+    info = json.load(open(os.path.join(directory, "run.json")))
+    json.dump(dict(info, overrides={"methods": "hir,flan"}),
+              open(os.path.join(directory, "run.json"), "w"))
+    dirs.append(directory)
+  readme = tmp_path / "README.md"
+  before = ("<!-- results:quick:begin -->\nplain quick\n<!-- results:quick:end -->\n"
+            "<!-- results:quick methods=hir,flan:begin -->\nstale numbers\n"
+            "<!-- results:quick methods=hir,flan:end -->\n")
+  readme.write_text(before)
+  assert rt.main(dirs + ["--readme", str(readme)]) == 0
+  after = readme.read_text()
+  assert after.startswith("<!-- results:quick:begin -->\nplain quick\n<!-- results:quick:end -->")
+  assert "stale numbers" not in after and "seeds 0, 1" in after
