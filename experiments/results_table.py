@@ -1,12 +1,15 @@
 r"""The main job's results over several seeds: per-seed values, pooled values with intervals.
 
-  python -m experiments.results_table RUN_DIR [RUN_DIR ...] [--readme README.md]
+  python -m experiments.results_table RUN_DIR [RUN_DIR ...] [--readme README.md] [--methods_only]
 
 Each RUN_DIR is a finished `experiments.instructgpt_mini` run; together they are one preset at
 different seeds (see that module's docstring for the commands). Prints a markdown section:
 per-seed win rates (PPO-ptx vs SFT, PPO vs SFT, PPO-ptx vs the larger base model), held-out
 perplexities, the RM's held-out accuracy and the made-up / toxic rates; their pooled values;
-and each target (`experiments.world.report.targets`) judged on the pooled values, met or not met.
+and each target (`experiments.world.report.targets`) judged on the pooled values, met or not met;
+then every method of the report's "Every method against SFT" (PPO, PPO-ptx and those of
+`config.methods`) pooled, with which beat, lose to or cannot be told from SFT and PPO-ptx
+(`--methods_only`: that part alone).
 With `--readme`, the section also replaces what lies between the README's markers
 
   <!-- results:PRESET:begin -->
@@ -341,12 +344,21 @@ def _provenance(runs: Sequence[Run]) -> str:
           f"{', '.join(commits)}.")
 
 
-def results_markdown(runs: Sequence[Run]) -> str:
-  """The section: provenance, per-seed and pooled values, and the targets on pooled values."""
+def _heading(runs: Sequence[Run]) -> str:
+  seeds = [r.seed for r in runs]
+  n = sorted({r.results.get("eval_prompts") for r in runs}, key=str)
+  return (f"Preset `{setting(runs)}`, seeds {', '.join(map(str, seeds))}; "
+          f"{'/'.join(map(str, n))} held-out evaluation prompts per seed. {_provenance(runs)}")
+
+
+def results_markdown(runs: Sequence[Run], methods_only: bool = False) -> str:
+  """The section: provenance, per-seed and pooled values, the targets on pooled values, and
+  every method against SFT and PPO-ptx (with `methods_only`: provenance and methods only)."""
+  if methods_only:
+    return "\n".join([_heading(runs), "", methods_markdown(runs)])
   pooled = pooled_results(runs)
   preset = pooled["preset"]
   seeds = [r.seed for r in runs]
-  n = sorted({r.results.get("eval_prompts") for r in runs}, key=str)
   table = report.markdown_table([
       "", *(f"seed {s}" for s in seeds), f"pooled ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
   ], _rows(runs, pooled))
@@ -354,8 +366,7 @@ def results_markdown(runs: Sequence[Run]) -> str:
   applicable = [t for t in ts if report.target_applies(t, preset)]
   met = sum(t["met"] for t in applicable)
   return "\n".join([
-      f"Preset `{preset}`, seeds {', '.join(map(str, seeds))}; "
-      f"{'/'.join(map(str, n))} held-out evaluation prompts per seed. {_provenance(runs)}", "",
+      _heading(runs), "",
       "Win rates are the held-out labelers' preferences, one judgment per prompt. Per seed: "
       "95% Wilson interval over prompts. Pooled: all seeds' prompts, with a 95% interval over "
       f"prompts and seeds (hierarchical bootstrap: seeds, then prompts within each, "
@@ -402,10 +413,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                       help="finished experiments.instructgpt_mini workdirs, one per seed")
   parser.add_argument("--readme", help="rewrite this README's results section of the preset")
+  parser.add_argument("--methods_only", action="store_true",
+                      help="only every method against SFT and PPO-ptx (not the main table)")
   args = parser.parse_args(argv)
   try:
     runs = load_runs(args.run_dirs)
-    markdown = results_markdown(runs)
+    markdown = results_markdown(runs, args.methods_only)
     if args.readme:
       rewrite_readme(args.readme, setting(runs), markdown)
   except (ResultsError, OSError, json.JSONDecodeError) as e:

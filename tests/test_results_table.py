@@ -291,6 +291,9 @@ def test_every_method_is_pooled_against_sft_and_ppo_ptx_with_a_verdict(tmp_path,
   assert "These beat SFT: PPO (" in text and "; HIR (70.0% [" in text
   assert "These lose to PPO-ptx: HIR (40.0% [" in text
   assert rows["PPO-ptx"][3] == ""  # Not judged against itself.
+  assert rt.main(dirs + ["--methods_only"]) == 0
+  alone = capsys.readouterr().out
+  assert "Targets" not in alone and "| HIR | " + " | ".join(hir[1:]) + " |" in alone
 
 
 def test_runs_with_overrides_rewrite_their_own_section(tmp_path, capsys):
