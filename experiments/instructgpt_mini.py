@@ -258,6 +258,10 @@ def stage_config(stage: str, preset: Preset, root: str):
     c = stage_config("sft", preset, root)
     methods_lib.as_feedback_sft(c, stage, root, files)
     return c
+  if stage == methods_lib.FEEDBACK_RL:
+    c = stage_config("ppo_ptx", preset, root)
+    methods_lib.as_feedback_rl(c, root, files)
+    return c
   if stage in flan_lib.STAGES:
     return _flan_config(stage, preset, root)
   if stage in ("pretrain", "pretrain_large"):
@@ -607,6 +611,10 @@ def evaluate_stage(preset: Preset, root: str) -> None:
         root, preset, texts, prompts, categories, facts, judges, few_shot,
         files["tokenizer_control"], scores["sft"], ppo_ptx_scores=scores["ppo_ptx"])
   methods = results.setdefault("methods", {})
+  if "feedback" in preset.methods:
+    methods[methods_lib.FEEDBACK_RL] = methods_lib.evaluate_feedback_rl(
+        root, preset, texts, prompts, categories, facts, judges, files["tokenizer_control"],
+        scores["sft"], scores["ppo_ptx"])
   if "hir" in preset.methods:
     methods["hir"] = hindsight_lib.evaluate_hir(root, preset, texts, prompts, categories, facts,
                                                 judges, scores["sft"], seed=preset.seed + 400,

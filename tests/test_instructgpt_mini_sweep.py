@@ -202,10 +202,11 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
   preset = mini.preset_from_config(config)
   assert mini.overrides(preset) == {"methods": "feedback"}
   stages = mini.pipeline_stages(preset)
-  assert stages[-10:] == ("pretrain_filter", "pretrain_conditional", "pretrain_unlikelihood",
+  assert stages[-11:] == ("pretrain_filter", "pretrain_conditional", "pretrain_unlikelihood",
                           "pretrain_rwr", "sft_filter", "sft_conditional", "sft_unlikelihood",
-                          "sft_rwr", "evaluate", "report")
+                          "sft_rwr", "ppo_ptx_conditional", "evaluate", "report")
   assert mini.UPSTREAM["sft_rwr"] == ("world", "pretrain_rwr")
+  assert mini.UPSTREAM["ppo_ptx_conditional"] == ("world", "sft_conditional", "rm")
   assert mini.pipeline_stages(mini.PRESETS["test"]) == mini.STAGES
   # Names in any order are one setting; `all` is every method, `full`'s default; "" is none.
   config.methods = "correction, hir"
@@ -241,6 +242,12 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
     assert (sft.data.train_file, sft.train.to_dict()) == (main_sft.data.train_file,
                                                           main_sft.train.to_dict())
     shutil.copytree(os.path.join(root, "sft"), os.path.join(root, f"sft_{objective}"))
+  rl, main_rl = (mini.stage_config(s, preset, root) for s in ("ppo_ptx_conditional", "ppo_ptx"))
+  assert (rl.policy_from, rl.reward_from) == (os.path.join(root,
+                                                           "sft_conditional"), main_rl.reward_from)
+  assert rl.data.tokenizer.endswith("world/tokenizer_control")
+  assert tuple(rl.sampling.banned_tokens) == ("<|good|>", "<|bad|>")
+  assert (rl.ppo.to_dict(), rl.train.to_dict()) == (main_rl.ppo.to_dict(), main_rl.train.to_dict())
   results = json.load(open(os.path.join(root, "evaluate", "results.json")))
   files = mini.world_lib.files(os.path.join(root, "world"))
   records = [json.loads(line) for line in open(files["eval_prompts"])]
@@ -277,11 +284,22 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
     assert 0 <= row["sft"]["win_vs_sft"]["ci_low"] <= row["sft"]["win_vs_sft"]["win_rate"] <= 1
     assert 0 <= row["toxic_per_sample"] < 16 and 0 <= row["harmful_howto"] <= 1
   results["pretraining_with_feedback"] = rows
+  # RL from the conditional SFT model: here a copy of the main PPO-ptx run (not retrained).
+  shutil.copytree(os.path.join(root, "ppo_ptx"), os.path.join(root, "ppo_ptx_conditional"))
+  rl_row = methods_lib.evaluate_feedback_rl(root, preset, texts, prompts, categories, facts, judges,
+                                            files["tokenizer_control"], sft_scores, sft_scores)
+  logged = [json.loads(line) for line in open(os.path.join(root, "ppo_ptx", "metrics.jsonl"))]
+  kl = [r["kl_k1"] for r in logged if "kl_k1" in r][-1]
+  assert rl_row["kl"] == rl_row["ppo_ptx"]["kl"] == kl
+  assert rl_row["win_vs_ppo_ptx"]["n"] == len(prompts)
+  results["methods"] = {"ppo_ptx_conditional": rl_row}
   report_lib.write_report(root, results, {})
   report = open(os.path.join(root, "report.md")).read()
   assert "## Pretraining with human preferences" in report
   assert "| conditional training | " in report
   assert "| MLE (base small) (the SFT model) | " in report
+  assert f"it ended at KL {kl:.2f} from its SFT model" in report
+  assert "| PPO-ptx from conditional-training SFT | " in report
   assert os.path.getsize(os.path.join(root, "plots", "feedback.png")) > 5000
   summary = mini.summary_metrics(results)
   assert summary["feedback/rwr/perplexity"] == rows["rwr"]["perplexity"]

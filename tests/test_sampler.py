@@ -255,6 +255,26 @@ def test_banned_token_ids_are_the_special_tokens_but_eos():
     SamplingConfig(4, EOS, PAD, banned_ids=(EOS, PAD))
 
 
+def test_config_banned_tokens_join_the_special_ones(tmp_path):
+  """`config.sampling.banned_tokens` (e.g. control tokens): their ids are banned besides the
+  special tokens; a token outside the vocabulary is one error naming the key."""
+  from experiments.world import generate as world_lib
+  from instruct.rl import config as rl_config
+  from instruct.rl import driver
+  world_lib.write_tokenizer(str(tmp_path), control=True)
+  tokenizer = load_tokenizer(str(tmp_path))
+  config = rl_config.base_config()
+  assert driver.sampling_config(config, tokenizer).banned_ids == banned_token_ids(tokenizer)
+  config.sampling.banned_tokens = ("<|good|>", "<|bad|>")
+  vocab = tokenizer.get_vocab()
+  assert driver.sampling_config(config, tokenizer).banned_ids == tuple(
+      sorted({*banned_token_ids(tokenizer), vocab["<|good|>"], vocab["<|bad|>"]}))
+  config.sampling.banned_tokens = ("<|good|>", "<|nope|>")
+  with pytest.raises(ValueError, match=r"config.sampling.banned_tokens\[1\]='<\|nope\|>' is "
+                     "not a token"):
+    driver.sampling_config(config, tokenizer)
+
+
 def test_top_k_samples_lie_in_the_top_k_of_a_full_forward_pass():
   """End to end: every sampled token is among the 3 best logits of the full forward pass at
   its position (or within float noise of the 3rd best, cache vs no cache)."""

@@ -44,6 +44,7 @@ from experiments.world import evaluate as ev
 from experiments.world import flan as flan_lib
 from experiments.world import generate as world_lib
 from experiments.world import language as L
+from instruct import metrics as metrics_lib
 from instruct import paths
 from instruct.data import feedback as feedback_lib
 from instruct.data import tokenization
@@ -53,8 +54,10 @@ FEEDBACK_STAGES = {f"pretrain_{o}": o for o in OBJECTIVES}
 FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `sft`).
 # Composite stages (not one `instruct.train` run) and what they are built from.
 COMPOSITE = {"hir": ("world", "sft"), "corrector": ("world", "sft")}
+# RLHF after conditional pretraining: does a better-aligned start need less from RL?
+FEEDBACK_RL = "ppo_ptx_conditional"
 METHODS = {
-    "feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT), "hir": ("hir",),
+    "feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT) + (FEEDBACK_RL,), "hir": ("hir",),
     "correction": ("corrector",), "flan": flan_lib.STAGES
 }
 
@@ -94,8 +97,18 @@ def as_feedback_sft(config, stage: str, root: str, files: dict) -> None:
   config.data.tokenizer = files["tokenizer_control"]
 
 
+def as_feedback_rl(config, root: str, files: dict) -> None:
+  """Turns the `ppo_ptx` stage's config into PPO-ptx from the conditional-training SFT model
+  (same reward model, prompts and settings), its control tokens never sampled."""
+  config.policy_from = paths.join(root, "sft_conditional")
+  config.data.tokenizer = files["tokenizer_control"]
+  config.sampling.banned_tokens = tuple(L.CONTROL)
+
+
 def upstream(stage: str) -> tuple[str, ...]:
   """What a method's stage is built from (the main job fingerprints it)."""
+  if stage == FEEDBACK_RL:
+    return ("world", "sft_conditional", "rm")
   if stage in FEEDBACK_SFT:
     return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
   if stage in flan_lib.STAGES:
@@ -163,6 +176,26 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
                                     ppo_ptx_scores=ppo_ptx_scores)
     }
   return out
+
+
+def evaluate_feedback_rl(root: str, preset, texts, prompts, categories, facts, judges,
+                         tokenizer_dir: str, sft_scores, ppo_ptx_scores) -> dict[str, Any]:
+  """PPO-ptx from the conditional-training SFT model (`FEEDBACK_RL`), judged as every method,
+  with the final KL to its own SFT model and reward-model score of its training (and the main
+  PPO-ptx's beside them): how far RL had to move each."""
+  tokenizer = tokenization.load_tokenizer(tokenizer_dir)
+  banned = feedback_lib.control_token_ids(tokenizer, feedback_lib.Feedback())
+  row = evaluate_against_sft(root, preset, FEEDBACK_RL, tokenizer, banned, texts, prompts,
+                             categories, facts, judges, sft_scores, seed=preset.seed + 480,
+                             ppo_ptx_scores=ppo_ptx_scores)
+  final = {}
+  for stage in (FEEDBACK_RL, "ppo_ptx"):
+    logged = [r for r in metrics_lib.read_metrics(paths.join(root, stage)) if "kl_k1" in r]
+    final[stage] = {"kl": logged[-1]["kl_k1"], "rm_score": logged[-1]["score"]} if logged else {}
+  return {
+      "label": "PPO-ptx from conditional-training SFT", **row,
+      **final[FEEDBACK_RL], "ppo_ptx": final["ppo_ptx"]
+  }
 
 
 def evaluate_against_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts,

@@ -872,6 +872,18 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
             "Toxic when asked respectfully", "Complied with harmful"
         ], sft_rows), ""
     ]
+  rl = (results.get("methods") or {}).get("ppo_ptx_conditional")
+  if rl:
+    main = rl.get("ppo_ptx", {})
+    lines += [
+        "RLHF after conditional pretraining: PPO-ptx from the conditional-training SFT model "
+        "(the same reward model, prompts and settings as PPO-ptx) wins "
+        f"{pct(rl['win_vs_sft']['win_rate'])} {ci(rl['win_vs_sft'])} against SFT and "
+        f"{pct(rl.get('win_vs_ppo_ptx', {}).get('win_rate'))} {ci(rl.get('win_vs_ppo_ptx', {}))} "
+        f"head to head against PPO-ptx; it ended at KL {num(rl.get('kl'), 2)} from its SFT "
+        f"model and reward-model score {num(rl.get('rm_score'), 2)}, PPO-ptx at KL "
+        f"{num(main.get('kl'), 2)} and score {num(main.get('rm_score'), 2)}.", ""
+    ]
   mle = rows.get("mle", {}).get("misaligned")
   best = min(rows, key=lambda n: rows[n]["misaligned"])
   if finite(mle) and best != "mle":

@@ -44,6 +44,10 @@ def base_config(algorithm: str = "ppo") -> ml_collections.ConfigDict:
   # top-k / top-p sample from a filtered distribution while the ratio and KL are of the
   # unfiltered one, which makes the updates off-policy; refused unless this is set.
   c.sampling.allow_off_policy_filtering = False
+  # Tokens never sampled, besides the tokenizer's special tokens (e.g. the control tokens of
+  # a policy pretrained with them, instruct/data/feedback.py); the ratio and KL are of the
+  # same renormalised distribution, so this keeps PPO on-policy.
+  c.sampling.banned_tokens = ()
 
   # The pretraining mix (PPO-ptx): used when the algorithm's ptx_coef > 0.
   c.ptx = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ from absl import logging
 from instruct import data as data_lib
 from instruct import loop as loop_lib
 from instruct import paths
+from instruct.data import tokenization
 from instruct import sharding as shd
 from instruct.rl import algorithms
 from instruct.rl import config as rl_config
@@ -69,10 +70,15 @@ def data_metrics(prompts, ptx) -> dict:
 
 
 def sampling_config(config, tokenizer) -> SamplingConfig:
-  """The rollout's sampler settings; the tokenizer's special tokens other than EOS banned."""
+  """The rollout's sampler settings; the tokenizer's special tokens other than EOS banned, and
+  `config.sampling.banned_tokens`."""
   s = config.sampling
+  extra = tokenization.vocabulary_ids(
+      tokenizer, {f"banned_tokens[{i}]": t for i, t in enumerate(s.get("banned_tokens", ()))},
+      "sampling", "a banned token must be in the vocabulary")
+  banned = tuple(sorted({*banned_token_ids(tokenizer), *extra}))
   return SamplingConfig(s.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                        s.temperature, s.top_k, s.top_p, banned_ids=banned_token_ids(tokenizer))
+                        s.temperature, s.top_k, s.top_p, banned_ids=banned)
 
 
 def build(config, tokenizer, devices=None):
