@@ -39,6 +39,18 @@ The filtered Reddit TL;DR of Stiennon et al. 2020 (train.jsonl / valid.jsonl): t
 
 Add `--config.data.skip_invalid=True` to skip (and count) malformed rows instead of failing.
 
+Instruction-tuning mixtures (FLAN): `mixture=DIR` in the argument trains on every
+`NAME_train.jsonl` of DIR (with its `NAME_validation.jsonl`) as one weighted mixture
+(`config.data.mixture`, instruct/data/mixture.py), equal weights to start from; reweight a
+component with `--config.data.mixture.NAME.weight=W`. The embedded world's FLAN collection
+(six task categories, five templates, zero- and few-shot; `python -m experiments.world.flan`):
+
+  python -m experiments.world.generate --out=/tmp/world
+  python -m experiments.world.flan --world=/tmp/world
+  python -m instruct.train --config=configs/sft.py:tiny,mixture=/tmp/world/flan \
+      --workdir=/tmp/flan --config.data.tokenizer=/tmp/world/tokenizer \
+      --config.model.vocab_size=144 --config.data.buckets=128
+
 Hindsight instruction relabeling (HIR, Zhang et al. 2023): `hir` in the argument reads
 hindsight records (`config.data.kind='hindsight'`: demonstrations with a `satisfied` verdict,
 see instruct/data/hindsight.py) and trains the relabeled likelihood plus the contrastive
@@ -59,18 +71,22 @@ from ml_collections import config_dict
 
 from instruct import config_lib
 from instruct.data import hindsight
+from instruct.data import mixture
 from instruct.model.config import learning_rate
 
 
 def get_config(arg: str = "tiny"):
   """The SFT config for a preset name."""
-  arg = config_lib.parse_arg(arg, preset="tiny", sweep="", hir=False)
+  arg = config_lib.parse_arg(arg, preset="tiny", sweep="", hir=False, mixture="")
   config = config_lib.base_config()
   config.stage = "sft"
   # Read with data.kind='hindsight' only (see the module docstring).
   config.hindsight = config_dict.ConfigDict(dataclasses.asdict(hindsight.Hindsight()))
   if arg.hir:
     config.data.kind = hindsight.KIND
+    config.data.train_file = config.data.validation_file = ""
+  if arg.mixture:
+    config.data.mixture = config_dict.ConfigDict(mixture.directory_mixture(arg.mixture))
     config.data.train_file = config.data.validation_file = ""
   preset = arg.preset
   if config_lib.apply_preset(config, preset, "configs/sft.py"):

@@ -196,3 +196,22 @@ def test_the_main_jobs_flan_stages_configs_evaluation_and_report(pipeline_run, t
   assert "(held-out accuracy 70.0% against the main reward model's 60.0%)" in report
   assert os.path.getsize(os.path.join(root, "plots", "flan.png")) > 5000
   tokenization.load_tokenizer(files["tokenizer"])
+
+
+def test_a_directory_of_files_is_a_mixture_from_the_config_argument(tmp_path):
+  for name in ("qa", "cls"):
+    _component_files(tmp_path, name, 3)
+  config = load_config("sft", f"tiny,mixture={tmp_path}")
+  assert sorted(config.data.mixture) == ["cls", "qa"] and config.data.train_file == ""
+  assert config.data.mixture.qa.to_dict() == {
+      "train_file": str(tmp_path / "qa_train.jsonl"),
+      "validation_file": str(tmp_path / "qa_validation.jsonl"), "weight": 1.0
+  }
+  config_lib.validate_supervised(config, 1, 1)
+  os.remove(tmp_path / "qa_validation.jsonl")
+  with pytest.raises(ValueError, match=r"qa_train.jsonl has no qa_validation.jsonl beside it"):
+    load_config("sft", f"tiny,mixture={tmp_path}")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match=r"holds no NAME_train.jsonl files"):
+    mixture.directory_mixture(str(empty))

@@ -1,4 +1,9 @@
-"""Instruction-tuning mixtures in the world (FLAN, Wei et al. 2022; Chung et al. 2022): `flan`.
+r"""Instruction-tuning mixtures in the world (FLAN, Wei et al. 2022; Chung et al. 2022): `flan`.
+
+  python -m experiments.world.flan --world=/tmp/world [--per_component=160]
+
+writes the collection into a written world's `flan/` (what `configs/sft.py:tiny,mixture=DIR`
+trains on); the main job writes it itself.
 
 The world's public instruction datasets: tasks of six categories, those of academic NLP
 benchmarks (`FLAN_CATEGORIES`: classification, extraction, closed and open QA, summarization,
@@ -37,6 +42,7 @@ import json
 import random
 from typing import Any, Sequence
 
+from absl import flags
 import numpy as np
 
 from experiments.world import evaluate as ev
@@ -188,3 +194,19 @@ def evaluate_flan(root: str, preset, prompts: Sequence[str], categories: Sequenc
       row.update(zip(("categories", "templates", "styles"), RUNS[run]))
     out["runs"]["base_small" if run == "pretrain" else run] = row
   return out
+
+
+def main(argv):
+  del argv
+  world_dir = flags.FLAGS.world
+  seed = json.loads(paths.read_text(paths.join(world_dir, "world.json")))["config"]["seed"]
+  write_flan_files(world_dir, seed, flags.FLAGS.per_component)
+  print(f"wrote the FLAN collection to {flan_dir(world_dir)}")
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not at import, so importing this module defines no flags.
+  flags.DEFINE_string("world", None, "A written world's directory.", required=True)
+  flags.DEFINE_integer("per_component", 160, "Training records per (category, template, style).")
+  from instruct import cli  # One-line errors, as every command.
+  cli.run(main)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from instruct import paths
 from instruct.data import builders
 from instruct.data import pipeline
 from instruct.data import tokenization
@@ -65,6 +66,29 @@ def components(mixture: Mapping[str, Any]) -> list[Component]:
     raise ValueError("config.data.mixture is empty.")
   if sum(c.weight for c in out) <= 0:
     raise ValueError("config.data.mixture: every weight is 0; at least one must be positive.")
+  return out
+
+
+def directory_mixture(directory: str, weight: float = 1.0) -> dict[str, dict[str, Any]]:
+  """A mixture of every `NAME_train.jsonl` in `directory` with its `NAME_validation.jsonl`,
+  named NAME, equal weights (`config.data.mixture`'s form); ValueError naming what is
+  missing."""
+  if not paths.isdir(directory):
+    raise ValueError(f"mixture directory {directory} does not exist.")
+  names = sorted(
+      f[:-len("_train.jsonl")] for f in paths.listdir(directory) if f.endswith("_train.jsonl"))
+  if not names:
+    raise ValueError(f"mixture directory {directory} holds no NAME_train.jsonl files.")
+  out = {}
+  for name in names:
+    validation = paths.join(directory, f"{name}_validation.jsonl")
+    if not paths.exists(validation):
+      raise ValueError(f"{paths.join(directory, name + '_train.jsonl')} has no "
+                       f"{name}_validation.jsonl beside it.")
+    out[name] = {
+        "train_file": paths.join(directory, f"{name}_train.jsonl"), "validation_file": validation,
+        "weight": weight
+    }
   return out
 
 
