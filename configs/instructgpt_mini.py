@@ -20,6 +20,13 @@ Fields:
                     relabeling), `correction` (self-correction); each adds its stages, a
                     report section and rows in "Every method against SFT"
                     (experiments/world/methods.py)
+  hir.KEY           HIR's settings (default: the preset's; experiments/world/hindsight.py):
+                    rounds, samples_per_prompt, steps_per_round, learning_rate, alpha
+                    (contrastive term), beta (entropy bonus), validation_prompts
+  correction.KEY    self-correction's (instruct/data/correction.py `Correction`): samples,
+                    prompts, validation_fraction, pairs_per_prompt, alpha (improvement),
+                    beta (proximity), rounds, steps, learning_rate, temperature, passes,
+                    keep_perfect
   upstream          a run directory whose stages before PPO (world .. rm) this run copies
                     instead of training them; they are built there first (under its lock)
                     when they are not. A relative path is taken from the workdir. Only runs
@@ -37,9 +44,14 @@ from DIR/trials/NAME): the world, base models, SFT, comparisons and reward model
 so the trials differ only in what the sweep varies.
 """
 
+import dataclasses
+
 from ml_collections import config_dict
 
 from instruct import config_lib
+from instruct.data import correction
+
+_TYPES = {"int": int, "float": float, "bool": bool, int: int, float: float, bool: bool}
 
 SHARED_UPSTREAM = "../../upstream"
 # What runs a trial of this config's sweeps (instruct.sweep's default --command).
@@ -58,6 +70,17 @@ def get_config(arg: str = "quick"):
   config.ppo.iterations = config_dict.placeholder(int)
   config.upstream = ""
   config.methods = config_dict.placeholder(str)  # None: the preset's.
+  # The methods' settings; None keeps the method's default for the preset.
+  config.hir = config_dict.ConfigDict({
+      k: config_dict.placeholder(t)
+      for k, t in (("rounds", int), ("samples_per_prompt", int), ("steps_per_round", int),
+                   ("learning_rate", float), ("alpha", float), ("beta",
+                                                                float), ("validation_prompts", int))
+  })
+  config.correction = config_dict.ConfigDict({
+      f.name: config_dict.placeholder(_TYPES[f.type])
+      for f in dataclasses.fields(correction.Correction)
+  })
   return config
 
 

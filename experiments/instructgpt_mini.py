@@ -133,6 +133,8 @@ class Preset:
   seed: int = 0
   labelers: labelers_lib.LabelerConfig = labelers_lib.LabelerConfig()
   methods: tuple = ()               # Other routes to alignment (experiments/world/methods.py).
+  hir: tuple = ()                   # (key, value) settings of HIR (experiments/world/hindsight.py)
+  correction: tuple = ()            # and of self-correction (instruct/data/correction.py).
 # yapf: enable
 
 
@@ -196,12 +198,27 @@ def preset_from_config(config) -> Preset:
   }
   if config.get("methods") is not None:  # None: the preset's.
     changes["methods"] = methods_lib.parse(config.methods)
+  for section in METHOD_SETTINGS:
+    changes[section] = tuple(
+        sorted((k, v) for k, v in (config.get(section) or {}).items() if v is not None))
   for key, low, strict in (("kl_beta", 0, False), ("ptx_coef", 0, False),
                            ("learning_rate", 0, True), ("iterations", 1, False)):
     value = config.ppo[key]
     if value is not None and (value < low or (strict and value == low)):
       raise ValueError(f"config.ppo.{key}={value}: must be {'>' if strict else '>='} {low}.")
-  return dataclasses.replace(with_seed(PRESETS[config.preset], config.seed), **changes)
+  preset = dataclasses.replace(with_seed(PRESETS[config.preset], config.seed), **changes)
+  hindsight_lib.settings_for(preset)  # One line naming a bad `hir` or `correction` setting.
+  correction_settings(preset)
+  return preset
+
+
+# The job config's sections of method settings (None: the method's default for the preset).
+METHOD_SETTINGS = ("hir", "correction")
+
+
+def correction_settings(preset: Preset):
+  """Self-correction's settings for `preset`, with the job config's `correction` ones."""
+  return correction_lib.settings_for(preset.name, preset.correction)
 
 
 def overrides(preset: Preset) -> dict[str, Any]:
@@ -214,6 +231,8 @@ def overrides(preset: Preset) -> dict[str, Any]:
   }
   if preset.methods != named.methods:
     out["methods"] = ",".join(preset.methods)
+  for section in METHOD_SETTINGS:
+    out.update({f"{section}.{k}": v for k, v in getattr(preset, section)})
   return out
 
 
@@ -450,7 +469,7 @@ def composite_stage(stage: str, preset: Preset, root: str) -> None:
     hindsight_lib.hir_stage(root, preset, sft_config, _train)
     final = hindsight_lib.final_policy_dir(root, preset)
   else:
-    settings = correction_lib.settings_for(preset.name)
+    settings = correction_settings(preset)
     correction_lib.correction_stage(root, preset, sft_config, _train, settings)
     final = correction_lib.final_corrector(root, settings)
   _write_json_atomic(done, {"policy": final, "step": run_lib.latest_step(final)})
@@ -633,9 +652,9 @@ def evaluate_stage(preset: Preset, root: str) -> None:
   if "correction" in preset.methods:
     correction = correction_lib.evaluate_correction(root, preset, prompts, categories, facts,
                                                     judges, tokenizer, answers["sft"],
-                                                    scores["sft"], answers["base_large"],
-                                                    scores["base_large"],
-                                                    correction_lib.settings_for(preset.name),
+                                                    scores["sft"],
+                                                    answers["base_large"], scores["base_large"],
+                                                    correction_settings(preset),
                                                     ppo_ptx_scores=scores["ppo_ptx"])
     results["self_correction"] = correction
     for row in correction["passes"]:
@@ -839,7 +858,7 @@ def reuse_upstream(root: str, upstream: str, preset: Preset) -> None:
   if all(os.path.isdir(os.path.join(root, s)) for s in SHARED_STAGES):
     return
   shared = dataclasses.replace(
-      preset, methods=PRESETS[preset.name].methods,
+      preset, methods=PRESETS[preset.name].methods, hir=(), correction=(),
       **{field: getattr(PRESETS[preset.name], field) for field in PPO_FIELDS.values()})
   lock = workdir_lib.lock_when_free(source)
   try:

@@ -2,6 +2,7 @@
 workdir's record of them, stages shared through an upstream run, and a sweep of it run by
 `instruct.sweep` to the trade-off table and plot."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -64,6 +65,32 @@ def test_the_job_config_is_the_preset_with_its_seed_and_ppo_settings(tmp_path):
   with pytest.raises(mini.WorkdirError,
                      match=r"--config.ppo.ptx_coef=4.0, not --preset=quick --seed=0 "):
     mini._claim_workdir(root, other)
+
+
+def test_the_methods_settings_are_typed_config_fields():
+  """`hir.KEY` and `correction.KEY` of the job config reach the methods' settings, are
+  recorded as overrides, and a bad value is one error naming its key."""
+  from experiments.world import correction as correction_lib
+  from experiments.world import hindsight as hindsight_lib
+  from instruct.data import correction as correction_data
+  config = _job_config("quick")
+  assert set(config.hir) == {f.name for f in dataclasses.fields(hindsight_lib.Settings)}
+  assert set(config.correction) == {f.name for f in dataclasses.fields(correction_data.Correction)}
+  config.hir.alpha, config.correction.passes = 2.0, 1
+  preset = mini.preset_from_config(config)
+  assert mini.overrides(preset) == {"hir.alpha": 2.0, "correction.passes": 1}
+  assert hindsight_lib.settings_for(preset).alpha == 2.0
+  assert hindsight_lib.settings_for(preset).rounds == hindsight_lib.Settings().rounds
+  assert mini.correction_settings(preset) == dataclasses.replace(
+      correction_lib.settings_for("quick"), passes=1)
+  for section, key, value, message in (
+      ("hir", "rounds", 0, r"config.hir.rounds=0: must be an integer >= 1"),
+      ("hir", "learning_rate", 0.0, r"config.hir.learning_rate=0.0: must be a finite number > 0"),
+      ("correction", "passes", 0, r"config.correction.passes=0: must be an integer >= 1")):
+    bad = _job_config("quick")
+    bad[section][key] = value
+    with pytest.raises(ValueError, match=message):
+      mini.preset_from_config(bad)
 
 
 def test_preset_and_config_together_are_one_line_error(tmp_path):

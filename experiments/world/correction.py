@@ -59,13 +59,16 @@ BUCKET = 96
 RATES = ("help", "honest", "harmless", "format", "toxic_respectful", "complied_harmful")
 
 
-def settings_for(preset_name: str) -> Correction:
-  """The method's settings for a main-job preset (`test`: a few steps on a few answers)."""
+def settings_for(preset_name: str, changes: Sequence[tuple[str, Any]] = ()) -> Correction:
+  """The method's settings for a main-job preset (`test`: a few steps on a few answers), with
+  the job config's `correction` settings (`changes`); ValueError naming a bad one."""
   if preset_name == "test":
-    return Correction(samples=2, pairs_per_prompt=1.0, rounds=2, steps=4, passes=2)
-  if preset_name == "full":
-    return Correction(steps=300)
-  return Correction()
+    base = Correction(samples=2, pairs_per_prompt=1.0, rounds=2, steps=4, passes=2)
+  else:
+    base = Correction(steps=300) if preset_name == "full" else Correction()
+  settings = dataclasses.replace(base, **dict(changes))
+  settings.check()
+  return settings
 
 
 def value(scores: dict) -> float:

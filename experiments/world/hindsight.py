@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -52,14 +53,30 @@ class Settings:
   alpha: float = 1.0             # Contrastive instruction term.
   beta: float = 0.01             # Entropy bonus.
   validation_prompts: int = 64   # Per round, one answer each.
+
+  def check(self) -> None:
+    """Raises ValueError `config.hir.KEY=value: must be ...` for an impossible value."""
+    for key in ("rounds", "samples_per_prompt", "steps_per_round", "validation_prompts"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.hir.{key}={value!r}: must be an integer >= 1.")
+    for key, strict in (("learning_rate", True), ("alpha", False), ("beta", False)):
+      value = getattr(self, key)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not math.isfinite(value) or value < 0 or (strict and value == 0)):
+        raise ValueError(f"config.hir.{key}={value!r}: must be a finite number "
+                         f"{'>' if strict else '>='} 0.")
 # yapf: enable
 
 
 def settings_for(preset) -> Settings:
-  """`Settings` sized for a main-job preset (the `test` preset's are tiny)."""
-  if preset.name == "test":
-    return Settings(rounds=2, steps_per_round=4, validation_prompts=16)
-  return Settings()
+  """`Settings` sized for a main-job preset (the `test` preset's are tiny), with the job
+  config's `hir` settings (`preset.hir`); ValueError naming a bad one."""
+  base = Settings(rounds=2, steps_per_round=4,
+                  validation_prompts=16) if preset.name == "test" else Settings()
+  settings = dataclasses.replace(base, **dict(getattr(preset, "hir", ())))
+  settings.check()
+  return settings
 
 
 def prompts_per_round(preset, settings: Settings) -> int:
