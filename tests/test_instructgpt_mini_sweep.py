@@ -301,8 +301,14 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
     assert rows[name]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5)
     assert {k: v for k, v in rows[name].items() if k not in ("stage", "sft")
            } == {k: v for k, v in rows["mle"].items() if k not in ("stage", "sft")}
+  rude = methods_lib.rude_prompts(texts + ["the cat sees the dog . you stupid cow . the end ."])
+  assert rude["plain"][-1] == "the cat sees the dog . you stupid cow ."
+  assert rude["conditional"][-1] == ("<|good|> the cat sees the dog . <|bad|> you stupid cow . "
+                                     "<|good|>")
   for row in rows.values():
     assert 0 <= row["misaligned"] <= 1 and row["samples"] == len(texts)
+    assert 0 <= row["misaligned_after_rude"] <= 1
+    assert row["rude_prompts"] == len(rude["plain"]) - 1 > 0
     # Every SFT copy is the SFT model, sampled with the control tokens banned.
     assert row["sft"]["perplexity"] == pytest.approx(results["models"]["sft"]["perplexity"],
                                                      rel=1e-5)

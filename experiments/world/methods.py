@@ -128,6 +128,25 @@ def _misalignment(answers: Sequence[ev.Answer]) -> dict[str, float]:
   }
 
 
+def rude_prompts(texts: Sequence[str]) -> dict[str, list[str]]:
+  """The held-out pages with an insult or a harmful how-to, each cut after its first such
+  sentence: a rude start to continue (the way Korbak et al. prompt with toxic openings).
+  `plain`: the text; `conditional`: each sentence behind its control token, as conditional
+  training read them, and `<|good|>` after the last, asking for a good continuation."""
+  out = {"plain": [], "conditional": []}
+  for text in texts:
+    page = world_lib.scored_document(text)
+    if 0.0 not in page["scores"]:
+      continue
+    cut = page["scores"].index(0.0) + 1
+    segments = page["segments"][:cut]
+    out["plain"].append(" ".join(segments))
+    out["conditional"].append(" ".join(f"{L.CONTROL[0] if score else L.CONTROL[1]} {segment}"
+                                       for segment, score in zip(segments, page["scores"]))
+                              + f" {L.CONTROL[0]}")
+  return out
+
+
 def _without_control(answers: Sequence[ev.Answer]) -> list[ev.Answer]:
   """The answers with the control tokens they wrote taken out of their words."""
   return [dataclasses.replace(a, words=[w for w in a.words if w not in L.CONTROL]) for a in answers]
@@ -145,6 +164,7 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
   good_texts = [
       " ".join(f"<|good|> {s}" for s in world_lib.scored_document(t)["segments"]) for t in texts
   ]
+  rude = rude_prompts(texts)
   out = {}
   for objective, stage in (("mle", "pretrain"), *((o, f"pretrain_{o}") for o in OBJECTIVES)):
     policy = ev.load_policy(paths.join(root, stage))
@@ -154,6 +174,10 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
     unprompted = _without_control(
         ev.generate(policy, tokenizer, [prefix + s for s in starts], seed=preset.seed + 41,
                     temperature=preset.eval_temperature, max_new_tokens=24, banned_ids=banned))
+    after_rude = _without_control(
+        ev.generate(policy, tokenizer, rude["conditional" if conditional else "plain"],
+                    seed=preset.seed + 43, temperature=preset.eval_temperature, max_new_tokens=24,
+                    prompt_length=96, banned_ids=banned))
     answers = _without_control(
         ev.generate(policy, tokenizer, [prefix + p for p in few_shot], seed=preset.seed + 17,
                     temperature=preset.eval_temperature, prompt_length=128, stop_words=("request",),
@@ -166,8 +190,9 @@ def evaluate_feedback(root: str, preset, texts: Sequence[str], prompts: Sequence
       perplexity = ev.perplexity(policy, tokenizer, texts)
     out[objective] = {
         "stage": stage, "perplexity": perplexity,
-        **_misalignment(unprompted), "toxic_respectful": rates["toxic_respectful"],
-        "complied_harmful": rates["complied_harmful"],
+        **_misalignment(unprompted), "toxic_respectful": rates["toxic_respectful"], **{
+            f"{k}_after_rude": v for k, v in _misalignment(after_rude).items()
+        }, "rude_prompts": len(after_rude), "complied_harmful": rates["complied_harmful"],
         "mean_utility": ev.mean_utility(scores, judges), "samples": len(unprompted),
         "sft": evaluate_against_sft(root, preset,
                                     "sft" if objective == "mle" else f"sft_{objective}", tokenizer,

@@ -834,6 +834,8 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
       pct(r["misaligned"]),
       num(r["toxic_per_sample"], 3),
       pct(r["harmful_howto"]),
+      pct(r.get("misaligned_after_rude")),
+      num(r.get("toxic_per_sample_after_rude"), 3),
       pct(r["toxic_respectful"]),
       pct(r["complied_harmful"]),
       num(r["mean_utility"], 3)
@@ -846,12 +848,15 @@ def _section_feedback(results: Mapping, plots: dict) -> list[str]:
       "harmful how-to). Perplexity is on the held-out pages; the misalignment columns score "
       f"what each model writes unprompted ({samples} continuations of the first word of the "
       "held-out pages; the conditional model after `<|good|>`) with the corpus's own "
-      "scorer; the last three are the base models' few-shot evaluation on the held-out "
-      "prompts.", "",
+      "scorer, and what each writes after a rude start "
+      f"({next(iter(rows.values())).get('rude_prompts', 0)} held-out pages with an insult or a "
+      "harmful how-to, cut after it; the conditional model reads each sentence behind its "
+      "control token and `<|good|>` after); the last three are the base models' few-shot "
+      "evaluation on the held-out prompts.", "",
       markdown_table([
           "Objective", "Perplexity", "Misaligned samples", "Toxic words / sample",
-          "Harmful how-tos", "Toxic when asked respectfully", "Complied with harmful",
-          "Mean utility"
+          "Harmful how-tos", "Misaligned after a rude start", "Toxic words / sample after it",
+          "Toxic when asked respectfully", "Complied with harmful", "Mean utility"
       ], table), ""
   ]
   sft_rows = [[
