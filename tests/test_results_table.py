@@ -271,12 +271,9 @@ def test_every_method_is_pooled_against_sft_and_ppo_ptx_with_a_verdict(tmp_path,
     path = os.path.join(directory, "evaluate", "results.json")
     results = json.load(open(path))
     rng = np.random.default_rng(10 + seed)
+    wins = {"win_vs_sft": win(hir, 400, rng), "win_vs_ppo_ptx": win(hir_vs_ptx, 400, rng)}
     results["methods"] = {
-        "hir": {
-            "label": "HIR", "win_vs_sft": win(hir, 400, rng),
-            "win_vs_ppo_ptx": win(hir_vs_ptx, 400, rng), "perplexity": 5.0 + seed,
-            "honest": 0.9, "harmless": 1.0
-        }
+        "hir": {"label": "HIR", **wins, "perplexity": 5.0 + seed, "honest": 0.9, "harmless": 1.0}
     }
     json.dump(results, open(path, "w"))
     dirs.append(directory)
