@@ -330,8 +330,15 @@ def test_every_method_is_judged_against_sft_beside_its_alignment_tax():
   assert rows[3]["honest"] == 0.7 and rows[3]["win"]["ci_low"] == 0.5
   text = "\n".join(report._section_methods(results, {"methods": "plots/methods.png"}))
   cells = table_rows(text)[1:]  # Without the header.
-  assert cells[0][:3] == ["PPO", "67.1% [60.3%, 73.3%]", "+6.00"]
-  assert cells[3][0] == "SFT from conditional training pretraining" and cells[3][3] == "70.0%"
+  assert cells[0][:4] == ["PPO", "67.1% [60.3%, 73.3%]", "", "+6.00"]
+  assert cells[3][0] == "SFT from conditional training pretraining" and cells[3][4] == "70.0%"
+  # A method judged head to head against PPO-ptx too (every method row of results["methods"]).
+  results["methods"] = {
+      "hir": dict(sft, label="HIR", win_vs_ppo_ptx=win(0.4, 0.35, 0.45), perplexity=30.0)
+  }
+  cells = table_rows("\n".join(report._section_methods(results, {"methods": "m.png"})))[1:]
+  assert cells[-1] == ["HIR", "55.0% [50.0%, 60.0%]", "40.0% [35.0%, 45.0%]", "+10.00", "70.0%",
+                       "80.0%"]
   assert report.plot_methods(results) is not None and report.plot_methods({}) is None
 
 
