@@ -337,8 +337,9 @@ def test_every_method_is_judged_against_sft_beside_its_alignment_tax():
       "hir": dict(sft, label="HIR", win_vs_ppo_ptx=win(0.4, 0.35, 0.45), perplexity=30.0)
   }
   cells = table_rows("\n".join(report._section_methods(results, {"methods": "m.png"})))[1:]
-  assert cells[-1] == ["HIR", "55.0% [50.0%, 60.0%]", "40.0% [35.0%, 45.0%]", "+10.00", "70.0%",
-                       "80.0%"]
+  assert cells[-1] == [
+      "HIR", "55.0% [50.0%, 60.0%]", "40.0% [35.0%, 45.0%]", "+10.00", "70.0%", "80.0%"
+  ]
   assert report.plot_methods(results) is not None and report.plot_methods({}) is None
 
 
