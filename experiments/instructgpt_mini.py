@@ -444,12 +444,6 @@ def _describe(fingerprint) -> str:
   return fingerprint.get("sha256", "")[:12] or f"no {fingerprint.get('missing')}"
 
 
-def _finished(workdir: str, num_steps: int) -> bool:
-  if not paths.isdir(paths.join(workdir, "checkpoints")):
-    return False
-  return run_lib.latest_step(workdir) == num_steps
-
-
 def _train(config, workdir: str) -> None:
   table.get(config.stage).run(config, workdir)
 
@@ -484,17 +478,13 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
                               max(8, preset.sft_steps * 32 // 60))
   config = stage_config(stage, preset, root)
   workdir = paths.join(root, stage)
-  if _finished(workdir, config.train.num_steps):
+  if run_lib.finished(workdir, config.train.num_steps):
     logging.info("[%s] already finished; skipping.", stage)
     return
   _train(config, workdir)
 
 
 # --- Non-training stages. -------------------------------------------------------------------
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  return [json.loads(line) for line in paths.read_text(path).splitlines()]
 
 
 def _read_json(path: str) -> Any:
@@ -533,7 +523,7 @@ def comparisons_stage(preset: Preset, root: str) -> None:
   rng = np.random.default_rng(preset.seed)
   stats = {}
   for split, pool in (("train", train_pool), ("validation", heldout_pool)):
-    records = _read_jsonl(files["rm_prompts"][split])
+    records = paths.read_jsonl(files["rm_prompts"][split])
     prompts = [r["prompt"] for r in records]
     k = preset.responses_per_prompt
     answers = ev.generate(policy, tokenizer, [p for p in prompts for _ in range(k)],
@@ -583,10 +573,10 @@ def evaluate_stage(preset: Preset, root: str) -> None:
     return
   paths.makedirs(out)
   files, facts, tokenizer = _world(root)
-  records = _read_jsonl(files["eval_prompts"])
+  records = paths.read_jsonl(files["eval_prompts"])
   prompts, categories = [r["prompt"] for r in records], [r["category"] for r in records]
   _, judges = labelers_lib.make_pools(preset.labelers)
-  texts = [r["text"] for r in _read_jsonl(files["pretrain"]["validation"])]
+  texts = [r["text"] for r in paths.read_jsonl(files["pretrain"]["validation"])]
   examples = _few_shot_examples(files, facts)
   runs = {
       "base_small": "pretrain", "base_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
@@ -671,7 +661,7 @@ def evaluate_stage(preset: Preset, root: str) -> None:
 def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
   """Two flawless solved examples per category (demonstrations the judge scores perfect)."""
   examples: dict[str, list] = {c: [] for c in T.CATEGORIES}
-  for r in _read_jsonl(files["sft"]["validation"]):
+  for r in paths.read_jsonl(files["sft"]["validation"]):
     answer = r["completion"].split()
     scores = T.judge(r["prompt"].split(), answer, facts)
     if len(examples[r["category"]]) < 2 and all(scores[c] == 1 for c in T.COMPONENTS):

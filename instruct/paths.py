@@ -14,6 +14,7 @@ operation, what is atomic on each kind of path.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
@@ -106,6 +107,12 @@ def read_text(path: PathLike) -> str:
     return as_path(path).read_text()
   with open(path) as f:
     return f.read()
+
+
+def read_jsonl(path: PathLike) -> list:
+  """The JSON values of a JSON-lines file, one per non-blank line (files this library or the
+  main job wrote; user data goes through `instruct.data.records`, which validates)."""
+  return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_bytes(path: PathLike) -> bytes:

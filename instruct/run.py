@@ -105,6 +105,11 @@ def latest_step(workdir: str) -> Optional[int]:
   return max(checkpoint_steps(workdir), default=None)
 
 
+def finished(workdir: str, num_steps: int) -> bool:
+  """Whether the run in `workdir` has its checkpoint of step `num_steps` as its latest."""
+  return (paths.isdir(paths.join(workdir, "checkpoints")) and latest_step(workdir) == num_steps)
+
+
 def abstract_params(model: nn.Module, mesh=None, rules=None) -> Any:
   """ShapeDtypeStructs of `model`'s parameters, sharded by the rules on `mesh` when given."""
   boxed = jax.eval_shape(init_params_fn(model), jax.random.key(0))

@@ -132,10 +132,14 @@ def test_interrupted_pipeline_resumes_to_the_same_numbers(pipeline_run, tmp_path
     assert os.path.getmtime(os.path.join(root, stage, "config.json")) == mtime, stage
 
 
-def test_same_seed_same_report_numbers(pipeline_run, tmp_path):
-  root = run_test_pipeline(str(tmp_path / "again"), str(tmp_path / "tfds"))
-  assert _results(root) == _results(pipeline_run)
-  # The world itself is byte-identical.
+def test_the_same_seed_writes_the_same_world(pipeline_run, tmp_path):
+  """The world is byte-identical when written again from the preset. (Every training stage's
+  run reproduces itself bit for bit: the resume tests of each stage, and the rerun above that
+  reproduces the evaluation's numbers.)"""
+  root = str(tmp_path / "again")
+  mini.world_stage(PRESET, root)
+  names = sorted(os.listdir(os.path.join(root, "world")))
+  assert "world.json" in names and len(names) > 10, names
   for name in sorted(os.listdir(os.path.join(root, "world"))):
     path = os.path.join(root, "world", name)
     if os.path.isfile(path):

@@ -373,9 +373,9 @@ def test_the_world_is_written_to_a_bucket_and_read_back_by_the_pipeline(tmp_path
   world_lib.write_world(local, SMALL)
   assert _tree(bucket.local(world)) == _tree(local)
   assert world_lib.load_facts(world) == world_lib.load_facts(local)
-  assert (mini._read_jsonl(written["eval_prompts"]) == mini._read_jsonl(
+  assert (paths.read_jsonl(written["eval_prompts"]) == paths.read_jsonl(
       world_lib.files(local)["eval_prompts"]))
-  assert len(mini._read_jsonl(written["sft"]["train"])) == SMALL.sft
+  assert len(paths.read_jsonl(written["sft"]["train"])) == SMALL.sft
   config = mini.stage_config("pretrain", mini.PRESETS["test"], RUN)
   assert config.data.train_file == f"{world}/pretrain_train.jsonl"
   assert config.data.tokenizer == f"{world}/tokenizer"

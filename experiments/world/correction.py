@@ -125,11 +125,6 @@ def round_config(sft_config, root: str, settings: Correction, r: int):
   return c
 
 
-def _finished(workdir: str, num_steps: int) -> bool:
-  return (paths.isdir(paths.join(workdir, "checkpoints"))
-          and run_lib.latest_step(workdir) == num_steps)
-
-
 @dataclasses.dataclass
 class _Pool:
   """D_x: one prompt's distinct non-empty answers, with their judgments."""
@@ -149,10 +144,6 @@ class _Pool:
   @property
   def values(self) -> list[float]:
     return [value(s) for s in self.scores]
-
-
-def _read_prompts(path: str) -> list[dict]:
-  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def _write_if_changed(path: str, text: str) -> None:
@@ -223,7 +214,9 @@ def correction_stage(root: str, preset, sft_config, train: Callable[[Any, str], 
   """
   settings.check()
   configs = [round_config(sft_config, root, settings, r) for r in range(1, settings.rounds + 1)]
-  done = [_finished(round_dir(root, r), settings.steps) for r in range(1, settings.rounds + 1)]
+  done = [
+      run_lib.finished(round_dir(root, r), settings.steps) for r in range(1, settings.rounds + 1)
+  ]
   if all(done):
     logging.info("[%s] all %d rounds finished; skipping.", STAGE, settings.rounds)
     return
@@ -231,7 +224,7 @@ def correction_stage(root: str, preset, sft_config, train: Callable[[Any, str], 
   files = world_lib.files(world_dir)
   facts = world_lib.load_facts(world_dir)
   tokenizer = tokenization.load_tokenizer(files["tokenizer"])
-  records = _read_prompts(files["ppo_prompts"]["train"])
+  records = paths.read_jsonl(files["ppo_prompts"]["train"])
   if settings.prompts:
     records = records[:settings.prompts]
   pools = [

@@ -99,7 +99,7 @@ def satisfied(scores: dict) -> bool:
 
 
 def _read_prompts(path: str) -> list[str]:
-  return [json.loads(line)["prompt"] for line in paths.read_text(path).splitlines() if line]
+  return [r["prompt"] for r in paths.read_jsonl(path)]
 
 
 PROMPT_LENGTH = 32  # The prompt tokens the other models are sampled on (PPO's, evaluation's).
@@ -136,15 +136,6 @@ def _write_records(path: str, rows: Sequence[dict]) -> None:
   paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _read_records(path: str) -> list[dict]:
-  return [json.loads(line) for line in paths.read_text(path).splitlines() if line]
-
-
-def _finished(workdir: str, num_steps: int) -> bool:
-  return (paths.isdir(paths.join(workdir, "checkpoints"))
-          and run_lib.latest_step(workdir) == num_steps)
-
-
 def hir_stage(root: str, preset, sft_config, train: Callable[[Any, str], None]) -> None:
   """Runs (or resumes) the rounds of the module docstring; `sft_config` is the main job's
   `sft` stage config, `train(config, workdir)` runs an `instruct.train` config."""
@@ -163,7 +154,7 @@ def hir_stage(root: str, preset, sft_config, train: Callable[[Any, str], None]) 
     workdir = round_dir(root, r)
     config = _round_config(sft_config, preset, settings, root, r, previous, files)
     previous = workdir
-    if _finished(workdir, config.train.num_steps):
+    if run_lib.finished(workdir, config.train.num_steps):
       continue
     data = {
         s: paths.join(root, STAGE, f"data_round_{r}_{s}.jsonl") for s in ("train", "validation")
@@ -187,7 +178,7 @@ def hir_stage(root: str, preset, sft_config, train: Callable[[Any, str], None]) 
       }
       paths.write_text_atomic(stats_path, json.dumps(stats, indent=1))
       for split in ("train", "validation"):  # Validation last: it marks the round's data done.
-        old = (_read_records(paths.join(root, STAGE, f"data_round_{r - 1}_{split}.jsonl"))
+        old = (paths.read_jsonl(paths.join(root, STAGE, f"data_round_{r - 1}_{split}.jsonl"))
                if r > 1 else [])
         _write_records(data[split], old + new[split])
     train(config, workdir)

@@ -62,15 +62,9 @@ class Feedback:
   @classmethod
   def from_config(cls, config) -> 'Feedback':
     """From `config.feedback` (and `config.seed`); ValueError naming a bad key."""
-    section = config.get('feedback')
-    if section is None:
-      raise ValueError(f'config.data.kind={KIND!r} needs a config.feedback section '
-                       '(configs/pretrain.py has one).')
-    fields = {f.name for f in dataclasses.fields(cls)} - {'seed'}
-    unknown = sorted(set(section.keys()) - fields)
-    if unknown:
-      raise ValueError(f'config.feedback.{unknown[0]}: unknown key; expected {sorted(fields)}.')
-    feedback = cls(**dict(section), seed=config.seed)
+    feedback = cls(
+        **records.config_section(config, 'feedback', cls, f'config.data.kind={KIND!r}',
+                                 'configs/pretrain.py', exclude=('seed',)), seed=config.seed)
     feedback.check()
     return feedback
 

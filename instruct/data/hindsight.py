@@ -49,15 +49,8 @@ class Hindsight:
   @classmethod
   def from_config(cls, config) -> 'Hindsight':
     """From `config.hindsight`; ValueError naming a bad key."""
-    section = config.get('hindsight')
-    if section is None:
-      raise ValueError(f'config.data.kind={KIND!r} needs a config.hindsight section '
-                       '(configs/sft.py:tiny,hir has one).')
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section.keys()) - fields)
-    if unknown:
-      raise ValueError(f'config.hindsight.{unknown[0]}: unknown key; expected {sorted(fields)}.')
-    hindsight = cls(**dict(section))
+    hindsight = cls(**records.config_section(config, 'hindsight', cls, f'config.data.kind={KIND!r}',
+                                             'configs/sft.py:tiny,hir'))
     for key in ('alpha', 'beta'):
       value = getattr(hindsight, key)
       if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

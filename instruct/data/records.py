@@ -15,6 +15,7 @@ dropped. Every validation error is a `RecordError` whose message starts with
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -201,6 +202,20 @@ def read_json_lines(paths: Sequence[str | os.PathLike[str]], parse: Callable[[An
     names = ', '.join(os.fspath(p) for p in paths)
     raise ValueError(f'{names}: no valid records{skipped}')
   return parsed, num_skipped
+
+
+def config_section(config, name: str, cls, needed_by: str, example: str,
+                   exclude: tuple[str, ...] = ()) -> dict:
+  """The fields of `config.<name>` for the dataclass `cls` (less `exclude`); a ValueError if
+  the section is missing (`needed_by` needs it; `example` has one) or has an unknown key."""
+  section = config.get(name)
+  if section is None:
+    raise ValueError(f'{needed_by} needs a config.{name} section ({example} has one).')
+  fields = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+  unknown = sorted(set(section.keys()) - fields)
+  if unknown:
+    raise ValueError(f'config.{name}.{unknown[0]}: unknown key; expected {sorted(fields)}.')
+  return dict(section)
 
 
 def read_jsonl(path: str | os.PathLike[str], schema: Mapping[str, type]) -> list[dict]:
