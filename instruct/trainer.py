@@ -1,5 +1,5 @@
-"""The supervised training driver (pretraining, SFT, reward model): one function a notebook
-can call.
+"""The supervised training driver (pretraining, SFT, reward model, DPO): one function a
+notebook can call.
 
 `train_and_evaluate(config, workdir)`:
   1. builds the mesh and rule table from `config.mesh` and validates the config;
@@ -71,6 +71,17 @@ def _initial_state(config, factory: StateFactory, task: Task, checkpointer):
   return factory.from_params(params), {}
 
 
+def load_frozen(config, factory: StateFactory, task: Task):
+  """The task's frozen input (`Task.frozen_from`): that run's latest model parameters,
+  restored into the state's parameter shardings; None for a task without one."""
+  if task.frozen_from is None:
+    return None
+  key = task.frozen_from
+  source = run_lib.load_run(config[key], abstract=factory.abstract.params, what=f"config.{key}")
+  logging.info("Frozen input from %s (step %d).", config[key], source.step)
+  return source.params
+
+
 def evaluate(task: Task, eval_step, params, data, batch_sharding, max_batches: int = -1) -> dict:
   """Runs the validation split through `eval_step`; `task.summarize_eval` makes the metrics."""
   data.set_state({"epoch": 0, "batch": 0})
@@ -85,13 +96,16 @@ def evaluate(task: Task, eval_step, params, data, batch_sharding, max_batches: i
 def compile_steps(task: Task, state_sh, mesh, rules):
   """The jitted (train_step, eval_step, score_step), with explicit shardings.
 
-  The train state is donated; frozen inputs (params of eval and score) are not.
+  The train state is donated; frozen inputs (params of eval and score, a task's frozen
+  parameters, sharded like the params) are not.
   """
   batch_sh = shd.batch_sharding(mesh, rules)
   out = shd.replicated(mesh)
-  train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, out),
+  frozen = () if task.frozen_from is None else (state_sh.params,)
+  train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, out) + frozen,
                        out_shardings=(state_sh, out), donate_argnums=(0,))
-  eval_step = jax.jit(task.eval_step, in_shardings=(state_sh.params, batch_sh), out_shardings=out)
+  eval_step = jax.jit(task.eval_step, in_shardings=(state_sh.params, batch_sh) + frozen,
+                      out_shardings=out)
   score_step = None
   if task.score_step is not None:
     score_step = jax.jit(task.score_step, in_shardings=(state_sh.params, batch_sh),
@@ -157,6 +171,7 @@ def train_and_evaluate(config, workdir: str,
   try:
     with jax.set_mesh(built.mesh):
       state, extras = _initial_state(config, built.factory, task, checkpointer)
+      frozen = load_frozen(config, built.factory, task)
   except BaseException:
     checkpointer.close()
     writer.close()
@@ -164,10 +179,12 @@ def train_and_evaluate(config, workdir: str,
   if extras:
     train_data.set_state(extras["data"])
   batch_sh = built.batch_sharding
+  frozen_args = () if frozen is None else (frozen,)
+  eval_step = lambda params, batch: built.eval_step(params, batch, *frozen_args)
 
   def step_fn(state, rng):
     state, metrics = built.train_step(state, shd.host_batch_to_global(next(train_data), batch_sh),
-                                      rng)
+                                      rng, *frozen_args)
     return state, dict(metrics, **data_metrics)
 
   def finalize(state):
@@ -178,8 +195,8 @@ def train_and_evaluate(config, workdir: str,
   loop = loop_lib.Loop(
       step_fn, config.train, config, loop_lib.base_rng(extras, config.seed), checkpointer, writer,
       data_state=lambda: {"data": train_data.get_state()}, log_line=_log_line,
-      evaluate=lambda state: evaluate(task, built.eval_step, state.params, eval_data, batch_sh,
-                                      config.train.eval_batches),
+      evaluate=lambda state: evaluate(task, eval_step, state.params, eval_data, batch_sh,
+                                      max_batches=config.train.eval_batches),
       finalize=finalize if task.finalize is not None else None, extras=extras)
   try:
     with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):

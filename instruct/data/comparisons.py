@@ -1,4 +1,4 @@
-"""Comparison data for reward models: K-wise rankings of responses.
+"""Comparison data for reward models and DPO: K-wise rankings of responses.
 
 A comparison is a prompt, K responses (`MIN_RESPONSES <= K <= MAX_RESPONSES`)
 and their ranking. Every record becomes
@@ -38,8 +38,10 @@ MIN_RESPONSES: int = 2
 MAX_RESPONSES: int = 9
 
 # A row of comparison batches: one token vector per response, the int32
-# ranks, and whether any response sequence was truncated.
-EncodedComparison = tuple[list[np.ndarray], np.ndarray, bool]
+# ranks, and whether any response sequence was truncated; with
+# `response_masks`, a fourth item: one 0/1 vector per response marking its
+# response tokens (see `encode_comparison`).
+EncodedComparison = tuple[Any, ...]
 
 _SHAPES = ("{'prompt', 'responses', 'ranking'} (full ranking, best first), "
            "{'prompt', 'chosen', 'rejected'} or "
@@ -243,7 +245,8 @@ def read_comparisons(path: str | os.PathLike[str], skip_invalid: bool = False,
   return records.read_json_lines([path], parse, skip_invalid, line_numbers=line_numbers)
 
 
-def encode_comparison(tokenizer: Any, example: dict, max_length: int) -> EncodedComparison:
+def encode_comparison(tokenizer: Any, example: dict, max_length: int,
+                      response_masks: bool = False) -> EncodedComparison:
   """Encodes a comparison: one token sequence per response.
 
   Each sequence is `tokenize(prompt) + tokenize(response) + [eos]`, truncated
@@ -254,10 +257,14 @@ def encode_comparison(tokenizer: Any, example: dict, max_length: int) -> Encoded
     tokenizer: A tokenizer with an EOS token.
     example: `{'prompt': str, 'responses': list[str], 'ranks': list[int]}`.
     max_length: The maximum number of tokens of each sequence.
+    response_masks: Also return, per sequence, its int32 mask of response
+      tokens (1 on the response and EOS, 0 on the prompt: SFT's loss mask),
+      for losses on the responses' log-likelihoods (DPO).
 
   Returns:
     `(sequences, ranks, truncated)`: one int32 token vector per response,
-    the int32 ranks, and whether any sequence was truncated.
+    the int32 ranks, and whether any sequence was truncated; with
+    `response_masks`, `(sequences, ranks, truncated, masks)`.
 
   Raises:
     ValueError: The numbers of responses and ranks differ.
@@ -266,18 +273,20 @@ def encode_comparison(tokenizer: Any, example: dict, max_length: int) -> Encoded
   if len(responses) != len(ranks):
     raise ValueError(f'A comparison has {len(responses)} responses but '
                      f'{len(ranks)} ranks.')
-  sequences, truncated = [], False
+  sequences, masks, truncated = [], [], False
   for response in responses:
-    tokens, _, cut = tokenization.encode_demonstration(tokenizer, example['prompt'], response,
-                                                       max_length)
+    tokens, mask, cut = tokenization.encode_demonstration(tokenizer, example['prompt'], response,
+                                                          max_length)
     sequences.append(tokens)
+    masks.append(mask)
     truncated = truncated or cut
-  return sequences, np.asarray(ranks, np.int32), truncated
+  encoded = sequences, np.asarray(ranks, np.int32), truncated
+  return encoded + (masks,) if response_masks else encoded
 
 
 def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int,
-                        max_responses: int, buckets: Sequence[int],
-                        pad_id: int) -> dict[str, np.ndarray]:
+                        max_responses: int, buckets: Sequence[int], pad_id: int,
+                        response_masks: bool = False) -> dict[str, np.ndarray]:
   """Pads encoded comparisons (plus dummy rows) into one batch.
 
   Args:
@@ -288,13 +297,16 @@ def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int
       padded with empty response slots.
     buckets: Allowed sequence lengths.
     pad_id: The token id used for padding.
+    response_masks: The rows carry response-token masks (encoded with
+      `response_masks=True`); the batch then has `loss_mask` too.
 
   Returns:
     int32 arrays: `tokens` `[B, R, L]` (right-padded with `pad_id`),
     `attention_mask` `[B, R, L]` (1 on real tokens), `ranks` `[B, R]` (rank
     `R` for padding responses) and `response_mask` `[B, R]` (1 for real
-    responses). `L` is the smallest bucket holding the longest sequence.
-    Dummy rows have all-zero masks.
+    responses); with `response_masks`, `loss_mask` `[B, R, L]` (1 on
+    response tokens and EOS). `L` is the smallest bucket holding the longest
+    sequence. Dummy rows have all-zero masks.
 
   Raises:
     ValueError: Too many rows, a row with more than `max_responses`
@@ -303,7 +315,7 @@ def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int
   if len(rows) > local_batch_size:
     raise ValueError(f'Got {len(rows)} rows for a batch of '
                      f'{local_batch_size}.')
-  longest = max((len(t) for sequences, _, _ in rows for t in sequences), default=0)
+  longest = max((len(t) for row in rows for t in row[0]), default=0)
   fitting = [int(b) for b in buckets if b >= longest]
   if not fitting:
     raise ValueError(f'A response sequence has {longest} tokens, more than '
@@ -313,7 +325,9 @@ def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int
   attention_mask = np.zeros(shape, np.int32)
   ranks = np.full(shape[:2], max_responses, np.int32)
   response_mask = np.zeros(shape[:2], np.int32)
-  for row, (sequences, row_ranks, _) in enumerate(rows):
+  loss_mask = np.zeros(shape, np.int32) if response_masks else None
+  for row, encoded in enumerate(rows):
+    sequences, row_ranks = encoded[:2]
     k = len(sequences)
     if k > max_responses:
       raise ValueError(f'A comparison has K={k} responses, more than '
@@ -325,9 +339,12 @@ def collate_comparisons(rows: Sequence[EncodedComparison], local_batch_size: int
     for slot, sequence in enumerate(sequences):
       tokens[row, slot, :len(sequence)] = sequence
       attention_mask[row, slot, :len(sequence)] = 1
+      if response_masks:
+        loss_mask[row, slot, :len(sequence)] = encoded[3][slot]
     ranks[row, :k] = row_ranks
     response_mask[row, :k] = 1
-  return {
+  batch = {
       'tokens': tokens, 'attention_mask': attention_mask, 'ranks': ranks,
       'response_mask': response_mask
   }
+  return dict(batch, loss_mask=loss_mask) if response_masks else batch

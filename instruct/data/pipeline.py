@@ -350,12 +350,6 @@ def _encode_text(tokenizer: Any, max_length: int, example: Example) -> tokenizat
   return tokenization.encode_text(tokenizer, example['text'], max_length)
 
 
-def _encode_comparison(tokenizer: Any, max_length: int,
-                       example: Example) -> comparisons.EncodedComparison:
-  """Encodes a `{"prompt", "responses", "ranks"}` example."""
-  return comparisons.encode_comparison(tokenizer, example, max_length)
-
-
 ENCODERS: Mapping[str, Callable[[Any, int, Example], tokenization.Encoded]] = {
     'demonstrations': _encode_demonstration,
     'text': _encode_text,
@@ -532,14 +526,17 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
                             process_count: int = 1, cache_encoded: bool = True,
                             data_format: str = builders.RECORDS_FORMAT,
                             allow_truncation: bool = True,
-                            batch_size_name: str = 'global_batch_size') -> Batches:
+                            batch_size_name: str = 'global_batch_size',
+                            response_masks: bool = False) -> Batches:
   """Loads a split of comparison files and returns its batches.
 
   Each row is one comparison; each of its responses is encoded as
   `prompt + response + eos` (see `comparisons.encode_comparison`) and batches
   are built by `comparisons.collate_comparisons`: int32 `tokens` and
   `attention_mask` `[B, max_responses, L]`, `ranks` and `response_mask`
-  `[B, max_responses]` (padding responses: mask 0, rank `max_responses`).
+  `[B, max_responses]` (padding responses: mask 0, rank `max_responses`);
+  with `response_masks`, also `loss_mask` `[B, max_responses, L]` (1 on
+  response tokens and EOS, the tokens a DPO log-likelihood sums over).
   Every comparison is encoded when loading; those with a response sequence
   longer than `max(buckets)` are truncated, counted and logged in one warning.
 
@@ -569,6 +566,7 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
     allow_truncation: If False, a response sequence longer than
       `max(buckets)` is an error instead of being truncated.
     batch_size_name: How messages name `global_batch_size` (its config key).
+    response_masks: Also batch each response's `loss_mask` (see above).
 
   Returns:
     The `Batches` iterator, with `num_skipped` and `num_truncated_examples`
@@ -586,9 +584,11 @@ def make_comparison_batches(files: Mapping[str, str], split: str, tokenizer: Any
                      f'{comparisons.MIN_RESPONSES}, got {max_responses}.')
   tokenization.check_special_tokens(tokenizer)
   buckets = check_buckets(buckets, process_count)
-  encode = functools.partial(_encode_comparison, tokenizer, buckets[-1])
+  encode = functools.partial(comparisons.encode_comparison, tokenizer, max_length=buckets[-1],
+                             response_masks=response_masks)
   collate = functools.partial(comparisons.collate_comparisons, max_responses=max_responses,
-                              buckets=buckets, pad_id=tokenizer.pad_token_id)
+                              buckets=buckets, pad_id=tokenizer.pad_token_id,
+                              response_masks=response_masks)
   return load_batches('comparisons', files, split, encode, data_dir=data_dir,
                       data_format=data_format, skip_invalid=skip_invalid,
                       allow_truncation=allow_truncation, noun='comparisons',

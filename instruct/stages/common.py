@@ -93,6 +93,11 @@ class Task:
     finalize: optional `(params, score) -> extras` run once at the final step; the result is
       stored in the final checkpoint and written to the metrics (`score(host_batch)` returns
       host scores).
+    frozen_from: optional config key naming a run (e.g. 'init_from') whose model parameters,
+      of this task's model, are a frozen input (a DPO reference): the driver loads them once
+      through `instruct.run.load_run` into the parameters' shardings and passes them as the
+      last argument, `train_step(state, batch, rng, frozen)` and `eval_step(params, batch,
+      frozen)`. They are neither trained nor saved (read again on resume).
   """
 
   model: Any
@@ -103,6 +108,7 @@ class Task:
   fresh_param_keys: tuple[str, ...] = ()
   score_step: Optional[Callable] = None
   finalize: Optional[Callable] = None
+  frozen_from: Optional[str] = None
 
 
 def tfds_dir(config) -> str:

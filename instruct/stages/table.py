@@ -78,9 +78,19 @@ STAGES: dict[str, Stage] = {
               runner=_SUPERVISED["runner"], validate="instruct.config_lib:validate_rm",
               description="reward model on K-wise ranked comparisons"),
         Stage(
+            "dpo", task="instruct.stages.dpo:make_task", runner=_SUPERVISED["runner"],
+            validate="instruct.stages.dpo:validate",
+            description="direct preference optimisation of an SFT policy on ranked "
+            "comparisons"),
+        Stage(
             "rl", runner="instruct.rl.driver:train", validate="instruct.rl.config:validate",
             params_at=("policy", "params"), model_from="policy_from",
             description="online RL (config.algorithm, e.g. PPO / PPO-ptx) against a reward model"),
+        Stage(
+            "best_of_n", runner="instruct.rl.best_of_n:run",
+            validate="instruct.rl.best_of_n:validate", model_from="policy_from",
+            description="best-of-N samples of an SFT policy against a reward model (no "
+            "training; no checkpoints)"),
     )
 }
 # Runs saved before the RL stage took its algorithm from `config.algorithm` say 'ppo'.
