@@ -17,7 +17,9 @@ Fields:
                     the preset's, none in quick and test, all in full; "" for none):
                     `feedback` (pretraining with human preferences, Korbak et al. 2023),
                     `flan` (instruction-tuning mixtures), `hir` (hindsight instruction
-                    relabeling), `correction` (self-correction); each adds its stages, a
+                    relabeling), `correction` (self-correction), `dpo` (DPO on every ranked
+                    pair and its K-wise Plackett-Luce form), `critic_free` (RLOO and GRPO),
+                    `best_of_n`, `iterated` (iterated RLHF); each adds its stages, a
                     report section and rows in "Every method against SFT"
                     (experiments/world/methods.py)
   hir.KEY           HIR's settings (default: the preset's; experiments/world/hindsight.py):
@@ -27,6 +29,8 @@ Fields:
                     prompts, validation_fraction, pairs_per_prompt, alpha (improvement),
                     beta (proximity), rounds, steps, learning_rate, temperature, passes,
                     keep_perfect
+  iterated.KEY      iterated RLHF's (experiments/world/iterated.py): rounds (default 2),
+                    iterations (PPO-ptx iterations per round; default half the preset's)
   upstream          a run directory whose stages before PPO (world .. rm) this run copies
                     instead of training them; they are built there first (under its lock)
                     when they are not. A relative path is taken from the workdir. Only runs
@@ -81,6 +85,8 @@ def get_config(arg: str = "quick"):
       f.name: config_dict.placeholder(_TYPES[f.type])
       for f in dataclasses.fields(correction.Correction)
   })
+  config.iterated = config_dict.ConfigDict(
+      {"rounds": config_dict.placeholder(int), "iterations": config_dict.placeholder(int)})
   return config
 
 

@@ -72,11 +72,13 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from experiments.world import beyond
 from experiments.world import correction as correction_lib
 from experiments.world import evaluate as ev
 from experiments.world import flan as flan_lib
 from experiments.world import generate as world_lib
 from experiments.world import hindsight as hindsight_lib
+from experiments.world import iterated as iterated_lib
 from experiments.world import labelers as labelers_lib
 from experiments.world import methods as methods_lib
 from experiments.world import report as report_lib
@@ -135,6 +137,7 @@ class Preset:
   methods: tuple = ()               # Other routes to alignment (experiments/world/methods.py).
   hir: tuple = ()                   # (key, value) settings of HIR (experiments/world/hindsight.py)
   correction: tuple = ()            # and of self-correction (instruct/data/correction.py).
+  iterated: tuple = ()              # and of iterated RLHF (experiments/world/iterated.py).
 # yapf: enable
 
 
@@ -207,13 +210,14 @@ def preset_from_config(config) -> Preset:
     if value is not None and (value < low or (strict and value == low)):
       raise ValueError(f"config.ppo.{key}={value}: must be {'>' if strict else '>='} {low}.")
   preset = dataclasses.replace(with_seed(PRESETS[config.preset], config.seed), **changes)
-  hindsight_lib.settings_for(preset)  # One line naming a bad `hir` or `correction` setting.
-  correction_settings(preset)
+  hindsight_lib.settings_for(preset)  # One line naming a bad `hir`, `correction` or
+  correction_settings(preset)  # `iterated` setting.
+  iterated_lib.rounds(preset)
   return preset
 
 
 # The job config's sections of method settings (None: the method's default for the preset).
-METHOD_SETTINGS = ("hir", "correction")
+METHOD_SETTINGS = ("hir", "correction", "iterated")
 
 
 def correction_settings(preset: Preset):
@@ -256,9 +260,10 @@ def _config(file: str, arg: str):
   return config_lib.load_config_file(os.path.join(CONFIGS_DIR, file), arg)
 
 
-def rm_num_steps(preset: Preset, root: str) -> int:
-  """RM steps for `preset.rm_epochs` passes over ROOT/comparisons/comparisons_train.jsonl."""
-  path = paths.join(root, "comparisons", "comparisons_train.jsonl")
+def rm_num_steps(preset: Preset, root: str, comparisons: str | None = None) -> int:
+  """RM steps for `preset.rm_epochs` passes over ROOT/comparisons/comparisons_train.jsonl (or
+  that file of the directory `comparisons`)."""
+  path = paths.join(comparisons or paths.join(root, "comparisons"), "comparisons_train.jsonl")
   if not paths.exists(path):
     raise FileNotFoundError(f"{path} is missing: the rm stage's length follows from the "
                             "comparisons stage's output, which comes first.")
@@ -283,6 +288,18 @@ def stage_config(stage: str, preset: Preset, root: str):
     return c
   if stage in flan_lib.STAGES:
     return _flan_config(stage, preset, root)
+  if stage in beyond.DPO_STAGES:
+    c = _config("dpo.py", "tiny")
+    beyond.as_dpo(c, stage_config("rm", preset, root), stage, rm_num_steps(preset, root))
+    return c
+  if stage in beyond.ONLINE_STAGES:
+    c = _config(f"{stage}.py", "tiny")
+    beyond.as_online(c, stage_config("ppo", preset, root), stage)
+    return c
+  if stage == beyond.BEST_OF_N:
+    c = _config("best_of_n.py", "tiny")
+    beyond.as_best_of_n(c, stage_config("ppo", preset, root), preset, files["eval_prompts"])
+    return c
   if stage in ("pretrain", "pretrain_large"):
     c = _config("pretrain.py", "tiny")
     c.model = config_lib.ml_collections.ConfigDict(preset.small if stage ==
@@ -385,7 +402,8 @@ UPSTREAM = {
     **{s: methods_lib.upstream(s) for m in methods_lib.METHODS.values() for s in m}
 }
 OUTPUT_FILE = {
-    "world": "world.json", "comparisons": "stats.json", "hir": "done.json", "corrector": "done.json"
+    "world": "world.json", "comparisons": "stats.json", "hir": "done.json",
+    "corrector": "done.json", "iterated": "done.json", beyond.BEST_OF_N: "results.json"
 }
 BUILT_FROM = "built_from.json"
 
@@ -451,8 +469,9 @@ def _train(config, workdir: str) -> None:
 def composite_stage(stage: str, preset: Preset, root: str) -> None:
   """A method's stage of several runs (`methods_lib.COMPOSITE`): HIR's rounds
   (`experiments.world.hindsight`) or the self-corrector's (`experiments.world.correction`),
-  each from the SFT stage's config; `DIR/<stage>/done.json` names the final run once all are
-  finished (what the stages after it fingerprint)."""
+  each from the SFT stage's config, or iterated RLHF's (`experiments.world.iterated`);
+  `DIR/<stage>/done.json` names the final run once all are finished (what the stages after it
+  fingerprint)."""
   done = paths.join(root, stage, OUTPUT_FILE[stage])
   if paths.exists(done):
     logging.info("[%s] already finished; skipping.", stage)
@@ -462,6 +481,10 @@ def composite_stage(stage: str, preset: Preset, root: str) -> None:
   if stage == "hir":
     hindsight_lib.hir_stage(root, preset, sft_config, _train)
     final = hindsight_lib.final_policy_dir(root, preset)
+  elif stage == "iterated":
+    final = iterated_lib.iterated_stage(root, preset, comparisons=comparisons_stage,
+                                        stage_config=stage_config, rm_num_steps=rm_num_steps,
+                                        train=_train)
   else:
     settings = correction_settings(preset)
     correction_lib.correction_stage(root, preset, sft_config, _train, settings)
@@ -478,6 +501,9 @@ def train_stage(stage: str, preset: Preset, root: str) -> None:
                               max(8, preset.sft_steps * 32 // 60))
   config = stage_config(stage, preset, root)
   workdir = paths.join(root, stage)
+  if stage == beyond.BEST_OF_N and beyond.best_of_n_finished(workdir):
+    logging.info("[%s] already finished; skipping.", stage)
+    return
   if run_lib.finished(workdir, config.train.num_steps):
     logging.info("[%s] already finished; skipping.", stage)
     return
@@ -510,25 +536,27 @@ def _world(root: str):
   return files, world_lib.load_facts(world_dir), tokenization.load_tokenizer(files["tokenizer"])
 
 
-def comparisons_stage(preset: Preset, root: str) -> None:
-  """K SFT samples per RM prompt, ranked by a training (train split) or held-out labeler."""
-  out = paths.join(root, "comparisons")
+def comparisons_stage(preset: Preset, root: str, policy_dir: str | None = None,
+                      out: str | None = None, seed: int | None = None) -> None:
+  """K samples per RM prompt of the SFT policy (or the run at `policy_dir`), ranked by a
+  training (train split) or held-out labeler, into ROOT/comparisons (or `out`)."""
+  out = out or paths.join(root, "comparisons")
   if paths.exists(paths.join(out, "stats.json")):
     logging.info("[comparisons] already made; skipping.")
     return
   paths.makedirs(out)
   files, facts, tokenizer = _world(root)
-  policy = ev.load_policy(paths.join(root, "sft"))
+  policy = ev.load_policy(policy_dir or paths.join(root, "sft"))
   train_pool, heldout_pool = labelers_lib.make_pools(preset.labelers)
-  rng = np.random.default_rng(preset.seed)
+  seed = preset.seed if seed is None else seed
+  rng = np.random.default_rng(seed)
   stats = {}
   for split, pool in (("train", train_pool), ("validation", heldout_pool)):
     records = paths.read_jsonl(files["rm_prompts"][split])
     prompts = [r["prompt"] for r in records]
     k = preset.responses_per_prompt
-    answers = ev.generate(policy, tokenizer, [p for p in prompts for _ in range(k)],
-                          seed=preset.seed + (split == "validation"),
-                          temperature=preset.eval_temperature)
+    answers = ev.generate(policy, tokenizer, [p for p in prompts for _ in range(k)], seed=seed +
+                          (split == "validation"), temperature=preset.eval_temperature)
     rows, agree, pairs = [], 0, 0
     for i, prompt in enumerate(prompts):
       unique = {}
@@ -653,9 +681,53 @@ def evaluate_stage(preset: Preset, root: str) -> None:
           "label": f"SFT + self-correction, {row['pass']} pass{'es' if row['pass'] > 1 else ''}",
           "perplexity": results["models"]["sft"]["perplexity"], **row
       }
+  _evaluate_beyond(preset, root, results, tokenizer, prompts, categories, facts, judges, texts,
+                   scores)
   if not methods:
     del results["methods"]
   _write_json_atomic(paths.join(out, "results.json"), results)
+
+
+def _evaluate_beyond(preset, root, results, tokenizer, prompts, categories, facts, judges, texts,
+                     scores) -> None:
+  """DPO, RLOO, GRPO and best-of-N (`experiments.world.beyond`) as every method is judged, with
+  their wall time, and the over-optimisation frontier of every method trained here."""
+  stages = [s for s in methods_lib.stages(preset.methods) if s in beyond.LABELS]
+  if not stages:
+    return
+  from instruct.reward import RewardModel
+  rm = RewardModel.load(paths.join(root, "rm"))
+  sft = ev.load_policy(paths.join(root, "sft"))
+  timings_path = paths.join(root, "timings.json")
+  timings = _read_json(timings_path) if paths.exists(timings_path) else {}
+  methods = results["methods"]
+  curves = dict(results["over_optimization"])
+  best = None
+  for i, stage in enumerate(stages):
+    if stage == beyond.BEST_OF_N:
+      best = beyond.evaluate_best_of_n(root, preset, tokenizer, prompts, categories, facts, judges,
+                                       rm, scores["sft"], scores["ppo_ptx"],
+                                       seed=preset.seed + 500 + i)
+      row = dict(best["row"], perplexity=results["models"]["sft"]["perplexity"])
+    else:
+      final = paths.join(root, stage)
+      if stage == "iterated":
+        final = _read_json(paths.join(root, stage, OUTPUT_FILE[stage]))["policy"]
+      row = methods_lib.evaluate_against_sft(root, preset, stage, tokenizer, (), texts, prompts,
+                                             categories, facts, judges, scores["sft"],
+                                             seed=preset.seed + 500 + i,
+                                             ppo_ptx_scores=scores["ppo_ptx"], workdir=final)
+      if stage == "iterated":  # PPO-ptx's path, then each round's checkpoints after it.
+        curves[stage] = list(curves["ppo_ptx"])
+        for r in range(1, iterated_lib.rounds(preset) + 1):
+          curves[stage] += [
+              dict(p, round=r) for p in beyond.kl_points(iterated_lib.policy_dir(
+                  root, r), preset, tokenizer, prompts, facts, judges, rm, sft)[1:]
+          ]
+      else:
+        curves[stage] = beyond.kl_points(final, preset, tokenizer, prompts, facts, judges, rm, sft)
+    methods[stage] = {"label": beyond.LABELS[stage], **row, "wall_seconds": timings.get(stage)}
+  results["frontier"] = beyond.frontier(curves, best["curve"] if best else None)
 
 
 def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
@@ -670,29 +742,11 @@ def _few_shot_examples(files, facts) -> dict[str, list[tuple[str, str]]]:
 
 
 def _over_optimization(root, name, preset, tokenizer, prompts, facts, judges) -> list[dict]:
-  """RM score, held-out labeler score and KL to the SFT policy at each saved PPO step."""
+  """RM score, held-out labeler score and KL to the SFT policy at each saved checkpoint."""
   from instruct.reward import RewardModel
-  workdir = paths.join(root, name)
-  rm = RewardModel.load(paths.join(root, "rm"))
-  reference = ev.load_policy(paths.join(root, "sft"))
-  points = []
-  for step in [0] + ev.checkpoint_steps(workdir):
-    policy = reference if step == 0 else ev.load_policy(workdir, step)
-    answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 31,
-                          temperature=preset.eval_temperature)
-    arrays = ev.response_arrays(tokenizer, prompts, answers)
-    # Under the distribution `generate` samples from (special tokens banned), as Answer.logprob
-    # is: otherwise step 0 (SFT against itself) would show a KL that is not there.
-    logp_ref = ev.sequence_logprob(reference, arrays, preset.eval_temperature,
-                                   banned_ids=ev.banned_token_ids(tokenizer))
-    logp = np.asarray([a.logprob for a in answers])
-    scores = ev.judge_all(prompts, answers, facts)
-    points.append({
-        "step": step, "kl": float(np.mean(logp - logp_ref)),
-        "rm_score": float(np.mean(ev.reward_scores(rm, arrays))),
-        "labeler_score": ev.mean_utility(scores, judges)
-    })
-  return points
+  return beyond.kl_points(paths.join(root, name), preset, tokenizer, prompts, facts, judges,
+                          RewardModel.load(paths.join(root, "rm")),
+                          ev.load_policy(paths.join(root, "sft")))
 
 
 def _last_val(root: str, stage: str, key: str) -> float | None:
@@ -848,7 +902,7 @@ def reuse_upstream(root: str, upstream: str, preset: Preset) -> None:
   if all(os.path.isdir(os.path.join(root, s)) for s in SHARED_STAGES):
     return
   shared = dataclasses.replace(
-      preset, methods=PRESETS[preset.name].methods, hir=(), correction=(),
+      preset, methods=PRESETS[preset.name].methods, hir=(), correction=(), iterated=(),
       **{field: getattr(PRESETS[preset.name], field) for field in PPO_FIELDS.values()})
   lock = workdir_lib.lock_when_free(source)
   try:

@@ -187,15 +187,23 @@ def test_ppo_needs_its_source_runs(sources, tfds_dir, tmp_path):
     driver.train(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, mesh_shape):
+@pytest.fixture(scope="module")
+def one_device_run(sources, tfds_dir, tmp_path_factory):
+  """Two PPO iterations on one device: (workdir, final state)."""
   one = ppo_config(sources, tfds_dir, num_steps=2)
   one.mesh.shape = (1, 1, 1)
-  expected = driver.train(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+  workdir = tmp_path_factory.mktemp("one_device")
+  return workdir, driver.train(one, str(workdir), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_ppo_iterations_on_a_mesh_match_one_device(sources, tfds_dir, tmp_path, mesh_shape,
+                                                   one_device_run):
+  one_dir, expected = one_device_run
   many = ppo_config(sources, tfds_dir, num_steps=2)
   many.mesh.shape = mesh_shape
   got = driver.train(many, str(tmp_path / "many"))
-  ref_records = metrics_lib.read_metrics(str(tmp_path / "one"))
+  ref_records = metrics_lib.read_metrics(str(one_dir))
   records = metrics_lib.read_metrics(str(tmp_path / "many"))
   for name in ("score", "kl_k1", "policy_loss", "value_loss", "response_length"):
     np.testing.assert_allclose([r[name] for r in records], [r[name] for r in ref_records],
@@ -277,3 +285,42 @@ def test_the_run_layer_reads_every_stage_the_same_way(sources, tfds_dir, tmp_pat
     run_lib.reward_normalization(rl, "config.reward_from")
   with pytest.raises(FileNotFoundError, match=r"config\.init_from='.*nowhere' is not a run"):
     run_lib.load_run(str(tmp_path / "nowhere"), what="config.init_from")
+
+
+def test_best_of_n_scores_every_sample_and_reports_each_n(sources, tfds_dir, tmp_path):
+  """The `best_of_n` stage: n samples per validation prompt from the SFT run, each scored by the
+  reward model with its normalisation (checked against `RewardModel.score` of the written
+  token ids), and per N the order-statistic estimate and the analytic KL."""
+  import json
+  from instruct import reward as reward_lib
+  from instruct.rl import best_of_n as bon
+  from instruct.stages import table
+  config = load_config("best_of_n", "tiny")
+  config.policy_from, config.reward_from = str(sources / "sft"), str(sources / "rm")
+  config.data.tfds_dir = tfds_dir
+  config.sampling.max_new_tokens = 8
+  config.train.global_batch_size = 4
+  config.best_of_n.update(n=4, max_prompts=6)
+  results = table.get("best_of_n").run(config, str(tmp_path / "bon"))
+  rows = [json.loads(l) for l in open(tmp_path / "bon" / bon.SAMPLES)]
+  assert len(rows) == results["prompts"] == 6 and results["sizes"] == [1, 2, 4]
+  assert all(len(r["scores"]) == len(r["responses"]) == 4 for r in rows)
+  scores = np.asarray([r["scores"] for r in rows])
+  assert results["score"][0] == pytest.approx(scores.mean())
+  assert results["score"][-1] == pytest.approx(scores.max(axis=1).mean())
+  assert np.all(np.diff(results["score"]) >= 0) and results["score"][-1] > results["score"][0]
+  assert results["kl"] == [bon.analytic_kl(k) for k in (1, 2, 4)]
+  # The scores are the reward model's, normalised, on the prompt and the sampled ids.
+  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  rm = reward_lib.RewardModel.load(str(sources / "rm"))
+  for r in rows[:2]:
+    prompt = tokenizer.encode(r["prompt"], add_special_tokens=False)
+    for ids, ended, score in zip(r["response_ids"], r["ended"], r["scores"]):
+      tokens = np.asarray([prompt + ids], np.int32)
+      expected = float(rm.score(tokens, np.ones_like(tokens))[0]) if ended else -1.0
+      assert score == pytest.approx(expected, abs=1e-4)
+  records = metrics_lib.read_metrics(str(tmp_path / "bon"))
+  assert [r["step"] for r in records] == [1, 2, 4]
+  config.best_of_n.n = 0
+  with pytest.raises(ValueError, match="config.best_of_n.n=0"):
+    table.get("best_of_n").run(config, str(tmp_path / "bad"))

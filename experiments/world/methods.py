@@ -4,6 +4,12 @@
 
 `flan`: instruction-tuning mixtures (FLAN), `experiments.world.flan`.
 
+`dpo`, `critic_free`, `best_of_n`: DPO (pairwise and K-wise), RLOO and GRPO, and best-of-N,
+on the same rankings and reward model (`experiments.world.beyond`).
+
+`iterated`: iterated RLHF, rounds of comparisons on the current policy, a new reward model
+and PPO-ptx again (`experiments.world.iterated`).
+
 `correction`: a self-corrector (Welleck et al. 2022) of the SFT policy's answers,
 `experiments.world.correction`.
 
@@ -40,6 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from experiments.world import beyond
 from experiments.world import evaluate as ev
 from experiments.world import flan as flan_lib
 from experiments.world import generate as world_lib
@@ -53,12 +60,16 @@ OBJECTIVES = ("filter", "conditional", "unlikelihood", "rwr")  # MLE is `pretrai
 FEEDBACK_STAGES = {f"pretrain_{o}": o for o in OBJECTIVES}
 FEEDBACK_SFT = {f"sft_{o}": o for o in OBJECTIVES}  # SFT from each (MLE's is `sft`).
 # Composite stages (not one `instruct.train` run) and what they are built from.
-COMPOSITE = {"hir": ("world", "sft"), "corrector": ("world", "sft")}
+COMPOSITE = {
+    "hir": ("world", "sft"), "corrector": ("world", "sft"),
+    "iterated": ("world", "sft", "comparisons", "ppo_ptx")
+}
 # RLHF after conditional pretraining: does a better-aligned start need less from RL?
 FEEDBACK_RL = "ppo_ptx_conditional"
 METHODS = {
     "feedback": tuple(FEEDBACK_STAGES) + tuple(FEEDBACK_SFT) + (FEEDBACK_RL,), "hir": ("hir",),
-    "correction": ("corrector",), "flan": flan_lib.STAGES
+    "correction": ("corrector",), "flan": flan_lib.STAGES,
+    **beyond.STAGES, "iterated": ("iterated",)
 }
 
 
@@ -113,6 +124,8 @@ def upstream(stage: str) -> tuple[str, ...]:
     return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
   if stage in flan_lib.STAGES:
     return flan_lib.upstream(stage)
+  if stage in beyond.LABELS:
+    return beyond.upstream(stage)
   return COMPOSITE.get(stage, ("world",))
 
 
@@ -224,11 +237,12 @@ def evaluate_feedback_rl(root: str, preset, texts, prompts, categories, facts, j
 
 
 def evaluate_against_sft(root, preset, stage, tokenizer, banned, texts, prompts, categories, facts,
-                         judges, sft_scores, seed, ppo_ptx_scores=None) -> dict[str, Any]:
-  """A policy (an SFT model from another base model, or RL from it), as the main SFT is
-  evaluated, against the main SFT's answers: the held-out labelers' win rate, perplexity, and
-  the safety rates."""
-  policy = ev.load_policy(paths.join(root, stage))
+                         judges, sft_scores, seed, ppo_ptx_scores=None,
+                         workdir: str | None = None) -> dict[str, Any]:
+  """A policy (an SFT model from another base model, or RL from it; ROOT/<stage>, or
+  `workdir`), as the main SFT is evaluated, against the main SFT's answers: the held-out
+  labelers' win rate, perplexity, and the safety rates."""
+  policy = ev.load_policy(workdir or paths.join(root, stage))
   answers = ev.generate(policy, tokenizer, prompts, seed=preset.seed + 17,
                         temperature=preset.eval_temperature, banned_ids=banned)
   scores = ev.judge_all(prompts, answers, facts)

@@ -546,7 +546,7 @@ def method_rows(results: Mapping) -> list[dict]:
     rows.append({
         "method": row["label"], "win": row["win_vs_sft"], "win_ptx": row.get("win_vs_ppo_ptx")
         or {}, "regression": row["perplexity"] - base, "honest": row.get("honest"),
-        "harmless": row.get("harmless")
+        "harmless": row.get("harmless"), "wall_seconds": row.get("wall_seconds")
     })
   return rows
 
@@ -603,6 +603,44 @@ def plot_over_optimization(results: Mapping) -> Figure:
     ax.set_title(f"{title} vs KL (labels: PPO step)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def _frontier_label(results: Mapping, name: str) -> str:
+  methods = results.get("methods") or {}
+  return LABELS.get(name) or (methods.get(name) or {}).get("label") or name
+
+
+def plot_frontier(results: Mapping) -> Optional[Figure]:
+  """The over-optimisation frontier (Gao et al. 2022): gold (held-out labelers) and proxy
+  (reward model) score against sqrt(KL from SFT), every method, with the fitted gold curves."""
+  frontier = results.get("frontier")
+  if not frontier:
+    return None
+  fig = _figure(11, 4.2)
+  axes = fig.subplots(1, 2)
+  for i, (name, entry) in enumerate(frontier.items()):
+    points = [p for p in entry["points"] if finite(p.get("kl"))]
+    d = [math.sqrt(max(p["kl"], 0.0)) for p in points]
+    color = COLORS.get(name, f"C{(i + 2) % 10}")
+    label = _frontier_label(results, name)
+    for ax, key in zip(axes, ("labeler_score", "rm_score")):
+      ax.plot(d, [p[key] for p in points], "o-" if name != "best_of_n" else "s-", color=color,
+              label=label, ms=4, lw=1.2)
+    fit = entry.get("fit")
+    if fit and points:
+      grid = [x for x in (max(d) * j / 40 for j in range(1, 41)) if x > 0]
+      g = grid if fit["form"] == "bon" else [math.log(x) for x in grid]
+      base = points[0]["labeler_score"]
+      axes[0].plot(grid, [base + x * (fit["alpha"] - fit["beta"] * y) for x, y in zip(grid, g)],
+                   ls="--", color=color, lw=0.8)
+  for ax, title in zip(axes, ("gold: held-out labelers' score", "proxy: reward model's score")):
+    ax.set_xlabel("sqrt(KL(policy || SFT)) (sqrt nats)")
+    ax.set_ylabel(title.split(": ")[1])
+    ax.set_title(title + (" (dashed: fitted)" if ax is axes[0] else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7)
   fig.tight_layout()
   return fig
 
@@ -1008,17 +1046,19 @@ def _section_methods(results: Mapping, plots: dict) -> list[str]:
       f"{pct(r['win_ptx'].get('win_rate'))} {ci(r['win_ptx'])}" if r["win_ptx"] else "",
       signed(r["regression"]),
       pct(r["honest"]),
-      pct(r["harmless"])
+      pct(r["harmless"]),
+      num(r.get("wall_seconds"), 0) if finite(r.get("wall_seconds")) else ""
   ] for r in rows]
   return [
       "## Every method against SFT", "",
       "Each method that starts from SFT or replaces it, judged on the held-out prompts by the "
       "held-out labelers against the SFT model and head to head against PPO-ptx (95% "
       "intervals over prompts), with its perplexity regression against base small (positive: "
-      "worse) and its honesty and harmlessness rates.", "",
+      "worse), its honesty and harmlessness rates, and the wall time of its own stage (where it "
+      "has one).", "",
       markdown_table([
           "Method", "Win rate vs SFT [95%]", "Win rate vs PPO-ptx [95%]",
-          "Regression vs base small", "Honest", "Harmless"
+          "Regression vs base small", "Honest", "Harmless", "Wall time (s)"
       ], table), "", f"![Every method against SFT]({plots['methods']})", ""
   ]
 
@@ -1041,6 +1081,41 @@ def _section_over_optimization(results: Mapping, plots: dict) -> list[str]:
       "labeler score.", "",
       markdown_table(["Run", "Step", "KL", "RM score", "Labeler score"],
                      rows), "", f"![Over-optimisation]({plots['over_optimization']})", ""
+  ]
+
+
+def _section_frontier(results: Mapping, plots: dict) -> list[str]:
+  frontier = results.get("frontier")
+  if not frontier:
+    return []
+  rows = []
+  for name, entry in frontier.items():
+    points = entry["points"]
+    best = max(points, key=lambda p: p["labeler_score"])
+    fit = entry.get("fit") or {}
+    where = "N" if name == "best_of_n" else "step"
+    rows.append([
+        _frontier_label(results, name),
+        len(points),
+        num(math.sqrt(max(points[-1]["kl"], 0.0)), 2),
+        signed(points[-1]["labeler_score"] - points[0]["labeler_score"], 3),
+        signed(points[-1]["rm_score"] - points[0]["rm_score"], 3),
+        f"{signed(best['labeler_score'] - points[0]['labeler_score'], 3)} at {where} "
+        f"{best.get('n', best.get('step'))}",
+        (f"{'d(a - b d)' if fit['form'] == 'bon' else 'd(a - b log d)'}: a {num(fit['alpha'])}, "
+         f"b {num(fit['beta'])}, rmse {num(fit['rmse'])}") if fit else "n/a"
+    ])
+  return [
+      "## The over-optimisation frontier", "",
+      "Every method's held-out labeler score (gold) and reward-model score (proxy) against "
+      "d = sqrt(KL from SFT): each saved checkpoint of a trained method (KL of its sampled "
+      "answers, as PPO's above; the first point is SFT), and best-of-N for N = 1, 2, 4, ... "
+      "(the analytic KL log N - (N-1)/N). The fitted forms are Gao et al. (2022)'s, on the "
+      "gold gain over SFT: best-of-N d(a - b d), the trained methods d(a - b log d). Gains are "
+      "of the last point over the first.", "",
+      markdown_table([
+          "Method", "Points", "Last d", "Gold gain", "Proxy gain", "Best gold gain", "Fitted gold"
+      ], rows), "", f"![The over-optimisation frontier]({plots['frontier']})", ""
   ]
 
 
@@ -1109,7 +1184,7 @@ def write_plots(root: str, results: Mapping,
       "training_curves": plot_training_curves(stage_metrics),
       "rm_calibration": plot_rm_calibration(rm_calibration(root, results)),
       "feedback": plot_feedback(results), "methods": plot_methods(results),
-      "flan": plot_flan(results)
+      "flan": plot_flan(results), "frontier": plot_frontier(results)
   }
   out = {}
   for name, fig in figures.items():
@@ -1132,8 +1207,8 @@ def write_report(root: str, results: Mapping, timings: Mapping) -> str:
            + _section_safety(results, plots) + _section_feedback(results, plots)
            + _section_flan(results, plots) + _section_hir(results) + _section_correction(results)
            + _section_methods(results, plots) + _section_over_optimization(results, plots)
-           + _section_training(stage_metrics, plots) + _section_samples(results)
-           + _section_timings(timings or {}))
+           + _section_frontier(results, plots) + _section_training(stage_metrics, plots)
+           + _section_samples(results) + _section_timings(timings or {}))
   path = paths.join(root, "report.md")
   paths.write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
   return path

@@ -9,11 +9,14 @@ are 0.
 The pieces, in the order a PPO iteration uses them:
   kl_per_token -> token_rewards -> (masked_whiten, shift_mean=False) -> gae
   -> masked_whiten(advantages) -> clipped_policy_loss + clipped_value_loss (+ masked_entropy)
-and, once per iteration, update_kl_controller with the observed KL.
+and, once per iteration, update_kl_controller with the observed KL. The critic-free methods
+(RLOO, GRPO) use instead: kl_per_token -> a sequence reward -> group_advantages ->
+clipped_surrogate -> aggregate_token_loss.
 
 References: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO), Ziegler et al. 2019
 (KL-penalised reward, adaptive KL controller), Stiennon et al. 2020 and Ouyang et al. 2022
-(per-token KL penalty with the reward-model score at the last token).
+(per-token KL penalty with the reward-model score at the last token); Kool et al. 2019 and
+Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO).
 """
 
 from __future__ import annotations
@@ -274,13 +277,28 @@ def clipped_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array
       approx_kl_k3: (ratio - 1) - (logp - old_logp), the k3 estimate (always >= 0);
       ratio_mean: mean of ratio (exactly 1 on the first minibatch of an iteration).
   """
+  loss_bt, stats = clipped_surrogate(logp_bt, old_logp_bt, advantages_bt, mask_bt, clip_eps)
+  return masked_mean(loss_bt, mask_bt), stats
+
+
+def clipped_surrogate(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
+                      clip_eps: float = 0.2):
+  """The per-token terms of `clipped_policy_loss`, before any averaging.
+
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+
+  Returns ([batch, length] loss_t, 0 where the mask is 0; the stats of
+  `clipped_policy_loss`, masked means over tokens). How the loss_t are averaged is the
+  caller's (`clipped_policy_loss`: over every token; `aggregate_token_loss`: the options of
+  the critic-free methods).
+  """
   m = _f32(mask_bt)
   log_ratio = jnp.where(m > 0, _f32(logp_bt) - _f32(old_logp_bt), 0.0)
   advantages = jnp.where(m > 0, _f32(advantages_bt), 0.0)
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), m)
+  loss_bt = jnp.maximum(unclipped, clipped)
   bounded_log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
   stats = {
       "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), m),
@@ -288,7 +306,61 @@ def clipped_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array
       "approx_kl_k3": masked_mean(jnp.expm1(bounded_log_ratio) - bounded_log_ratio, m),
       "ratio_mean": masked_mean(ratio, m),
   }
-  return loss, jax.tree.map(jax.lax.stop_gradient, stats)
+  return loss_bt, jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+AGGREGATIONS = ("sequence_sum", "sequence_mean", "token_mean")
+
+
+def aggregate_token_loss(loss_bt: Array, mask_bt: Array, how: str) -> Array:
+  """A scalar loss from per-token terms [batch, length] over the masked tokens; `how` (static):
+
+    sequence_sum:  mean_i sum_t m_it l_it            (REINFORCE on log pi(y|x) = sum_t log pi_t)
+    sequence_mean: mean_i (sum_t m_it l_it / n_i)    (GRPO as in Shao et al. 2024; n_i = sum_t m_it)
+    token_mean:    sum_it m_it l_it / sum_it m_it    (DAPO, Yu et al. 2025; PPO's masked mean)
+
+  A row whose mask is all 0 contributes 0 (to the mean over rows too).
+  """
+  m = _f32(mask_bt)
+  terms = jnp.where(m > 0, _f32(loss_bt), 0.0)
+  if how == "sequence_sum":
+    return jnp.mean(jnp.sum(terms, axis=1))
+  if how == "sequence_mean":
+    return jnp.mean(masked_mean(terms, m, axis=1))
+  if how == "token_mean":
+    return masked_mean(terms, m)
+  raise ValueError(f"Unknown loss aggregation {how!r}; expected one of {AGGREGATIONS}.")
+
+
+# ----------------------------------------------------------------------------- group baselines
+
+GROUP_ADVANTAGES = ("rloo", "grpo")
+
+
+def group_advantages(rewards_b: Array, group_size: int, kind: str, eps: float = 1e-4) -> Array:
+  """[batch] per-sequence advantages from the rewards of groups of `group_size` samples of one
+  prompt, the rows of a group contiguous (row i * k + j is sample j of prompt i).
+
+    rloo: A_i = R_i - mean_{j != i} R_j = k / (k - 1) * (R_i - mean_j R_j)
+          (Kool et al. 2019; Ahmadian et al. 2024)
+    grpo: A_i = (R_i - mean_j R_j) / (std_j R_j + eps)
+          (Shao et al. 2024; std with Bessel's correction, as TRL and verl compute it)
+
+  The group statistics come from a [batch / k, k] reshape, so under jit the rows of one group
+  may sit on different devices. group_size >= 2 (static); kind static.
+  """
+  k = group_size
+  r = _f32(rewards_b).reshape(-1, k)
+  total = jnp.sum(r, axis=1, keepdims=True)
+  if kind == "rloo":
+    advantages = (k * r - total) / (k - 1)
+  elif kind == "grpo":
+    centred = r - total / k
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (k - 1))
+    advantages = centred / (std + eps)
+  else:
+    raise ValueError(f"Unknown group advantage {kind!r}; expected one of {GROUP_ADVANTAGES}.")
+  return advantages.reshape(-1)
 
 
 def clipped_value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array, mask_bt: Array,

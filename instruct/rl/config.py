@@ -118,11 +118,28 @@ def validate_rl(config: ml_collections.ConfigDict, data_parallel: int, process_c
   config_lib.check_fits(rollout_length, rollout, policy_model, "policy")
   config_lib.check_fits(rollout_length, rollout, reward_model, "reward model")
   t = config.train
-  if t.global_batch_size % data_parallel or t.global_batch_size % process_count:
+  k = samples_per_prompt(config)
+  if k > 1 and t.global_batch_size * k % data_parallel:
+    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} x "
+                     f"config.{config.algorithm}.samples_per_prompt={k} = "
+                     f"{t.global_batch_size * k} rollout rows is not divisible by the "
+                     f"data-parallel size {data_parallel}.")
+  if (k == 1 and t.global_batch_size % data_parallel) or t.global_batch_size % process_count:
     raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible "
                      f"by the data-parallel size {data_parallel} (or the {process_count} "
                      "processes).")
   algorithm.validate(config, policy_model)
+
+
+def samples_per_prompt(config: ml_collections.ConfigDict) -> int:
+  """k, the responses sampled per prompt: `config.<algorithm>.samples_per_prompt` (1 for an
+  algorithm without one, e.g. PPO). The rollout has global_batch_size x k rows, and it is
+  those rows (not the prompts) that are split over the data-parallel devices."""
+  name = config.algorithm
+  k = config[name].get("samples_per_prompt", 1)
+  if not (config_lib.is_int(k) and k >= 1):
+    raise ValueError(f"config.{name}.samples_per_prompt={k!r} must be an integer >= 1.")
+  return k
 
 
 def check_tokenizer_fits(config: ml_collections.ConfigDict, tokenizer_size: int,

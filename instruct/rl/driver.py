@@ -9,11 +9,14 @@
      normalisation from `config.reward_from`) through the run layer, directly into their
      shardings, and resumes the algorithm's state from the workdir or starts it from them;
   3. runs iterations in the shared loop (`instruct.loop`): sample -> experience -> update,
-     every iteration's metrics written with its rollout / scoring / update seconds.
+     every iteration's metrics written with its rollout / scoring / update seconds. An
+     algorithm with `samples_per_prompt` k > 1 (RLOO, GRPO) samples k responses to each
+     prompt: the prompt batch is repeated k times, row by row, before the sampler.
 
 The checkpoint holds the algorithm's state (PPO: policy and critic train states and the KL
-controller); its extras hold the data positions, the rng and the config. The frozen reference
-and reward model are not copied into RL checkpoints: they are reloaded from their source runs.
+controller; RLOO and GRPO: the policy and the KL controller); its extras hold the data
+positions, the rng and the config. The frozen reference and reward model are not copied into
+RL checkpoints: they are reloaded from their source runs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 
 from instruct import data as data_lib
@@ -67,6 +71,18 @@ def data_metrics(prompts, ptx) -> dict:
   if ptx is not None:
     metrics.update(ptx.data_metrics("ptx"))
   return metrics
+
+
+def repeat_prompts(batch: dict, samples_per_prompt: int) -> dict:
+  """Each host-local prompt row `samples_per_prompt` (k) times in a row: [b, ...] -> [b k, ...].
+
+  Row i * k + j is sample j of prompt i, so a group is k contiguous rows and `[b, k]` reshapes
+  of the rollout (inside jit, on the global array, which concatenates the processes' rows in
+  order) are the groups, wherever their rows are sharded. k = 1 returns `batch` as it is.
+  """
+  if samples_per_prompt == 1:
+    return batch
+  return {k: np.repeat(np.asarray(v), samples_per_prompt, axis=0) for k, v in batch.items()}
 
 
 def sampling_config(config, tokenizer) -> SamplingConfig:
@@ -127,7 +143,8 @@ def train(config, workdir: str, devices=None) -> Any:
 
   def iteration(state, rng):
     timer = time.perf_counter()
-    batch = shd.host_batch_to_global(next(prompts), batch_sh)
+    batch = shd.host_batch_to_global(repeat_prompts(next(prompts), algorithm.samples_per_prompt),
+                                     batch_sh)
     samples = jax.block_until_ready(
         sample(algorithm.policy_params(state), batch["prompt_tokens"], batch["prompt_mask"],
                jax.random.fold_in(rng, 0)))

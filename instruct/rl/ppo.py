@@ -27,6 +27,8 @@ rounding: bitwise equality between two XLA programs is not
 guaranteed (measured: 0 in the tests, up to 5e-7 in the benchmark's shapes).
 
 Frozen models (reference, reward) enter as parameter pytrees, never as captured constants.
+The scoring, the pretraining loss, the epoch / minibatch loop, the policy's state and the
+consistency metrics are shared with the critic-free algorithms (`instruct.rl.online`).
 """
 
 from __future__ import annotations
@@ -41,12 +43,10 @@ import ml_collections
 import optax
 
 from instruct import config_lib
-from instruct import objectives
 from instruct import optim
-from instruct import reward as reward_lib
 from instruct.rl import algo
-from instruct.rl.scoring import response_values, reward_scores, sequence_logprobs
-from instruct.stages import common
+from instruct.rl import online
+from instruct.rl.scoring import response_values, sequence_logprobs
 from instruct.state import TrainState, init_params_fn, state_factory
 
 Array = jax.Array
@@ -95,24 +95,8 @@ class Experience:
   scores: Array
 
 
-def split_rows(tree, num: int):
-  """[B, ...] -> [num, B/num, ...] by stride: part i holds rows i, i + num, i + 2 num, ...
-
-  On a mesh that shards rows in contiguous blocks, every part keeps that sharding (each
-  device contributes its own rows to every part), so forming the parts moves no data.
-  """
-  return common.split_microbatches(tree, num)
-
-
-def merge_rows(tree):
-  """The inverse of `split_rows`: [num, B/num, ...] -> [B, ...] in the original row order."""
-  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), tree)
-
-
-def _chunked(fn, num_chunks: int, *arrays):
-  """fn over `num_chunks` strided row-chunks of the arrays (minibatch-sized), merged back."""
-  out = jax.lax.map(lambda xs: fn(*xs), split_rows(arrays, num_chunks))
-  return merge_rows(out)
+# Strided row parts and chunked forward passes (`instruct.rl.online`).
+split_rows, merge_rows, _chunked = online.split_rows, online.merge_rows, online.chunked
 
 
 def ptx_gamma_equivalent(ptx_coef, response_length, advantage_std):
@@ -154,44 +138,21 @@ def make_experience_fn(policy_model, value_model, reward_model, cfg: PPOConfig):
   `reward_gain`, `reward_bias` (the RM's stored normalisation).
   """
 
-  def logprobs(params, pt, pm, rt, rm):
-    return sequence_logprobs(policy_model, params, pt, pm, rt, rm, cfg.temperature,
-                             banned_ids=cfg.banned_ids)
-
-  def policy_scores(params, *args):  # Per chunk: [b, r] log-probs and entropies, no logits.
-    lp, logits = logprobs(params, *args)
-    return lp, algo.token_entropy(logits)
-
   def experience(params, samples, prompt_tokens, prompt_mask, beta):
     rt, rm = samples.response_tokens, samples.response_mask
-    args = (prompt_tokens, prompt_mask, rt, rm)
-    chunked = lambda fn, p: _chunked(lambda *a: fn(p, *a), cfg.num_minibatches, *args)
-    old_lp, entropy_bt = chunked(policy_scores, params["policy"])
-    ref_lp, _ = chunked(logprobs, params["reference"])
-    values = chunked(lambda p, *a: response_values(value_model, p, *a), params["value"])
-    raw = chunked(lambda p, *a: reward_scores(reward_model, p, *a), params["reward"])
-    normalised = reward_lib.normalize(raw, params["reward_gain"], params["reward_bias"])
-    scores = normalised
-    if cfg.no_eos_score is not None:
-      scores = jnp.where(samples.ended_with_eos, normalised, cfg.no_eos_score)
-    # Both estimates are logged; the configured one is the penalty (and drives the controller).
-    kl_bt = {k: algo.kl_per_token(old_lp, ref_lp, k) * rm for k in algo.KL_ESTIMATORS}
-    kl = kl_bt[cfg.kl_estimator]
-    rewards = algo.token_rewards(scores, kl, rm, beta)
+    values_of = lambda run: run(lambda p, *a: response_values(value_model, p, *a), params["value"])
+    scored = online.score_rollout(policy_model, reward_model, params, samples, prompt_tokens,
+                                  prompt_mask, cfg, between=values_of)
+    values, scores = scored["extra"], scored["scores"]
+    # The configured estimate is the penalty (and drives the controller).
+    rewards = algo.token_rewards(scores, scored["kl"][cfg.kl_estimator], rm, beta)
     if cfg.whiten_rewards:
       rewards = algo.masked_whiten(rewards, rm, shift_mean=False)
     advantages, returns = algo.gae(rewards, values, rm, cfg.gamma, cfg.lam)
-    exp = Experience(prompt_tokens, prompt_mask, rt, rm, old_lp, ref_lp, values, advantages,
-                     returns, scores)
-    lengths = jnp.sum(rm, axis=1).astype(jnp.float32)
+    exp = Experience(prompt_tokens, prompt_mask, rt, rm, scored["old_logprobs"],
+                     scored["ref_logprobs"], values, advantages, returns, scores)
     metrics = {
-        "score": jnp.mean(scores),
-        "score_raw": jnp.mean(raw),
-        "score_normalised": jnp.mean(normalised),
-        **{f"kl_{k}": jnp.mean(jnp.sum(v, axis=1)) for k, v in kl_bt.items()},
-        "entropy": algo.masked_mean(entropy_bt, rm),
-        "response_length": jnp.mean(lengths),
-        "eos_fraction": jnp.mean(samples.ended_with_eos.astype(jnp.float32)),
+        **scored["metrics"],
         "beta": jnp.asarray(beta, jnp.float32),
         "explained_variance": algo.explained_variance(values, returns, rm),
         "advantage_mean": algo.masked_mean(advantages, rm),
@@ -224,15 +185,12 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
     loss, stats = algo.clipped_policy_loss(logp, mb.old_logprobs, adv, mb.response_mask,
                                            cfg.clip_eps)
     entropy = algo.masked_entropy(logits, mb.response_mask)
-    ratio_error = jnp.max(jnp.abs(jnp.exp(logp - mb.old_logprobs) - 1.0) * mb.response_mask)
-    stats = dict(stats, policy_loss=loss, entropy_update=entropy, ratio_error=ratio_error)
+    spread = online.ratio_spread(logp, mb.old_logprobs, mb.response_mask)
+    stats = dict(stats, policy_loss=loss, entropy_update=entropy, ratio_max_dev=spread["max_dev"],
+                 ratio_std=spread["std"])
     loss = loss - cfg.entropy_coef * entropy
     if cfg.ptx_coef > 0:
-      ptx_logits = policy_model.apply({"params": params}, ptx["tokens"],
-                                      ptx["attention_mask"]).logits
-      nll, targets, _ = objectives.masked_next_token_loss(ptx_logits, ptx["tokens"],
-                                                          ptx["loss_mask"])
-      ptx_loss = nll / jnp.maximum(targets, 1.0)
+      ptx_loss = online.ptx_loss(policy_model, params, ptx)
       stats["ptx_loss"] = ptx_loss
       loss = loss + cfg.ptx_coef * ptx_loss
     return loss, stats
@@ -254,41 +212,28 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
     mb, ptx = xs
     if cfg.shared_value_head:  # `value` is None; value_model is the policy's own model.
       (_, stats), grads = jax.value_and_grad(shared_loss, has_aux=True)(policy.params, mb, ptx)
-      policy = _apply(policy, grads, policy_opt)
+      policy = online.apply_gradients(policy, grads, policy_opt)
       return (policy, value), dict(stats, policy_grad_norm=optax.tree.norm(grads))
     (_, p_stats), p_grads = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb, ptx)
     (_, v_stats), v_grads = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
-    policy = _apply(policy, p_grads, policy_opt)
-    value = _apply(value, v_grads, value_opt)
+    policy = online.apply_gradients(policy, p_grads, policy_opt)
+    value = online.apply_gradients(value, v_grads, value_opt)
     stats = dict(p_stats, **v_stats, policy_grad_norm=optax.tree.norm(p_grads),
                  value_grad_norm=optax.tree.norm(v_grads))
     return (policy, value), stats
 
   def update(policy: TrainState, value: TrainState, exp: Experience, ptx_batch, rng):
-    b, m, epochs = exp.response_tokens.shape[0], cfg.num_minibatches, cfg.epochs
-    # [epochs, m, rows, L]: a fresh strided part of the pretraining batch per minibatch step.
-    ptx_batch = jax.tree.map(lambda x: x.reshape(
-        (epochs, m) + x.shape[1:]), split_rows(ptx_batch, epochs * m)) if cfg.ptx_coef > 0 else {}
-
-    def epoch(carry, xs):
-      epoch_rng, ptx = xs
-      order = jax.random.permutation(epoch_rng, b).reshape(m, b // m)
-      minibatches = jax.tree.map(lambda x: x[order], exp)
-      return jax.lax.scan(minibatch_step, carry, (minibatches, ptx))
-
-    (policy, value), stats = jax.lax.scan(epoch, (policy, value),
-                                          (jax.random.split(rng, epochs), ptx_batch))
-    # max |pi/pi_old - 1| on the first minibatch of the first epoch: 0 up to float rounding.
-    first_ratio_error = stats.pop("ratio_error")[0, 0]
-    metrics = dict(jax.tree.map(jnp.mean, stats), first_ratio_error=first_ratio_error)
+    epochs, m = cfg.epochs, cfg.num_minibatches
+    ptx = online.ptx_parts(ptx_batch, epochs, m, cfg.ptx_coef > 0)
+    (policy, value), stats = online.run_epochs(minibatch_step, (policy, value), exp, ptx, rng,
+                                               epochs, m)
+    # The ratio on the first minibatch of the first epoch: 1 up to float rounding.
+    first = online.first_ratio_metrics(stats)
+    metrics = dict(jax.tree.map(jnp.mean, stats), **first,
+                   first_ratio_error=first["consistency/first_ratio_max_dev"])
     return policy, value, metrics
 
   return update
-
-
-def _apply(state: TrainState, grads, optimizer) -> TrainState:
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -351,7 +296,7 @@ def critic_kind(config) -> str:
   return "shared" if config.ppo.shared_value_head else "separate"
 
 
-class PPO:
+class PPO(online.PolicyAlgorithm):
   """PPO / PPO-ptx on the algorithm seam (`instruct.rl.algorithms`).
 
   State: `{"policy": TrainState, "value": TrainState (separate critic only), "kl":
@@ -360,49 +305,27 @@ class PPO:
   normalisation folded in).
   """
 
-  def __init__(self, config, roles, banned_ids: tuple[int, ...] = ()):
-    self.config, self.roles = config, roles
-    self.cfg = ppo_config(config, banned_ids)
-    self.updates_per_iteration = self.cfg.epochs * self.cfg.num_minibatches
-    updates = config.train.num_steps * self.updates_per_iteration
-    self.policy_opt = optim.make_optimizer(config.optimizer, updates)
-    self.value_opt = optim.make_optimizer(config.value_optimizer, updates)
-    mesh, rules = roles.mesh, roles.rules
-    with jax.set_mesh(mesh):
-      self.policy_factory = state_factory(init_params_fn(roles.policy.model), self.policy_opt, mesh,
-                                          rules)
-      self.value_factory = None if roles.critic is None else state_factory(
-          init_params_fn(roles.critic.model), self.value_opt, mesh, rules)
+  samples_per_prompt = 1
 
-  @property
-  def ptx_rows(self) -> int:
-    """Pretraining rows per iteration: `ptx.batch_size` per epoch, fresh every epoch."""
-    return self.config.ptx.batch_size * self.cfg.epochs if self.cfg.ptx_coef > 0 else 0
+  def __init__(self, config, roles, banned_ids: tuple[int, ...] = ()):
+    super().__init__(config, roles, "ppo", ppo_config(config, banned_ids))
+    self.value_opt = optim.make_optimizer(config.value_optimizer, self.num_updates)
+    with jax.set_mesh(roles.mesh):
+      self.value_factory = None if roles.critic is None else state_factory(
+          init_params_fn(roles.critic.model), self.value_opt, roles.mesh, roles.rules)
 
   def abstract_state(self) -> dict:
-    kl = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.roles.replicated),
-        jax.eval_shape(algo.init_kl_controller, 0.0))
-    state = {"policy": self.policy_factory.abstract, "kl": kl}
+    state = super().abstract_state()
     if self.value_factory is not None:
       state["value"] = self.value_factory.abstract
     return state
 
   def init_state(self, frozen: dict) -> dict:
-    state = {
-        "policy": self.policy_factory.from_params(frozen["reference"]),
-        "kl": algo.init_kl_controller(self.config.ppo.kl.initial_beta)
-    }
+    state = super().init_state(frozen)
     if self.value_factory is not None:
       state["value"] = self.value_factory.from_params(
           critic_from_reward_model(frozen["reward"], frozen["reward_gain"], frozen["reward_bias"]))
     return state
-
-  def iterations_done(self, state) -> int:
-    return int(state["policy"].step) // self.updates_per_iteration
-
-  def policy_params(self, state):
-    return state["policy"].params
 
   def make_experience_fn(self):
     """The jitted `(state, frozen, samples, prompt_tokens, prompt_mask) -> (experience,
@@ -436,25 +359,17 @@ class PPO:
         make_update_fn(self.roles.policy.model, critic_model, self.policy_opt, self.value_opt,
                        self.cfg), in_shardings=(pol_sh, val_sh, None, None, self.roles.replicated),
         out_shardings=(pol_sh, val_sh, self.roles.replicated), donate_argnums=(0, 1))
-    kl, batch_size = self.config.ppo.kl, self.config.train.global_batch_size
+    batch_size = self.config.train.global_batch_size
 
     def run(state, experience, metrics, ptx_batch, rng):
       policy, value, update_metrics = update(state["policy"], state.get("value"), experience,
                                              ptx_batch, rng)
-      kl_state = algo.update_kl_controller(state["kl"], metrics[f"kl_{self.cfg.kl_estimator}"],
-                                           batch_size, kl.target, kl.horizon, kl.controller)
+      kl_state = self.kl_step(state["kl"], metrics, batch_size)
       state = {"policy": policy, "kl": kl_state, **({"value": value} if value else {})}
       return state, dict(update_metrics, kl_estimator_is_k3=float(self.cfg.kl_estimator == "k3"))
 
     run.jitted = update
     return run
-
-  def log_line(self, summary: dict) -> str:
-    kl_name = f"kl_{self.cfg.kl_estimator}"
-    return (f"score {summary['score']:.3f} | {kl_name} {summary[kl_name]:.3f} | "
-            f"beta {summary['beta']:.4f} | eos {summary['eos_fraction']:.2f} | "
-            f"len {summary['response_length']:.1f} | rollout {summary['rollout_seconds']:.2f}s "
-            f"scoring {summary['scoring_seconds']:.2f}s update {summary['update_seconds']:.2f}s")
 
 
 ALGORITHM = PPO
