@@ -116,6 +116,10 @@ def as_feedback_rl(config, root: str, files: dict) -> None:
   config.sampling.banned_tokens = tuple(L.CONTROL)
 
 
+def methods_stages(methods: dict[str, tuple[str, ...]]) -> set[str]:
+  return {s for stages in methods.values() for s in stages}
+
+
 def upstream(stage: str) -> tuple[str, ...]:
   """What a method's stage is built from (the main job fingerprints it)."""
   if stage == FEEDBACK_RL:
@@ -124,7 +128,7 @@ def upstream(stage: str) -> tuple[str, ...]:
     return ("world", f"pretrain_{FEEDBACK_SFT[stage]}")
   if stage in flan_lib.STAGES:
     return flan_lib.upstream(stage)
-  if stage in beyond.LABELS:
+  if stage in methods_stages(beyond.STAGES):
     return beyond.upstream(stage)
   return COMPOSITE.get(stage, ("world",))
 
