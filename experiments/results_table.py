@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 from typing import Mapping, Optional, Sequence
@@ -219,10 +220,65 @@ def pooled_methods(runs: Sequence[Run]) -> list[dict]:
 
     out.append({
         "method": label, "win": pool("win"), "win_ptx": pool("win_ptx"),
-        "per_seed": [r["win"] for r in rows],
-        **{k: _mean([r[k] for r in rows]) for k in ("regression", "honest", "harmless")}
+        "per_seed": [r["win"] for r in rows], **{
+            k: _mean([r[k] for r in rows]) for k in ("regression", "honest", "harmless")
+        }, "wall_seconds": _mean([r.get("wall_seconds") for r in rows])
     })
   return out
+
+
+def pooled_frontier(runs: Sequence[Run]) -> list[dict]:
+  """Every method on the over-optimisation frontier of all runs (`results["frontier"]`), over
+  seeds: the gold (held-out labelers') and proxy (reward model) gains over SFT at the method's
+  last point and its d = sqrt(KL from SFT) there, and the best gold gain along its path with
+  the d where it was reached; each a list over seeds."""
+  frontiers = [r.results.get("frontier") or {} for r in runs]
+  out = []
+  for name in [n for n in frontiers[0] if all(n in f for f in frontiers)]:
+    row = {"name": name, "last_d": [], "gold": [], "proxy": [], "best_gold": [], "best_d": []}
+    for frontier in frontiers:
+      points = frontier[name]["points"]
+      first, last = points[0], points[-1]
+      best = max(points, key=lambda p: p["labeler_score"])
+      row["last_d"].append(math.sqrt(max(last["kl"], 0.0)))
+      row["gold"].append(last["labeler_score"] - first["labeler_score"])
+      row["proxy"].append(last["rm_score"] - first["rm_score"])
+      row["best_gold"].append(best["labeler_score"] - first["labeler_score"])
+      row["best_d"].append(math.sqrt(max(best["kl"], 0.0)))
+    out.append(row)
+  return out
+
+
+def _spread(values: Sequence[float], digits: int = 3) -> str:
+  return (f"{report.signed(_mean(values), digits)} [{report.signed(min(values), digits)}, "
+          f"{report.signed(max(values), digits)}]")
+
+
+def frontier_markdown(runs: Sequence[Run]) -> str:
+  """The pooled frontier table (empty without a frontier in the runs)."""
+  rows = pooled_frontier(runs)
+  if not rows:
+    return ""
+  labels = {}
+  for r in runs:
+    labels.update({k: v.get("label", k) for k, v in (r.results.get("methods") or {}).items()})
+  labels.update(report.LABELS)
+  table = report.markdown_table([
+      "Method", "Last d", "Gold gain at last point", "Proxy gain at last point",
+      "Best gold gain on the path", "d at the best"
+  ], [[
+      labels.get(r["name"], r["name"]),
+      report.num(_mean(r["last_d"]), 2),
+      _spread(r["gold"]),
+      _spread(r["proxy"]),
+      _spread(r["best_gold"]),
+      report.num(_mean(r["best_d"]), 2)
+  ] for r in rows])
+  return "\n".join([
+      "The over-optimisation frontier: gains over SFT in the held-out labelers' mean utility "
+      "(gold) and the reward model's score (proxy), d = sqrt(KL from SFT) in sqrt-nats; mean "
+      "over seeds [min, max]. Best-of-N's last point is its largest N (analytic KL).", "", table, ""
+  ])
 
 
 def _verdict(rows: Sequence[Mapping], key: str, other: str) -> str:
@@ -244,23 +300,26 @@ def methods_markdown(runs: Sequence[Run]) -> str:
   rows = pooled_methods(runs)
   table = report.markdown_table([
       "Method", "Win rate vs SFT, pooled [95%]", "Per seed", "Win rate vs PPO-ptx, pooled [95%]",
-      "Regression vs base small", "Honest", "Harmless"
+      "Regression vs base small", "Honest", "Harmless", "Wall time"
   ], [[
       r["method"],
       _win_cell(r["win"]), " / ".join(report.pct(w.get("win_rate")) for w in r["per_seed"]),
       _win_cell(r["win_ptx"]) if r["win_ptx"] else "",
       report.signed(r["regression"]),
       report.pct(r["honest"]),
-      report.pct(r["harmless"])
+      report.pct(r["harmless"]),
+      _duration(r["wall_seconds"]) if report.finite(r["wall_seconds"]) else ""
   ] for r in rows])
   return "\n".join([
       "Every method against SFT (and head to head against PPO-ptx), held-out labelers, all "
       "seeds' prompts pooled with the interval over prompts and seeds; regression, honesty "
-      "and harmlessness are means over seeds. A method beats another when the whole interval "
-      "is above 50%.", "", table, "",
+      "and harmlessness are means over seeds, as is the wall time of a method's own stage "
+      "(where it has one). A method beats another when the whole interval is above 50%.", "", table,
+      "",
       _verdict(rows, "win", "SFT"),
-      _verdict([r for r in rows if r["win_ptx"]], "win_ptx", "PPO-ptx"), ""
-  ])
+      _verdict([r for r in rows if r["win_ptx"]], "win_ptx", "PPO-ptx"), "",
+      frontier_markdown(runs)
+  ]).rstrip() + "\n"
 
 
 # --- Markdown. -------------------------------------------------------------------------------

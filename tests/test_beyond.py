@@ -64,6 +64,7 @@ def test_the_methods_train_and_reach_the_frontier_and_the_report(pipeline_run, t
   each is judged against SFT and PPO-ptx, and every method is on the frontier."""
   config = config_lib.load_config_file(mini.JOB_CONFIG, "test")
   config.methods = "dpo,critic_free,best_of_n"
+  config.ppo.iterations = 4  # RLOO's and GRPO's (PPO's runs are the copied pipeline's).
   preset = mini.preset_from_config(config)
   root = str(tmp_path / "run")
   shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))

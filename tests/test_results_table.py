@@ -273,16 +273,35 @@ def test_every_method_is_pooled_against_sft_and_ppo_ptx_with_a_verdict(tmp_path,
     rng = np.random.default_rng(10 + seed)
     wins = {"win_vs_sft": win(hir, 400, rng), "win_vs_ppo_ptx": win(hir_vs_ptx, 400, rng)}
     results["methods"] = {
-        "hir": {"label": "HIR", **wins, "perplexity": 5.0 + seed, "honest": 0.9, "harmless": 1.0}
+        "hir": {
+            "label": "HIR", **wins, "perplexity": 5.0 + seed, "honest": 0.9, "harmless": 1.0,
+            "wall_seconds": 60.0 + 30 * seed
+        }
+    }
+    # The frontier: SFT, then two checkpoints; gold peaks at the middle one.
+    results["frontier"] = {
+        "hir": {
+            "points": [{"kl": 0.0, "labeler_score": 0.5, "rm_score": 0.0},
+                       {"kl": 1.0, "labeler_score": 0.6 + 0.01 * seed, "rm_score": 1.0},
+                       {"kl": 4.0, "labeler_score": 0.55, "rm_score": 2.0 + seed}], "fit": None
+        }
     }
     json.dump(results, open(path, "w"))
     dirs.append(directory)
   assert rt.main(dirs) == 0
   text = capsys.readouterr().out
-  rows = {cells[0]: cells for cells in map(table_cells, text.splitlines()) if cells}
+  rows = {}
+  for cells in filter(None, map(table_cells, text.splitlines())):
+    rows.setdefault(cells[0], cells)  # The methods table's row (the frontier's comes after).
   hir = rows["HIR"]
   assert hir[1].startswith("70.0% [") and hir[2] == "70.0% / 72.0% / 68.0%"
-  assert hir[3].startswith("40.0% [") and hir[4:] == ["+3.00", "90.0%", "100.0%"]  # 6 - 3.
+  assert hir[3].startswith("40.0% [") and hir[4:] == ["+3.00", "90.0%", "100.0%", "1 min 30 s"]
+  frontier = [table_cells(line) for line in text.splitlines() if line.startswith("| HIR | 2.00 |")
+             ][0]
+  # Last d = sqrt(4); gold +0.05 every seed; proxy +2, +3, +4; best +0.10 [+0.10, +0.12] at d 1.
+  assert frontier[2:] == [
+      "+0.050 [+0.050, +0.050]", "+3.000 [+2.000, +4.000]", "+0.110 [+0.100, +0.120]", "1.00"
+  ]
   pooled = rt.pooled_methods(rt.load_runs(dirs))
   assert pooled[-1]["win"]["n"] == 1200 and pooled[-1]["win"]["ci_high"] < 0.8
   assert "These beat SFT: PPO (" in text and "; HIR (70.0% [" in text
