@@ -29,22 +29,14 @@ The data options (public prompt sets, `config.data.format`) are those of configs
 """
 
 from instruct import config_lib
-from instruct.rl import config as rl_config
 from instruct.rl import group
 
-PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
+PRESETS = group.PRESETS
 
 
 def get_config(arg: str = "tiny"):
   """The RLOO config for a preset name."""
-  preset = config_lib.stage_arg(arg).preset
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for configs/rloo.py; use one of {PRESETS}.")
-  config = rl_config.base_config("rloo")  # Every field, with the CPU-sized defaults.
-  config.rloo.ptx_coef = 1.0 if preset.endswith("_ptx") else 0.0
-  if preset.startswith("fsdp"):
-    group.accelerator_preset(config, "rloo")
-  return config
+  return group.preset_config("rloo", arg)
 
 
 def sweep(add, arg: str = "tiny"):

@@ -211,6 +211,25 @@ def default_section(advantage: str) -> ml_collections.ConfigDict:
   return c
 # yapf: enable
 
+PRESETS = ("tiny", "tiny_ptx", "fsdp", "fsdp_ptx")
+
+
+def preset_config(section: str, arg: str):
+  """configs/rloo.py's and configs/grpo.py's config for a preset name (`PRESETS`): every
+  field of the RL stage with `section` as the algorithm, PPO-ptx's pretraining mix in the
+  `_ptx` presets, `accelerator_preset` in the `fsdp` ones."""
+  from instruct import config_lib
+  from instruct.rl import config as rl_config  # It imports the algorithms, this module too.
+  preset = config_lib.stage_arg(arg).preset
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r} for configs/{section}.py; use one of "
+                     f"{PRESETS}.")
+  config = rl_config.base_config(section)  # Every field, with the CPU-sized defaults.
+  config[section].ptx_coef = 1.0 if preset.endswith("_ptx") else 0.0
+  if preset.startswith("fsdp"):
+    accelerator_preset(config, section)
+  return config
+
 
 def accelerator_preset(config, section: str) -> None:
   """The `fsdp` / `fsdp_ptx` presets of configs/rloo.py and configs/grpo.py (their docstrings):
