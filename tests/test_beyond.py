@@ -64,7 +64,7 @@ def test_the_methods_train_and_reach_the_frontier_and_the_report(pipeline_run, t
   each is judged against SFT and PPO-ptx, and every method is on the frontier."""
   config = config_lib.load_config_file(mini.JOB_CONFIG, "test")
   config.methods = "dpo,critic_free,best_of_n"
-  config.ppo.iterations = 4  # RLOO's and GRPO's (PPO's runs are the copied pipeline's).
+  config.ppo.iterations = 2  # RLOO's and GRPO's (PPO's runs are the copied pipeline's).
   preset = mini.preset_from_config(config)
   root = str(tmp_path / "run")
   shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))
@@ -140,9 +140,9 @@ def test_iterated_rlhf_runs_its_rounds_on_the_current_policy_and_resumes(pipelin
   config.methods = "iterated"
   assert iterated.iterations(
       mini.preset_from_config(config)) == mini.PRESETS["test"].ppo_iterations // 2
-  config.iterated.iterations = 3  # Short rounds: what is tested is the rounds' plumbing.
+  config.iterated.iterations = 2  # Short rounds: what is tested is the rounds' plumbing.
   preset = mini.preset_from_config(config)
-  assert iterated.rounds(preset) == 2 and iterated.iterations(preset) == 3
+  assert iterated.rounds(preset) == 2 and iterated.iterations(preset) == 2
   root = str(tmp_path / "run")
   shutil.copytree(pipeline_run, root, ignore=shutil.ignore_patterns(".lock"))
   mini.composite_stage("iterated", preset, root)

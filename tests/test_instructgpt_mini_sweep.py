@@ -239,8 +239,8 @@ def test_methods_add_their_stages_configs_evaluation_and_report(pipeline_run, tm
   config.methods = "correction, hir"
   assert mini.preset_from_config(config).methods == ("hir", "correction")
   full = _job_config("full")
-  assert mini.preset_from_config(full).methods == tuple(
-      methods_lib.METHODS) == ("feedback", "hir", "correction", "flan")
+  assert mini.preset_from_config(full).methods == tuple(methods_lib.METHODS) == (
+      "feedback", "hir", "correction", "flan", "dpo", "critic_free", "best_of_n", "iterated")
   assert mini.overrides(mini.preset_from_config(full)) == {}
   full.methods = ""
   assert mini.overrides(mini.preset_from_config(full)) == {"methods": ""}

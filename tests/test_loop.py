@@ -143,8 +143,8 @@ def test_every_config_names_a_stage_of_the_table(name, preset):
 
 
 def test_stage_table_rejects_unknown_stages_and_reads_legacy_names():
-  with pytest.raises(ValueError, match=r"config\.stage='dpo'; expected one of"):
-    table.get("dpo")
+  with pytest.raises(ValueError, match=r"config\.stage='kto'; expected one of"):
+    table.get("kto")
   assert table.get("ppo") is table.get("rl")  # Runs saved before the RL stage's rename.
 
 

@@ -334,12 +334,14 @@ def test_every_method_is_judged_against_sft_beside_its_alignment_tax():
   assert cells[3][0] == "SFT from conditional training pretraining" and cells[3][4] == "70.0%"
   # A method judged head to head against PPO-ptx too (every method row of results["methods"]).
   results["methods"] = {
-      "hir": dict(sft, label="HIR", win_vs_ppo_ptx=win(0.4, 0.35, 0.45), perplexity=30.0)
+      "hir": dict(sft, label="HIR", win_vs_ppo_ptx=win(0.4, 0.35, 0.45), perplexity=30.0,
+                  wall_seconds=61.4)
   }
   cells = table_rows("\n".join(report._section_methods(results, {"methods": "m.png"})))[1:]
   assert cells[-1] == [
-      "HIR", "55.0% [50.0%, 60.0%]", "40.0% [35.0%, 45.0%]", "+10.00", "70.0%", "80.0%"
+      "HIR", "55.0% [50.0%, 60.0%]", "40.0% [35.0%, 45.0%]", "+10.00", "70.0%", "80.0%", "61"
   ]
+  assert cells[0][-1] == ""  # PPO's row: no wall time of its own.
   assert report.plot_methods(results) is not None and report.plot_methods({}) is None
 
 

@@ -435,6 +435,38 @@ def test_grpo_on_8_devices_matches_one_device(sources, tfds_dir, tmp_path, grpo_
                jax.device_get(got["policy"].params), jax.device_get(expected["policy"].params))
 
 
+def test_rloo_resumes_exactly_and_on_8_devices_matches_one_device(sources, tfds_dir, tmp_path,
+                                                                  compile_cache):
+  """RLOO-ptx (`configs/rloo.py:tiny_ptx`, REINFORCE with the leave-one-out baseline and the KL
+  in the reward) through the driver: a stopped and resumed run is the straight run bit for
+  bit, and the 8-device run is the one-device run."""
+
+  def config(**train):
+    c = load_config("rloo", "tiny_ptx")
+    c.policy_from, c.reward_from = str(sources / "sft"), str(sources / "rm")
+    c.data.tfds_dir = tfds_dir
+    c.sampling.max_new_tokens = 8
+    c.rloo.penalize_no_eos = False  # Random sources rarely end.
+    c.train.update(dict(num_steps=2, checkpoint_every=2, global_batch_size=4), **train)
+    return c
+
+  full = driver.train(config(), str(tmp_path / "full"))
+  records = metrics_lib.read_metrics(str(tmp_path / "full"))
+  assert records[0]["kl_k1"] == 0.0 and records[1]["kl_k1"] != 0.0  # It moved.
+  driver.train(config(stop_at_step=1), str(tmp_path / "resumed"))
+  tree_equal(jax.device_get(full), jax.device_get(driver.train(config(),
+                                                               str(tmp_path / "resumed"))))
+  one = config()
+  one.mesh.shape = (1, 1, 1)
+  expected = driver.train(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+  for name in ("score", "kl_k1", "policy_loss", "ptx_loss"):
+    np.testing.assert_allclose([r[name] for r in records],
+                               [r[name] for r in metrics_lib.read_metrics(str(tmp_path / "one"))],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+               jax.device_get(full["policy"].params), jax.device_get(expected["policy"].params))
+
+
 def test_rloo_is_built_from_its_config_by_the_driver(sources, tokenizer):
   """configs/rloo.py through the driver's build: no critic role, k = 4 rows per prompt laid
   out as groups of contiguous rows, the static settings from `config.rloo` (a full run would

@@ -130,8 +130,9 @@ def _claimed_by(sweep_dir, pid):
 
 def test_two_workers_one_killed_mid_trial_run_every_trial_once(tmp_path, tfds_dir):
   config = _config_file(
-      tmp_path, 'for o in config_lib.grid({"optimizer.learning_rate": (1e-3, 1e-2), '
-      '"seed": (0, 1)}):\n    add(o)')
+      tmp_path, 'for o in ({"optimizer.learning_rate": 1e-3, "seed": 0}, '
+      '{"optimizer.learning_rate": 1e-2, "seed": 0}, {"optimizer.learning_rate": 1e-3, '
+      '"seed": 1}):\n    add(o)')
   sweep_dir = str(tmp_path / "sweep")
   first = _worker(config, sweep_dir, tfds_dir)
   second = _worker(config, sweep_dir, tfds_dir)
@@ -147,8 +148,8 @@ def test_two_workers_one_killed_mid_trial_run_every_trial_once(tmp_path, tfds_di
     stdout, stderr = worker.communicate(timeout=900)
     assert worker.returncode == 0, stderr[-3000:]
   summary = sweep_summary.load(sweep_dir)
-  assert summary["progress"].startswith("4/4 done") and summary["counts"]["failed"] == 0
-  assert [r["rank"] for r in summary["trials"]] == [1, 2, 3, 4]
+  assert summary["progress"].startswith("3/3 done") and summary["counts"]["failed"] == 0
+  assert [r["rank"] for r in summary["trials"]] == [1, 2, 3]
   best = [r["metrics"]["val_loss"]["best"] for r in summary["trials"]]
   assert best == sorted(best)  # Ranked by the lowest val_loss.
   assert summary["best"] == summary["trials"][0]["workdir"]
@@ -164,7 +165,7 @@ def test_two_workers_one_killed_mid_trial_run_every_trial_once(tmp_path, tfds_di
     assert "Resuming from" in f.read()  # The killed trial went on from its checkpoint.
   with open(os.path.join(sweep_dir, "sweep.md")) as f:
     table = f.read()
-  assert table.count("| done |") == 4
+  assert table.count("| done |") == 3
   assert os.path.isfile(os.path.join(sweep_dir, "sweep_optimizer.learning_rate.png"))
   assert os.path.isfile(os.path.join(sweep_dir, "sweep_seed.png"))
 
