@@ -168,7 +168,7 @@ def sweep(add, arg=""):
 
 def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
     pipeline_run, tmp_path):
-  """Two trials of PPO-ptx's coefficient (4 PPO iterations each, two workers) over the stages
+  """Two trials of PPO-ptx's coefficient (2 PPO iterations each, two workers) over the stages
   before PPO of the finished test run: each trial copies them, trains PPO and PPO-ptx, is
   evaluated, and the summary ranks them by PPO-ptx's win rate against SFT with its interval,
   beside the perplexity regression, and plots both against the coefficient."""
@@ -179,7 +179,7 @@ def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
       ignore=shutil.ignore_patterns("ppo", "ppo_ptx", "evaluate", "report.md", "plots", ".lock"))
   config = tmp_path / "ptx_two.py"
   config.write_text(TWO_TRIALS.format(config=JOB_CONFIG))
-  summary = sweep_lib.run(str(sweep_dir), f"{config}:test", ["--config.ppo.iterations=4"],
+  summary = sweep_lib.run(str(sweep_dir), f"{config}:test", ["--config.ppo.iterations=2"],
                           workers=2, poll_seconds=0.5)
   assert summary["counts"]["done"] == 2, summary["progress"]
   metric = "ppo_ptx/win_vs_sft"
@@ -200,7 +200,7 @@ def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
                   - results["models"]["base_small"]["perplexity"])
     assert trial["metrics"]["ppo_ptx/perplexity_regression"]["best"] == pytest.approx(regression)
     saved = json.load(open(os.path.join(root, "ppo_ptx", "config.json")))
-    assert (saved["ppo"]["ptx_coef"], saved["train"]["num_steps"]) == (coef, 4)
+    assert (saved["ppo"]["ptx_coef"], saved["train"]["num_steps"]) == (coef, 2)
     # The stages before PPO are the upstream's, copied, not retrained.
     for stage in ("sft", "rm"):
       with open(os.path.join(root, stage, "metrics.jsonl")) as f, open(
@@ -211,7 +211,7 @@ def test_a_sweep_of_the_main_job_shares_its_upstream_and_plots_the_trade_off(
   ppo = [[{k: v for k, v in r.items() if not k.endswith("seconds")}
           for r in mini.metrics_lib.read_metrics(os.path.join(t["workdir"], "ppo"))]
          for t in trials]
-  assert len(ppo[0]) == 4 and ppo[0] == ppo[1]
+  assert len(ppo[0]) == 2 and ppo[0] == ppo[1]
   assert summary["plots"] == ["sweep_ppo.ptx_coef.png"]  # The constant upstream is not plotted.
   assert os.path.getsize(sweep_dir / "sweep_ppo.ptx_coef.png") > 10_000
   table = (sweep_dir / "sweep.md").read_text()
