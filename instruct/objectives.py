@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from instruct import reductions
+
 Array = jax.Array
 
 
@@ -35,7 +37,7 @@ def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Ar
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = log_z - target_logit
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (reductions.argmax(logits) == targets).astype(jnp.float32)
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
@@ -60,7 +62,7 @@ def weighted_next_token_loss(logits_btv: Array, tokens_bt: Array, weights_bt: Ar
   terms = jnp.where(weights > 0, weights * -target_log_p,
                     jnp.where(weights < 0, -weights * unlikely, 0.0))
   active = (weights != 0).astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (reductions.argmax(logits) == targets).astype(jnp.float32)
   return jnp.sum(terms), jnp.sum(active), jnp.sum(correct * active)
 
 
@@ -98,7 +100,7 @@ def hindsight_terms(logits_btv: Array, contrast_logits_btv: Array, tokens_bt: Ar
   per_answer = jax.nn.softplus(logp_neg - logp_pos)
   n = jnp.sum(mask, axis=1)
   neg_entropy = jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-  correct = (jnp.argmax(log_p, axis=-1) == tokens_bt[:, 1:]).astype(jnp.float32)
+  correct = (reductions.argmax(log_p) == tokens_bt[:, 1:]).astype(jnp.float32)
   return {
       "nll": -jnp.sum(target * mask), "contrastive": jnp.sum(n * per_answer),
       "neg_entropy": jnp.sum(neg_entropy * mask), "targets": jnp.sum(mask),

@@ -125,8 +125,10 @@ def apply_rope(x_bthd: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
 class Attention(nn.Module):
   """Multi-head / grouped-query causal self-attention with an optional key/value cache.
 
-  The cache slice for this layer is a pair (k, v) of [batch, cache_length, kv_heads, head_dim];
-  new keys and values are written at `cache_index` and attention runs over the whole cache
+  The cache for this layer is a pair (k, v) of [batch, cache_length, kv_heads, head_dim] (a
+  scanned layer's slice), or the triple (k, v, layer) of every layer's stacked
+  [layers, batch, cache_length, kv_heads, head_dim] buffers and this layer's index (layers in
+  a Python loop); new keys and values are written at `cache_index` and attention runs over the whole cache
   under `allowed_bqk`, so prefill (many tokens) and decode (one token) are the same code.
   """
 
@@ -154,7 +156,18 @@ class Attention(nn.Module):
       k = apply_rope(k, positions_bt, inv_freq)
 
     new_cache = None
-    if layer_cache is not None:
+    if layer_cache is not None and len(layer_cache) == 3:
+      # Every layer's cache [layers, batch, cache_length, ...] and this layer's index: the new
+      # keys and values are written into the stacked buffers in place, so a decode step moves
+      # only its own tokens (slicing this layer out and stacking the layers again copied the
+      # whole cache every step).
+      all_k, all_v, layer = layer_cache
+      start = (layer, 0, cache_index, 0, 0)
+      all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype), start)
+      all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype), start)
+      k, v, new_cache = all_k[layer].astype(q.dtype), all_v[layer].astype(q.dtype), (all_k, all_v,
+                                                                                     layer)
+    elif layer_cache is not None:
       cache_k, cache_v = layer_cache
       start = (0, cache_index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)

@@ -198,18 +198,14 @@ class Transformer(nn.Module):
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       return scanned(cfg, deterministic, name="layers")(x, layer_caches, allowed_bqk, positions_bt,
                                                         cache_index)
-    new_k, new_v = [], []
     for i in range(cfg.num_layers):
-      layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+      # Each layer writes its keys and values into the stacked buffers in place.
+      layer_cache = None if layer_caches is None else (*layer_caches[:2], i)
       x, layer_cache = block_cls(cfg, deterministic,
                                  name=f"layers_{i}")(x, layer_cache, allowed_bqk, positions_bt,
                                                      cache_index)
-      if layer_cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
-    if layer_caches is None:
-      return x, None
-    return x, (jnp.stack(new_k), jnp.stack(new_v))
+      layer_caches = None if layer_cache is None else layer_cache[:2]
+    return x, layer_caches
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

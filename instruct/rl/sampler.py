@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from instruct import reductions
 from instruct.model.transformer import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache, Transformer
 
 Array = jax.Array
@@ -149,10 +150,10 @@ def choose_tokens(logits_bv: Array, rng: Array, cfg: SamplingConfig) -> tuple[Ar
   tempered = mask_banned(logits_bv / temperature, cfg.banned_ids)
   log_probs = jax.nn.log_softmax(tempered, axis=-1)
   if cfg.temperature == 0:
-    token = jnp.argmax(tempered, axis=-1)
+    token = reductions.argmax(tempered)
   else:
     filtered = filter_logits(tempered, cfg.top_k, cfg.top_p)
-    token = jax.random.categorical(rng, filtered, axis=-1)
+    token = reductions.categorical(rng, filtered)
   return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
