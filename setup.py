@@ -36,6 +36,9 @@ setup(
         # PyTorch (the CPU wheel) for the parity tests against transformers' PyTorch models
         # (tests/test_hf.py); pinned: a looser range pulls the newest, multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
+        # The peers of the side-by-side benchmark (benchmarks/peer_torch.py, with `torch`): TRL's
+        # PPO trainer; tests/test_peer_torch.py runs it in CI.
+        "bench": ["trl==0.29.1", "accelerate>=1.4,<2", "datasets>=3,<6"],
         # Workdirs and exports on Google Cloud Storage (gs://): etils.epath reads and writes
         # objects through gcsfs, Orbax checks the bucket through google-cloud-storage.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],

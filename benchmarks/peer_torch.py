@@ -4,7 +4,8 @@ Run (from the repository root; needs torch, transformers, trl, datasets, tokeniz
 
   python benchmarks/peer_torch.py --phase=sft --hf_config=/tmp/gpt2.json --json_out=/tmp/p.json
 
-`--hf_config` is a JSON dict of `transformers.GPT2Config` fields; every model is built from it
+`--hf_config` is a JSON dict of a transformers config (`model_type`: gpt2, the default, or
+any causal LM family, e.g. gpt_neox); every model is built from it
 with random weights (`torch.manual_seed(--seed)`), with attn/resid/embd dropout set to 0 (the
 JAX model has none) and bos/eos ids outside the vocabulary (GPT2Config's 50256 default for a
 smaller vocabulary) set to None; no phase uses them. Nothing is downloaded (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set);
@@ -17,7 +18,7 @@ Phases (`--phase`):
 - peak: 2 n^3 / median time of `--peak_reps` float32 [n, n] @ [n, n] `torch.mm` calls (after 2
   warm-ups; n = `--peak_size`), and memory bandwidth: `torch.add(x, 1, out=y)` on a 256 MiB
   float32 tensor, bytes = read + write = 512 MiB, GB/s = 1e9 bytes/s over the median time.
-- sft: one training step of `GPT2LMHeadModel` in train mode: forward with `labels` (-100 on
+- sft: one training step of the causal LM (`GPT2LMHeadModel`) in train mode: forward with `labels` (-100 on
   the first T/2 positions; HF shifts them, so its token-mean cross-entropy, on logits upcast
   to float32, covers the predictions of tokens T/2 .. T-1 of each row), backward,
   `clip_grad_norm_(1.0)`, `torch.optim.AdamW(lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
@@ -32,7 +33,7 @@ Phases (`--phase`):
   1 warm-up then `--reps` timed calls; tokens/s = B * R / median. Prefill / decode split as on
   the JAX side: the same with R = 1 gives T(1); decode s/step = (T(R) - T(1)) / (R - 1),
   prefill = T(1) - decode s/step.
-- ppo: `trl.experimental.ppo.PPOTrainer.train()` itself. Policy `GPT2LMHeadModel`, reference
+- ppo: `trl.experimental.ppo.PPOTrainer.train()` itself. Policy the causal LM, reference
   = a deep copy, value and reward models `AutoModelForSequenceClassification` (GPT-2 backbone +
   `score` head, num_labels 1) of the same config with their own random weights. The dataset is
   B left-padded prompts as for rollout; pad id V and EOS id V + 1 lie outside the model's
@@ -111,7 +112,8 @@ BANDWIDTH_BYTES = 256 * 2 ** 20
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--phase", required=True, choices=PHASES)
-  p.add_argument("--hf_config", default="", help="JSON file of GPT2Config fields (not for peak).")
+  p.add_argument("--hf_config", default="",
+                 help="JSON file of transformers config fields (not for peak).")
   p.add_argument("--json_out", required=True, help="Write the results as one JSON dict here.")
   p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -176,14 +178,26 @@ def summary(times: list[float]) -> dict:
   return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
 
 
+DROPOUT_KEYS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout",
+                "summary_first_dropout")
+
+
 def load_config(path: str, **overrides):
+  """The transformers config of a JSON dict (`model_type` picks the family, default gpt2),
+  dropout off, and bos / eos ids outside the vocabulary dropped."""
   with open(path) as f:
     d = json.load(f)
-  d.update(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **overrides)
+  model_type = d.pop("model_type", "gpt2")
+  d.update({k: 0.0 for k in DROPOUT_KEYS})  # Keys another family does not read are kept, unused.
+  d.update(overrides)
   for key in ("bos_token_id", "eos_token_id"):  # GPT2Config's 50256 default; unused here
-    if not 0 <= d.get(key, 50256) < d.get("vocab_size", 50257):
+    if not 0 <= (d.get(key) if d.get(key) is not None else 50256) < d.get("vocab_size", 50257):
       d[key] = None
-  return transformers.GPT2Config(**d)
+  return transformers.AutoConfig.for_model(model_type, **d)
+
+
+def causal_lm(config):
+  return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def count_params(model) -> int:
@@ -217,7 +231,7 @@ def bench_sft(args) -> dict:
   dev, (bsz, length) = args.device, (args.batch, args.length)
   config = load_config(args.hf_config)
   torch.manual_seed(args.seed)
-  model = transformers.GPT2LMHeadModel(config).to(dev)
+  model = causal_lm(config).to(dev)
   model.train()
   params = list(model.parameters())
   opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -268,7 +282,7 @@ def bench_rollout(args) -> dict:
   dev, bsz, plen, new = args.device, args.batch, args.prompt_length, args.new_tokens
   config = load_config(args.hf_config)
   torch.manual_seed(args.seed)
-  model = transformers.GPT2LMHeadModel(config).to(dev).eval()
+  model = causal_lm(config).to(dev).eval()
   model.generation_config.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
   gen = torch.Generator().manual_seed(args.seed + 1)
   prompts = [[t.to(dev) for t in left_padded_prompts(gen, config.vocab_size, bsz, plen, 0)]
@@ -368,7 +382,7 @@ def bench_ppo(args) -> dict:
   pad = vocab
   tokenizer = local_tokenizer(vocab)
   torch.manual_seed(args.seed)
-  policy = transformers.GPT2LMHeadModel(load_config(args.hf_config))
+  policy = causal_lm(load_config(args.hf_config))
   ref = copy.deepcopy(policy)
   scalar = lambda: transformers.AutoModelForSequenceClassification.from_config(
       load_config(args.hf_config, num_labels=1, pad_token_id=pad))

@@ -126,16 +126,17 @@ def left_padded_prompts(vocab_size: int, batch: int, length: int, seed: int) -> 
   return {"prompt_tokens": tokens.astype(np.int32), "prompt_mask": mask}
 
 
-def build(name: str, s: dict) -> dict:
+def build(name: str, s: dict, cfg: ModelConfig | None = None) -> dict:
   """Roles, algorithm and sampler built by the library as an RL run builds them
-  (`instruct.rl.driver.build`), from architectures and random parameters instead of runs."""
+  (`instruct.rl.driver.build`), from architectures and random parameters instead of runs.
+  `cfg` (default: the preset `name`) is the architecture of every role."""
   config = rl_config.base_config("ppo")
   config.ppo.update(epochs=s["epochs"], num_minibatches=s["num_minibatches"], penalize_no_eos=False)
   config.ppo.kl.update(controller="fixed", initial_beta=0.02)
   config.train.global_batch_size = s["batch"]
   assert tuple(config.mesh.shape) == (-1, 1, 1), config.mesh.shape
   mesh, rules = shd.make_mesh(config.mesh), shd.rules_from_config(config.mesh)
-  cfg = ModelConfig(**preset(name))
+  cfg = cfg or ModelConfig(**preset(name))
   roles = build_roles(cfg, cfg, mesh, rules, critic=ppo.critic_kind(config))
   algorithm = ppo.ALGORITHM(config, roles)
   with jax.set_mesh(mesh):

@@ -142,9 +142,14 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
   """Builds, warms up and times the SFT step of one preset."""
   batch, length, steps = DEFAULTS.get(preset, FALLBACK_DEFAULTS)
   batch, length, steps = args.batch or batch, args.length or length, args.steps or steps
-  config = make_config(preset, batch, length)
+  return dict(bench_config(make_config(preset, batch, length), steps, args.warmup), preset=preset)
+
+
+def bench_config(config, steps: int, warmup: int) -> dict:
+  """Builds, warms up (`warmup` steps) and times (`steps` steps) the SFT step of `config`."""
+  batch, length = config.train.global_batch_size, max(config.data.buckets)
   cfg = ModelConfig.from_dict(config.model)
-  num_steps = args.warmup + steps
+  num_steps = warmup + steps
   compiled, state, global_batch, compile_s = build(config, num_steps)
   base_rng = jax.random.key(config.seed)
   rngs = [jax.random.fold_in(base_rng, i) for i in range(num_steps)]
@@ -153,21 +158,20 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     state, metrics = compiled(state, global_batch, rngs[i])
     jax.block_until_ready((state, metrics))
-    if i >= args.warmup:
+    if i >= warmup:
       times.append(time.perf_counter() - start)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
-    raise FloatingPointError(f"{preset}: non-finite loss {loss}.")
+    raise FloatingPointError(f"Non-finite loss {loss}.")
   step_s = statistics.median(times)
   flops = flops_per_step(cfg, batch, length)
   return {
-      "preset": preset,
       "params": count_params(cfg),
       "matmul_params": matmul_params(cfg),
       "batch": batch,
       "length": length,
       "timed_steps": steps,
-      "warmup_steps": args.warmup,
+      "warmup_steps": warmup,
       "compile_s": compile_s,
       "step_s": step_s,
       "step_s_min": min(times),
