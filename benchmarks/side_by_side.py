@@ -357,6 +357,8 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
 def main(argv=None) -> dict:
   a = parse_args(argv)
   if a.worker:
+    from instruct import hostmem
+    hostmem.keep_freed_memory()  # As every instruct command does (`instruct.cli`).
     result = instruct_worker(a)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     with open(a.out, "w") as f:

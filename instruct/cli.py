@@ -18,6 +18,7 @@ from typing import Callable
 from absl import app, flags, logging
 
 from instruct import distributed
+from instruct import hostmem
 from instruct import loop
 
 _DEBUG = flags.DEFINE_bool("debug", False,
@@ -157,6 +158,7 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` with the one-line error convention and preemption exit status."""
+  hostmem.keep_freed_memory()
   app.run(guarded(main), flags_parser=parse_flags)
 
 
@@ -165,6 +167,7 @@ def run_plain(main: Callable[[], None]) -> None:
   debug = "--debug" in sys.argv
   if debug:
     sys.argv.remove("--debug")
+  hostmem.keep_freed_memory()
   try:
     main()
   except Exception as e:  # pylint: disable=broad-except  (one line for every failure)
