@@ -13,6 +13,17 @@ from instruct import reductions
 Array = jax.Array
 
 
+def _predicting(logits_btv: Array, tokens_bt: Array) -> Array:
+  """float32 logits of the positions that predict tokens 1..length-1: all but the last of
+  [b, length, v] logits, or all of [b, length - 1, v] ones."""
+  if logits_btv.shape[1] == tokens_bt.shape[1]:
+    logits_btv = logits_btv[:, :-1]
+  elif logits_btv.shape[1] != tokens_bt.shape[1] - 1:
+    raise ValueError(f"logits of {logits_btv.shape[1]} positions for {tokens_bt.shape[1]} "
+                     "tokens; expected the length or one less.")
+  return logits_btv.astype(jnp.float32)
+
+
 def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Array):
   """Sum of next-token negative log-likelihoods over the positions the mask selects.
 
@@ -24,14 +35,15 @@ def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Ar
     loss_sum = - sum_{b, t} m[b, t+1] * log softmax(logits[b, t])[tokens[b, t+1]]
 
   Args:
-    logits_btv: [batch, length, vocab] float logits.
+    logits_btv: [batch, length, vocab] float logits, or [batch, length - 1, vocab] without
+      the last position's (`Transformer(..., logits_stop=-1)`, which never computes them).
     tokens_bt: [batch, length] int tokens.
     loss_mask_bt: [batch, length] {0, 1} target weights.
   Returns:
     (loss_sum, num_targets, num_correct): float32 scalars; the mean loss is
     loss_sum / num_targets and the token accuracy num_correct / num_targets.
   """
-  logits = logits_btv[:, :-1].astype(jnp.float32)
+  logits = _predicting(logits_btv, tokens_bt)
   targets = tokens_bt[:, 1:]
   weights = loss_mask_bt[:, 1:].astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -48,11 +60,12 @@ def weighted_next_token_loss(logits_btv: Array, tokens_bt: Array, weights_bt: Ar
 
     loss_sum = sum_{w > 0} w * -log p(x_{t+1})  +  sum_{w < 0} |w| * -log(1 - p(x_{t+1}))
 
-  with w = weights[b, t+1] and p = softmax(logits[b, t]). Returns (loss_sum, num_targets,
+  with w = weights[b, t+1] and p = softmax(logits[b, t]) (logits of every position, or of all
+  but the last, as in `masked_next_token_loss`). Returns (loss_sum, num_targets,
   num_correct) over the targets with w != 0, as `masked_next_token_loss` does (with 0/1
   weights the two agree).
   """
-  logits = logits_btv[:, :-1].astype(jnp.float32)
+  logits = _predicting(logits_btv, tokens_bt)
   targets = tokens_bt[:, 1:]
   weights = weights_bt[:, 1:].astype(jnp.float32)
   log_p = jax.nn.log_softmax(logits, axis=-1)

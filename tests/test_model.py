@@ -262,18 +262,18 @@ def test_left_and_right_padding_match_unpadded(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_from_is_a_slice_of_the_full_logits(name):
-  """`logits_from` runs the LM head on the last positions only: the same values as slicing
-  the full logits, with and without a cache."""
+  """`logits_from` / `logits_stop` run the LM head on a range of positions only: the same
+  values as slicing the full logits, with and without a cache."""
   fam = get_family(name)
   tokens = random_tokens(fam.cfg, (BATCH, LENGTH), seed=9)
   mask = np.ones_like(tokens)
   mask[0, :3] = 0
   model = Transformer(fam.cfg)
   full = np.asarray(model.apply(fam.params, tokens, mask).logits)
-  for start in (5, -1):
-    part = model.apply(fam.params, tokens, mask, logits_from=start).logits
-    assert part.shape == (BATCH, full[:, start:].shape[1], fam.cfg.vocab_size)
-    np.testing.assert_allclose(np.asarray(part), full[:, start:], rtol=1e-5, atol=1e-5)
+  for start, stop in ((5, None), (-1, None), (0, -1), (5, -1), (-3, -1)):
+    part = model.apply(fam.params, tokens, mask, logits_from=start, logits_stop=stop).logits
+    assert part.shape == (BATCH, full[:, start:stop].shape[1], fam.cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(part), full[:, start:stop], rtol=1e-5, atol=1e-5)
   cache = KVCache.init(fam.cfg, BATCH, LENGTH)
   out = model.apply(fam.params, tokens, mask, cache=cache, logits_from=-1)
   np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, -1], rtol=1e-5, atol=1e-5)

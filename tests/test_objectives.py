@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from instruct import objectives
 
@@ -78,3 +79,19 @@ def test_numpy_reference_on_random_batch():
                                                            jnp.asarray(mask))
   np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
   assert float(targets) == mask[:, 1:].sum()
+
+
+def test_the_losses_take_logits_without_the_last_position():
+  """`Transformer(logits_stop=-1)` logits ([b, t-1, v]) give the losses of full logits."""
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(3, 7, 11)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 11, (3, 7)), jnp.int32)
+  mask = jnp.asarray(rng.integers(0, 2, (3, 7)), jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)
+  for loss, w in ((objectives.masked_next_token_loss, mask), (objectives.weighted_next_token_loss,
+                                                              weights)):
+    full, short = loss(logits, tokens, w), loss(logits[:, :-1], tokens, w)
+    for a, b in zip(full, short):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="logits of 5 positions for 7 tokens"):
+    objectives.masked_next_token_loss(logits[:, :5], tokens, mask)

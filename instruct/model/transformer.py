@@ -103,15 +103,18 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt: Array, attention_mask_bt: Optional[Array] = None,
-               cache: Optional[KVCache] = None, deterministic: bool = True,
-               logits_from: int = 0) -> ModelOutput:
+               cache: Optional[KVCache] = None, deterministic: bool = True, logits_from: int = 0,
+               logits_stop: Optional[int] = None) -> ModelOutput:
     """tokens_bt: [batch, length] int; attention_mask_bt: [batch, length], 1 on real tokens.
 
     `logits_from` (a Python int, possibly negative): the LM head runs on positions
     `logits_from:` only, so `logits` is [batch, length - logits_from, vocab]. A prefill needs
     only the last position (-1) and response scoring only the positions that predict the
     response; at a 50k-128k vocabulary the full [batch, length, vocab] logits are often the
-    largest buffer of the step.
+    largest buffer of the step. `logits_stop` (a Python int or None) ends that range, as in
+    `x[:, logits_from:logits_stop]`: a next-token loss needs no logits at the last position,
+    and slicing them off the [batch, length, vocab] logits instead would copy the logits
+    forward and pad and transpose their gradient backward.
     """
     cfg = self.cfg
     if attention_mask_bt is None:
@@ -145,8 +148,8 @@ class Transformer(nn.Module):
     if self.head == "scalar":
       return ModelOutput(values=self._scalar(x, "scalar_head"), cache=new_cache)
     values = self._scalar(x, "value_head") if self.head == "policy_value" else None
-    if logits_from:
-      x = x[:, logits_from:]
+    if logits_from or logits_stop is not None:
+      x = x[:, logits_from:logits_stop]
     logits = self._lm_head(x, embed)
     logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     return ModelOutput(logits=logits, values=values, cache=new_cache)
