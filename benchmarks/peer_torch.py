@@ -15,8 +15,8 @@ autocast (`torch.autocast(device, torch.bfloat16)`, float32 weights and optimise
 PPO `PPOConfig(bf16=True)`, i.e. accelerate's autocast); float32 runs without autocast.
 Phases (`--phase`):
 
-- peak: 2 n^3 / median time of `--peak_reps` float32 [n, n] @ [n, n] `torch.mm` calls (after 2
-  warm-ups; n = `--peak_size`), and memory bandwidth: `torch.add(x, 1, out=y)` on a 256 MiB
+- peak: 2 n^3 / median time of `--peak_reps` [n, n] @ [n, n] `torch.mm` calls in float32 (in
+  bfloat16 with `--dtype=bfloat16`; after 2 warm-ups; n = `--peak_size`), and memory bandwidth: `torch.add(x, 1, out=y)` on a 256 MiB
   float32 tensor, bytes = read + write = 512 MiB, GB/s = 1e9 bytes/s over the median time.
 - sft: one training step of the causal LM (`GPT2LMHeadModel`) in train mode: forward with `labels` (-100 on
   the first T/2 positions; HF shifts them, so its token-mean cross-entropy, on logits upcast
@@ -214,7 +214,8 @@ def left_padded_prompts(gen: torch.Generator, vocab: int, batch: int, length: in
 
 def bench_peak(args) -> dict:
   n, dev = args.peak_size, args.device
-  a, b = (torch.randn(n, n, device=dev) for _ in range(2))
+  dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+  a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
   mm = summary(timed_calls(dev, lambda: torch.mm(a, b), 2, args.peak_reps)[0])
   x = torch.randn(BANDWIDTH_BYTES // 4, device=dev)
   y = torch.empty_like(x)

@@ -66,8 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--phases", default=",".join(PHASES))
   p.add_argument("--rounds", type=int, default=2, help="instruct, peer alternations per phase.")
   p.add_argument("--sides", default="instruct,peer")
+  p.add_argument("--peer_phases", default=",".join(PHASES),
+                 help="The phases the peer runs (without TRL: peak,sft,rollout).")
   p.add_argument("--threads", type=int, default=0, help="0: every core.")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--peak_size", type=int, default=2048, help="n of the n^3 peak matmul.")
   p.add_argument("--peer_device", default="cpu", choices=("cpu", "cuda"),
                  help="The peer's device (instruct runs on JAX's default backend).")
   for name, default in [("sft_batch", 8), ("sft_length", 128), ("sft_steps", 10), ("batch", 16),
@@ -79,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", default="", help=argparse.SUPPRESS)
   p.add_argument("--out", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  for key in ("models", "phases", "sides"):
+  for key in ("models", "phases", "sides", "peer_phases"):
     setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
   for m in args.models:
     if m not in MODELS:
@@ -160,7 +163,7 @@ def instruct_worker(a: argparse.Namespace) -> dict:
   cfg = arch(a.model, "bfloat16" if a.dtype == "bfloat16" else "float32")
   out = {"params": None}
   if a.worker == "peak":
-    out.update(peak_gflops=sft_step.measure_peak_flops(2048, 10) / 1e9,
+    out.update(peak_gflops=jax_peak_flops(jax, jnp, a.peak_size, a.dtype) / 1e9,
                bandwidth_gbs=jax_bandwidth(jax, jnp) / 1e9)
   elif a.worker == "sft":
     config = sft_step.make_config(MODELS[a.model][0], a.sft_batch, a.sft_length)
@@ -196,17 +199,34 @@ def instruct_worker(a: argparse.Namespace) -> dict:
   return out
 
 
-def jax_bandwidth(jax, jnp, mib: int = 256, reps: int = 10) -> float:
-  """Bytes/s of `x + 1` on a `mib` MiB float32 array (read + write)."""
-  x = jnp.zeros((mib * 2 ** 18,), jnp.float32)
-  add = jax.jit(lambda x: x + 1)
-  jax.block_until_ready(add(x))
+def _median_s(jax, fn, *args, reps: int = 10) -> float:
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
     start = time.perf_counter()
-    jax.block_until_ready(add(x))
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return 2 * x.nbytes / statistics.median(times)
+  return statistics.median(times)
+
+
+def jax_peak_flops(jax, jnp, n: int, dtype: str) -> float:
+  """FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype` (float32 accumulation)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  return 2.0 * n ** 3 / _median_s(jax, mm, a, a)
+
+
+def jax_bandwidth(jax, jnp, mib: int = 256) -> float:
+  """Bytes/s of `x + 1` on a `mib` MiB float32 array (read + write), in place (donated)."""
+  add = jax.jit(lambda x: x + 1, donate_argnums=0)
+  state = {"x": jnp.zeros((mib * 2 ** 18,), jnp.float32)}
+
+  def step():
+    state["x"] = add(state["x"])
+    return state["x"]
+
+  return 2 * state["x"].nbytes / _median_s(jax, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +248,9 @@ def run_side(side: str, phase: str, model: str, a: argparse.Namespace, tmp: str)
     write_hf_config(model, hf)
     cmd = [
         sys.executable,
-        os.path.join(HERE, "peer_torch.py"), f"--phase={phase}", f"--hf_config={hf}",
-        f"--json_out={out}", f"--threads={a.threads}", f"--dtype={a.dtype}"
+        os.path.join(HERE,
+                     "peer_torch.py"), f"--phase={phase}", f"--hf_config={hf}", f"--json_out={out}",
+        f"--threads={a.threads}", f"--dtype={a.dtype}", f"--peak_size={a.peak_size}"
     ]
     cmd += [f"--{peer}={getattr(a, ours)}" for peer, ours in PEER_FLAGS[phase]]
     cmd.append(f"--device={a.peer_device}")
@@ -245,7 +266,8 @@ def run_side(side: str, phase: str, model: str, a: argparse.Namespace, tmp: str)
 
 
 FORWARDED = ("sft_batch", "sft_length", "sft_steps", "batch", "prompt_length", "new_tokens",
-             "rollout_reps", "ppo_iterations", "epochs", "num_minibatches", "dtype", "threads")
+             "rollout_reps", "ppo_iterations", "epochs", "num_minibatches", "dtype", "threads",
+             "peak_size")
 PEER_FLAGS = {
     "peak": [],
     "sft": [("batch", "sft_batch"), ("length", "sft_length"), ("steps", "sft_steps")],
@@ -293,10 +315,11 @@ def summarize(results: list[dict], a: argparse.Namespace) -> dict:
           side: [r for r in results if (r["model"], r["phase"], r["side"]) == (model, phase, side)]
           for side in a.sides
       }
-      units = times(phase, a.sides[0], runs[a.sides[0]][0]["result"])
+      sides = [side for side in a.sides if runs[side]]  # The peer may skip a phase.
+      units = times(phase, sides[0], runs[sides[0]][0]["result"])
       for unit in units:
         row = {"phase": phase, "unit": unit}
-        for side in a.sides:
+        for side in sides:
           row[side] = statistics.median(times(phase, side, r["result"])[unit] for r in runs[side])
           row[f"{side}_all"] = [times(phase, side, r["result"])[unit] for r in runs[side]]
         unit_flops = {
@@ -304,16 +327,16 @@ def summarize(results: list[dict], a: argparse.Namespace) -> dict:
             "scoring": flops["scoring"], "update": flops["update"],
             "iteration": flops["rollout"] + flops["scoring"] + flops["update"]
         }.get(unit)
-        for side in a.sides:
+        for side in sides:
           if unit_flops:
             row[f"{side}_peak_fraction"] = unit_flops / row[side] / peak_flops
           if unit in ("rollout call", "rollout"):
             row[f"{side}_bandwidth_fraction"] = (decode_bytes(cfg, a, dtype_bytes) / bandwidth
                                                  / row[side])
-        if len(a.sides) == 2:
-          row["ratio"] = row[a.sides[1]] / row[a.sides[0]]
+        if len(sides) == 2:
+          row["ratio"] = row[sides[1]] / row[sides[0]]
         rows.append(row)
-      for side in a.sides:
+      for side in sides:
         rss = [r["result"]["peak_rss_gib"] for r in runs[side]]
         rows.append({"phase": phase, "unit": "peak RSS GiB", side: max(rss)})
         device = [
@@ -375,6 +398,8 @@ def main(argv=None) -> dict:
       for model in (a.models if phase != "peak" else a.models[:1]):
         for i in range(a.rounds if phase != "peak" else 1):
           for side in a.sides:
+            if side == "peer" and phase not in a.peer_phases:
+              continue
             r = run_side(side, phase, model, a, tmp)
             results.append(dict(side=side, phase=phase, model=model, round=i, result=r))
             print(
@@ -383,7 +408,7 @@ def main(argv=None) -> dict:
                 flush=True)
   summary = summarize(results, a)
   text = markdown(summary, a)
-  print(f"\nmeasured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul, "
+  print(f"\nmeasured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul, "
         f"{summary['bandwidth'] / 1e9:.1f} GB/s copy\n{text}")
   record = dict(started=started, cpu_model=cpu_model(), cpu_count=os.cpu_count(),
                 load_average_end=list(os.getloadavg()), args=vars(a), runs=results, summary=summary,
