@@ -380,8 +380,11 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
 def main(argv=None) -> dict:
   a = parse_args(argv)
   if a.worker:
-    from instruct import hostmem
-    hostmem.keep_freed_memory()  # As every instruct command does (`instruct.cli`).
+    try:
+      from instruct import hostmem
+      hostmem.keep_freed_memory()  # As every instruct command does (`instruct.cli`).
+    except ImportError:  # A checkout from before it (measuring the library "before").
+      pass
     result = instruct_worker(a)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     with open(a.out, "w") as f:
