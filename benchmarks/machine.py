@@ -4,8 +4,6 @@ import datetime
 import os
 import platform
 
-import jax
-
 
 def cpu_model() -> str:
   """The CPU model name from /proc/cpuinfo (else platform.processor())."""
@@ -21,6 +19,7 @@ def cpu_model() -> str:
 
 def run_record() -> dict:
   """When and where a benchmark ran: date, JAX version, devices, CPU and load average."""
+  import jax  # Here, so that the PyTorch peer (peer_torch.py) can use `cpu_model` without JAX.
   devices = jax.devices()
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

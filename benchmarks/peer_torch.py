@@ -87,7 +87,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -104,6 +103,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402  (after the offline settings)
 import transformers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; it imports no JAX here)
 
 PHASES = ("peak", "sft", "rollout", "ppo")
 BANDWIDTH_BYTES = 256 * 2 ** 20
@@ -488,17 +490,6 @@ def phase_seconds(it: dict) -> dict:
             "gc_in_scoring_s", "gc_in_update_s", "gc_in_other_s"):
     out[k] = it.get(k, 0.0)
   return out
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def one_line(phase: str, r: dict) -> str:
