@@ -167,8 +167,7 @@ def score_rollout(policy_model, reward_model, params: dict, samples, prompt_toke
 def ptx_loss(policy_model, params, ptx: dict) -> Array:
   """PPO-ptx's pretraining term: the policy's per-token LM loss on the rows `ptx`
   ({tokens, loss_mask, attention_mask} [rows, L]), sum of NLL / number of targets."""
-  logits = policy_model.apply({"params": params}, ptx["tokens"], ptx["attention_mask"],
-                              logits_stop=-1).logits
+  logits = policy_model.apply({"params": params}, ptx["tokens"], ptx["attention_mask"]).logits
   nll, targets, _ = objectives.masked_next_token_loss(logits, ptx["tokens"], ptx["loss_mask"])
   return nll / jnp.maximum(targets, 1.0)
 

@@ -38,7 +38,7 @@ def sequence_logprobs(model: Transformer, params: Any, prompt_tokens_bp: Array,
   tokens = jnp.concatenate([prompt_tokens_bp, response_tokens_br], axis=1)
   mask = jnp.concatenate([prompt_mask_bp, response_mask_br], axis=1)
   p = prompt_tokens_bp.shape[1]
-  logits = model.apply({"params": params}, tokens, mask, logits_from=p - 1, logits_stop=-1).logits
+  logits = model.apply({"params": params}, tokens, mask, logits_from=p - 1).logits[:, :-1]
   logits = mask_banned(logits / (temperature if temperature > 0 else 1.0), tuple(banned_ids))
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   chosen = jnp.take_along_axis(log_probs, response_tokens_br[..., None], axis=-1)[..., 0]

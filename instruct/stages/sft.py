@@ -44,7 +44,7 @@ def lm_loss(model: Transformer, deterministic: bool, weights: str = "mask"):
 
   def loss_fn(params, batch: Batch, rng):
     logits = model.apply({"params": params}, batch["tokens"], batch["attention_mask"],
-                         deterministic=deterministic, rngs={"dropout": rng}, logits_stop=-1).logits
+                         deterministic=deterministic, rngs={"dropout": rng}).logits
     if weights == "signed":
       loss_sum, targets, correct = objectives.weighted_next_token_loss(
           logits, batch["tokens"], batch["loss_mask"])
