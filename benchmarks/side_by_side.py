@@ -86,14 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
   for m in args.models:
     if m not in MODELS:
-      p.error(f"--models: unknown {m!r}; known: {sorted(MODELS)}.")
+      raise ValueError(f"--models: unknown {m!r}; known: {sorted(MODELS)}.")
   for x in args.phases:
     if x not in PHASES:
-      p.error(f"--phases: unknown {x!r}; known: {PHASES}.")
+      raise ValueError(f"--phases: unknown {x!r}; known: {PHASES}.")
   if args.rounds < 1 or args.ppo_iterations < 2 or args.new_tokens < 2:
-    p.error("--rounds >= 1, --ppo_iterations >= 2 (one warm-up) and --new_tokens >= 2.")
+    raise ValueError("--rounds >= 1, --ppo_iterations >= 2 (one warm-up) and --new_tokens >= 2.")
   if args.batch % args.num_minibatches:
-    p.error(f"--batch={args.batch} is not divisible by --num_minibatches={args.num_minibatches}.")
+    raise ValueError(f"--batch={args.batch} is not divisible by "
+                     f"--num_minibatches={args.num_minibatches}.")
   return args
 
 
@@ -380,11 +381,6 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
 def main(argv=None) -> dict:
   a = parse_args(argv)
   if a.worker:
-    try:
-      from instruct import hostmem
-      hostmem.keep_freed_memory()  # As every instruct command does (`instruct.cli`).
-    except ImportError:  # A checkout from before it (measuring the library "before").
-      pass
     result = instruct_worker(a)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     with open(a.out, "w") as f:
@@ -425,4 +421,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   sys.path.insert(0, HERE)
-  main()
+  from instruct import cli  # One-line errors, exit status 1 (`--debug` for the traceback).
+  cli.run_plain(main)

@@ -86,3 +86,11 @@ def test_the_summary_has_ratios_memory_and_fractions_of_the_peaks(record):
   assert len(memory) == 6 and all(0.05 < list(r.values())[-1] < 8 for r in memory)
   assert "| ppo | update |" in record["markdown"]
   assert os.path.exists(record["args"]["json_out"])
+
+
+@pytest.mark.parametrize("argv, key", [(["--models=nope"], "--models"),
+                                       (["--batch=15", "--num_minibatches=2"], "--batch=15"),
+                                       (["--ppo_iterations=1"], "--ppo_iterations")])
+def test_bad_flags_are_one_line_naming_the_flag(argv, key):
+  with pytest.raises(ValueError, match=key):
+    sbs.parse_args(argv)
