@@ -13,15 +13,22 @@ from instruct import reductions
 Array = jax.Array
 
 
-def _predicting(logits_btv: Array, tokens_bt: Array) -> Array:
-  """float32 logits of the positions that predict tokens 1..length-1: all but the last of
-  [b, length, v] logits, or all of [b, length - 1, v] ones."""
-  if logits_btv.shape[1] == tokens_bt.shape[1]:
-    logits_btv = logits_btv[:, :-1]
-  elif logits_btv.shape[1] != tokens_bt.shape[1] - 1:
+def _predicting(logits_btv: Array, tokens_bt: Array) -> tuple[Array, Array, int]:
+  """(float32 logits, [b, n] targets, n): the token each logits position predicts, for
+  [b, length, v] logits or [b, length - 1, v] ones without the last position; n = length - 1
+  targets. With full-length logits the last position predicts nothing: it gets target 0, and
+  the caller drops it from every per-position result (`[:, :n]`) after the vocabulary is
+  reduced. Slicing the logits themselves instead would copy them forward and pad their
+  gradient backward; every kept position's values are the same either way.
+  """
+  n = tokens_bt.shape[1] - 1
+  targets = tokens_bt[:, 1:]
+  if logits_btv.shape[1] == n + 1:
+    targets = jnp.concatenate([targets, jnp.zeros_like(tokens_bt[:, :1])], axis=1)
+  elif logits_btv.shape[1] != n:
     raise ValueError(f"logits of {logits_btv.shape[1]} positions for {tokens_bt.shape[1]} "
                      "tokens; expected the length or one less.")
-  return logits_btv.astype(jnp.float32)
+  return logits_btv.astype(jnp.float32), targets, n
 
 
 def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Array):
@@ -43,13 +50,12 @@ def masked_next_token_loss(logits_btv: Array, tokens_bt: Array, loss_mask_bt: Ar
     (loss_sum, num_targets, num_correct): float32 scalars; the mean loss is
     loss_sum / num_targets and the token accuracy num_correct / num_targets.
   """
-  logits = _predicting(logits_btv, tokens_bt)
-  targets = tokens_bt[:, 1:]
+  logits, targets, n = _predicting(logits_btv, tokens_bt)
   weights = loss_mask_bt[:, 1:].astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = log_z - target_logit
-  correct = (reductions.argmax(logits) == targets).astype(jnp.float32)
+  nll = (log_z - target_logit)[:, :n]
+  correct = (reductions.argmax(logits)[:, :n] == targets[:, :n]).astype(jnp.float32)
   return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
@@ -65,17 +71,16 @@ def weighted_next_token_loss(logits_btv: Array, tokens_bt: Array, weights_bt: Ar
   num_correct) over the targets with w != 0, as `masked_next_token_loss` does (with 0/1
   weights the two agree).
   """
-  logits = _predicting(logits_btv, tokens_bt)
-  targets = tokens_bt[:, 1:]
+  logits, targets, n = _predicting(logits_btv, tokens_bt)
   weights = weights_bt[:, 1:].astype(jnp.float32)
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  target_log_p = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+  target_log_p = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0][:, :n]
   # -log(1 - p), kept finite as p -> 1 (p <= 1 - 1e-6).
   unlikely = -jnp.log1p(-jnp.exp(jnp.minimum(target_log_p, jnp.log1p(-1e-6))))
   terms = jnp.where(weights > 0, weights * -target_log_p,
                     jnp.where(weights < 0, -weights * unlikely, 0.0))
   active = (weights != 0).astype(jnp.float32)
-  correct = (reductions.argmax(logits) == targets).astype(jnp.float32)
+  correct = (reductions.argmax(logits)[:, :n] == targets[:, :n]).astype(jnp.float32)
   return jnp.sum(terms), jnp.sum(active), jnp.sum(correct * active)
 
 

@@ -82,7 +82,8 @@ def test_numpy_reference_on_random_batch():
 
 
 def test_the_losses_take_logits_without_the_last_position():
-  """`Transformer(logits_stop=-1)` logits ([b, t-1, v]) give the losses of full logits."""
+  """`Transformer(logits_stop=-1)` logits ([b, t-1, v]) give the losses and gradients of full
+  logits."""
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(3, 7, 11)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 11, (3, 7)), jnp.int32)
@@ -93,5 +94,11 @@ def test_the_losses_take_logits_without_the_last_position():
     full, short = loss(logits, tokens, w), loss(logits[:, :-1], tokens, w)
     for a, b in zip(full, short):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Full logits: the vocabulary is reduced at every position and the last is dropped after,
+    # so the last position gets exactly no gradient and the others the short logits' one.
+    grad_full = np.asarray(jax.grad(lambda l: loss(l, tokens, w)[0])(logits))
+    grad_short = np.asarray(jax.grad(lambda l: loss(l, tokens, w)[0])(logits[:, :-1]))
+    assert np.all(grad_full[:, -1] == 0.0)
+    np.testing.assert_allclose(grad_full[:, :-1], grad_short, rtol=1e-6, atol=1e-9)
   with pytest.raises(ValueError, match="logits of 5 positions for 7 tokens"):
     objectives.masked_next_token_loss(logits[:, :5], tokens, mask)
