@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("ppo_iterations", 3), ("epochs", 4), ("num_minibatches", 1)]:
     p.add_argument(f"--{name}", type=int, default=default)
   p.add_argument("--json_out", default="")
+  p.add_argument("--from_json", default="",
+                 help="Print the tables of a run saved by --json_out, and run nothing.")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # A phase, in a subprocess.
   p.add_argument("--model", default="", help=argparse.SUPPRESS)
   p.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -336,6 +338,9 @@ def summarize(results: list[dict], a: argparse.Namespace) -> dict:
                                                  / row[side])
         if len(sides) == 2:
           row["ratio"] = row[sides[1]] / row[sides[0]]
+          # Round i's peer over round i's instruct: the rounds alternate, so each pair shares
+          # the machine's state of that moment.
+          row["ratio_all"] = [p / i for i, p in zip(row[f"{sides[0]}_all"], row[f"{sides[1]}_all"])]
         rows.append(row)
       for side in sides:
         rss = [r["result"]["peak_rss_gib"] for r in runs[side]]
@@ -350,7 +355,17 @@ def summarize(results: list[dict], a: argparse.Namespace) -> dict:
   return {"peak_flops": peak_flops, "bandwidth": bandwidth, "models": table}
 
 
+def _with_range(row: dict, key: str, fmt: str) -> str:
+  """`median (min-max)` over the rounds, or the one value."""
+  values = row.get(f"{key}_all") or []
+  text = fmt.format(row[key])
+  if len(values) > 1:
+    text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})".replace("x-", "-")
+  return text
+
+
 def markdown(summary: dict, a: argparse.Namespace) -> str:
+  """The tables: medians over rounds, with (min-max) when there were several."""
   lines = []
   for model, rows in summary["models"].items():
     lines += [f"\n{model} ({a.dtype}):\n"]
@@ -363,9 +378,9 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
       merged.setdefault((row["phase"], row["unit"]), {}).update(row)
     for (phase, unit), row in merged.items():
       cells = [phase, unit]
-      cells += [f"{row[s]:.4g}" if s in row else "" for s in a.sides]
+      cells += [_with_range(row, s, "{:.4g}") if s in row else "" for s in a.sides]
       if len(a.sides) == 2:
-        cells.append(f"{row['ratio']:.2f}x" if "ratio" in row else "")
+        cells.append(_with_range(row, "ratio", "{:.2f}x") if "ratio" in row else "")
       cells += [
           f"{row[f'{s}_peak_fraction']:.0%}" if f"{s}_peak_fraction" in row else "" for s in a.sides
       ]
@@ -378,6 +393,21 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
   return "\n".join(lines)
 
 
+def render_saved(path: str) -> dict:
+  """Summarises the runs of a saved record again and prints its tables."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    a = argparse.Namespace(**record["args"])
+    summary = summarize(record["runs"], a)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--from_json={path}: not a record written by --json_out ({e!r}).") from e
+  print(f"{record['started']}; CPU {record['cpu_model']}, {record['cpu_count']} cores\n"
+        f"measured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul, "
+        f"{summary['bandwidth'] / 1e9:.1f} GB/s copy\n{markdown(summary, a)}")
+  return dict(record, summary=summary)
+
+
 def main(argv=None) -> dict:
   a = parse_args(argv)
   if a.worker:
@@ -386,6 +416,8 @@ def main(argv=None) -> dict:
     with open(a.out, "w") as f:
       json.dump(result, f)
     return result
+  if a.from_json:
+    return render_saved(a.from_json)
   from machine import cpu_model
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
   print(

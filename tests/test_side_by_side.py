@@ -94,3 +94,36 @@ def test_the_summary_has_ratios_memory_and_fractions_of_the_peaks(record):
 def test_bad_flags_are_one_line_naming_the_flag(argv, key):
   with pytest.raises(ValueError, match=key):
     sbs.parse_args(argv)
+
+
+def test_a_saved_run_prints_again_with_the_spread_over_rounds(record, tmp_path):
+  import json
+  path = record["args"]["json_out"]
+  assert sbs.render_saved(path)["summary"] == json.loads(json.dumps(record["summary"]))
+  # A second round of the SFT phase with instruct twice as slow: medians, (min-max) and the
+  # ratio of each round's pair.
+  saved = json.load(open(path))
+  slower = []
+  for r in saved["runs"]:
+    if r["phase"] == "sft":
+      result = dict(r["result"])
+      if r["side"] == "instruct":
+        result["step_s"] = 2 * result["step_s"]
+      slower.append(dict(r, round=1, result=result))
+  saved["runs"] += slower
+  two = tmp_path / "two_rounds.json"
+  two.write_text(json.dumps(saved))
+  row = next(
+      r for r in sbs.render_saved(str(two))["summary"]["models"]["tiny"] if r["unit"] == "step")
+  sft = {r["side"]: r["result"]["step_s"] for r in saved["runs"][::-1] if r["phase"] == "sft"}
+  ours, peer = sft["instruct"], sft["peer"]["median"]  # Round 0's (the list reversed).
+  assert math.isclose(row["instruct"], 1.5 * ours)
+  assert row["ratio_all"] == [peer / ours, peer / (2 * ours)]
+  line = next(x for x in sbs.markdown(
+      sbs.render_saved(str(two))["summary"], argparse.Namespace(**saved["args"])).splitlines()
+              if x.startswith("| sft | step |"))
+  assert f"({peer / (2 * ours):.2f}-{peer / ours:.2f}x)" in line
+  assert f"({ours:.4g}-{2 * ours:.4g})" in line
+  (tmp_path / "broken.json").write_text("{")
+  with pytest.raises(ValueError, match="--from_json=.*broken.json: not a record"):
+    sbs.render_saved(str(tmp_path / "broken.json"))
