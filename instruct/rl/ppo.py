@@ -184,11 +184,16 @@ def make_update_fn(policy_model, value_model, policy_opt: optax.GradientTransfor
     adv = algo.masked_whiten(mb.advantages, mb.response_mask)
     loss, stats = algo.clipped_policy_loss(logp, mb.old_logprobs, adv, mb.response_mask,
                                            cfg.clip_eps)
-    entropy = algo.masked_entropy(logits, mb.response_mask)
+    # Without an entropy bonus the entropy is a diagnostic: no gradient is taken through it
+    # (0 x its gradient over [b, r, v] would be computed and added to the loss's).
+    bonus = cfg.entropy_coef != 0
+    entropy = algo.masked_entropy(logits if bonus else jax.lax.stop_gradient(logits),
+                                  mb.response_mask)
     spread = online.ratio_spread(logp, mb.old_logprobs, mb.response_mask)
     stats = dict(stats, policy_loss=loss, entropy_update=entropy, ratio_max_dev=spread["max_dev"],
                  ratio_std=spread["std"])
-    loss = loss - cfg.entropy_coef * entropy
+    if bonus:
+      loss = loss - cfg.entropy_coef * entropy
     if cfg.ptx_coef > 0:
       ptx_loss = online.ptx_loss(policy_model, params, ptx)
       stats["ptx_loss"] = ptx_loss
