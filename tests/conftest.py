@@ -30,6 +30,34 @@ def data_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.hookimpl(trylast=True)  # After the tmpdir plugin's: its factory exists.
+def pytest_configure(config):
+  """JAX's persistent compilation cache for the test session: one directory, shared by the
+  xdist workers and, through the environment, by the commands tests run in subprocesses.
+
+  Much of the suite's time is XLA compiling the same small programs again: every
+  `driver.train` or `trainer.train_and_evaluate` call, every command, every rerun that
+  resumes. A hit is the executable XLA built for the same key (program, devices, compile
+  options, XLA_FLAGS), so what a test computes does not change. Set before the test modules
+  are imported (some copy `os.environ` then). No size limit: eviction rescans the directory
+  on every write. Writes are not locked; an entry torn by two processes writing it at once
+  fails its checksum when read (a warning) and the program is compiled again.
+  """
+  factory = getattr(config, "_tmp_path_factory", None)
+  if factory is None:  # The tmpdir plugin is off (-p no:tmpdir): no cache.
+    return
+  shared = factory.getbasetemp()
+  if hasattr(config, "workerinput"):  # An xdist worker: its basetemp is under the session's.
+    shared = shared.parent
+  settings = {
+      "jax_compilation_cache_dir": str(shared / "jax_cache"),
+      "jax_persistent_cache_min_compile_time_secs": 0.0,
+  }
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
+
+
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
 

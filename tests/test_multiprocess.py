@@ -29,9 +29,12 @@ FLAGS = [
 ]
 
 PPO_STEPS = 2
-# Measured 2026-11-29 on a 2-core AMD EPYC: every logged metric within 4.8e-7 (absolute) of the
-# 1-process run (policy_loss 1.1e-7 of 8.4e-4; score, ptx_loss and value_loss exactly), the
-# parameters within 1.2e-7 after 2 iterations; the bounds keep a margin of >= 20x.
+# 2 epochs of 2 minibatches per iteration (the preset's 4 x 4 minibatch steps each all-reduce
+# over gloo across the processes: ~20 s an iteration on 2 CPU cores, against ~6 s).
+PPO_FLAGS = ["--config.ppo.epochs=2", "--config.ppo.num_minibatches=2"]
+# Measured 2026-11-29 on a 2-core AMD EPYC with PPO_FLAGS: every logged metric within 4.8e-7
+# (absolute) of the 1-process run (ptx_loss 4.8e-7 of 5.8; policy_loss 2.2e-8 of 2.4e-4; score
+# exactly), the parameters within 3.7e-9 after 2 iterations; the bounds keep a margin of >= 20x.
 PPO_RTOL, PPO_ATOL, PPO_PARAMS_ATOL = 1e-4, 1e-5, 1e-5
 
 
@@ -144,14 +147,15 @@ def test_a_reward_model_trains_as_one_on_two_processes_preparing_its_data_once(r
 
 
 def test_ppo_with_the_pretraining_mix_trains_as_one_on_two_processes(rm_runs):
-  """PPO-ptx (policy from the SFT run, reward model and critic from the RM run), 2 iterations:
-  the rollouts (sampled on the global batch, split over both processes), the scores, the KL
-  penalty and the updates of policy and critic match one process of 8 devices."""
+  """PPO-ptx (policy from the SFT run, reward model and critic from the RM run), 2 iterations
+  of 2 epochs over 2 minibatches: the rollouts (sampled on the global batch, split over both
+  processes), the scores, the KL penalty and the updates of policy and critic match one
+  process of 8 devices."""
   root = rm_runs
   ppo = [
       "--config=configs/ppo.py:tiny_ptx", f"--config.policy_from={root / 'one'}",
       f"--config.reward_from={root / 'rm_one'}", f"--config.train.num_steps={PPO_STEPS}",
-      "--config.train.log_every=1"
+      "--config.train.log_every=1", *PPO_FLAGS
   ]
   one = subprocess.run(
       [sys.executable, "-m", "instruct.train", *ppo, f"--workdir={root / 'ppo_one'}"], cwd=ROOT,

@@ -133,9 +133,9 @@ def test_k3_estimator_drives_the_adaptive_controller(sources, tfds_dir, tmp_path
     np.testing.assert_allclose(after["beta"], before["beta"] * (1 + error * step), rtol=1e-5)
 
 
-def test_reference_and_reward_model_stay_frozen(sources, tfds_dir, tmp_path, monkeypatch):
-  """After PPO iterations the frozen reference and reward model are the SFT and RM runs'
-  parameters, bit for bit, and still alive (not donated to the update)."""
+@pytest.fixture(scope="module")
+def two_iterations(sources, tfds_dir, tmp_path_factory):
+  """Two PPO iterations: (workdir, final state, the frozen models as loaded and after)."""
   seen = {}
   load_frozen = driver.load_frozen
 
@@ -144,10 +144,19 @@ def test_reference_and_reward_model_stay_frozen(sources, tfds_dir, tmp_path, mon
     seen["before"] = jax.device_get(seen["frozen"])
     return seen["frozen"]
 
-  monkeypatch.setattr(driver, "load_frozen", spy)
-  state = driver.train(ppo_config(sources, tfds_dir, num_steps=2), str(tmp_path))
+  workdir = tmp_path_factory.mktemp("two_iterations")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(driver, "load_frozen", spy)
+    state = driver.train(ppo_config(sources, tfds_dir, num_steps=2), str(workdir))
   seen["after"] = jax.device_get(seen["frozen"])
-  seen["policy"] = jax.device_get(state["policy"].params)
+  return workdir, state, seen
+
+
+def test_reference_and_reward_model_stay_frozen(sources, two_iterations):
+  """After PPO iterations the frozen reference and reward model are the SFT and RM runs'
+  parameters, bit for bit, and still alive (not donated to the update)."""
+  _, state, seen = two_iterations
+  seen = dict(seen, policy=jax.device_get(state["policy"].params))
   equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   jax.tree.map(equal, seen["before"], seen["after"])
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -264,13 +273,13 @@ def test_fsdp_ptx_preset_runs_with_every_model_sharded(sources, tfds_dir, tmp_pa
   assert all(np.isfinite(r["ptx_loss"]) and np.isfinite(r["policy_loss"]) for r in records)
 
 
-def test_the_run_layer_reads_every_stage_the_same_way(sources, tfds_dir, tmp_path):
+def test_the_run_layer_reads_every_stage_the_same_way(sources, two_iterations, tmp_path):
   """`load_run` of an RL run is its policy (the SFT run's architecture, parameters under
   `policy`), of an RM run its scalar-head model with the stored normalisation; a reward model
   loaded by `RewardModel` and by the RL roles agree."""
   from instruct.reward import RewardModel
-  state = driver.train(ppo_config(sources, tfds_dir, num_steps=2), str(tmp_path))
-  rl = run_lib.load_run(str(tmp_path))
+  workdir, state, _ = two_iterations
+  rl = run_lib.load_run(str(workdir))
   sft = run_lib.describe(str(sources / "sft"))
   assert rl.stage.name == "rl" and rl.model.head == "lm" and rl.step == 2
   assert rl.model_config == sft.model_config

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from instruct import loop as loop_lib
 from instruct import metrics as metrics_lib
@@ -349,24 +348,6 @@ def sources(tmp_path_factory):
   return root
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache in a temporary directory for this module's driver runs:
-  a run and its resumed halves compile identical programs, which then compile once. The
-  previous settings come back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  compilation_cache.reset_cache()
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 def grpo_config(sources, tfds_dir, **train):
   """GRPO-ptx (`configs/grpo.py:tiny_ptx`) with the KL in the loss, 4 prompts x 4 responses
   in 2 minibatches: on 8 devices, 2 rows per device, so every group spans 2 devices."""
@@ -384,7 +365,7 @@ def tree_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def grpo_run(sources, tfds_dir, tmp_path_factory, compile_cache):
+def grpo_run(sources, tfds_dir, tmp_path_factory):
   """Two GRPO-ptx iterations on the 8 devices: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("grpo_run")
   return workdir, driver.train(grpo_config(sources, tfds_dir), str(workdir))
@@ -435,8 +416,7 @@ def test_grpo_on_8_devices_matches_one_device(sources, tfds_dir, tmp_path, grpo_
                jax.device_get(got["policy"].params), jax.device_get(expected["policy"].params))
 
 
-def test_rloo_resumes_exactly_and_on_8_devices_matches_one_device(sources, tfds_dir, tmp_path,
-                                                                  compile_cache):
+def test_rloo_resumes_exactly_and_on_8_devices_matches_one_device(sources, tfds_dir, tmp_path):
   """RLOO-ptx (`configs/rloo.py:tiny_ptx`, REINFORCE with the leave-one-out baseline and the KL
   in the reward) through the driver: a stopped and resumed run is the straight run bit for
   bit, and the 8-device run is the one-device run."""

@@ -46,18 +46,26 @@ def test_a_few_steps_reduce_the_loss_and_write_metrics(tmp_path, tfds_dir):
   assert steps == [24, 28, 30]  # The last keep_checkpoints=3 of 4, 8, ..., 28, 30.
 
 
-def test_resume_after_stop_equals_uninterrupted_run(tmp_path, tfds_dir):
-  full = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), str(tmp_path / "a"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tfds_dir):
+  """The 10-step run the resumed runs below must equal: (params, opt_state) on the host."""
+  full = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10),
+                                    str(tmp_path_factory.mktemp("uninterrupted")))
+  return jax.device_get(full.params), jax.device_get(full.opt_state)
+
+
+def test_resume_after_stop_equals_uninterrupted_run(tmp_path, tfds_dir, uninterrupted):
+  params, opt_state = uninterrupted
   resumed_dir = str(tmp_path / "b")
   partial = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10, stop_at_step=6),
                                        resumed_dir)
   assert int(partial.step) == 6
   resumed = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), resumed_dir)
   assert int(resumed.step) == 10
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               jax.device_get(full.params), jax.device_get(resumed.params))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               jax.device_get(full.opt_state), jax.device_get(resumed.opt_state))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params,
+               jax.device_get(resumed.params))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), opt_state,
+               jax.device_get(resumed.opt_state))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
@@ -155,14 +163,13 @@ def _damage(step_dir, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["manifest_deleted", "arrays_truncated", "extras_truncated"])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
-    tmp_path, tfds_dir, kind):
-  full = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), str(tmp_path / "a"))
+    tmp_path, tfds_dir, kind, uninterrupted):
   run = str(tmp_path / "b")
   trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10, stop_at_step=9), run)
   _damage(os.path.join(run, "checkpoints", "9"), kind)
   resumed = trainer.train_and_evaluate(tiny_config(tfds_dir, num_steps=10), run)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               jax.device_get(full.params), jax.device_get(resumed.params))
+               uninterrupted[0], jax.device_get(resumed.params))
   assert os.path.isdir(os.path.join(run, "checkpoints_damaged", "9", "state"))  # Kept.
   assert ckpt_lib.Checkpointer(run).all_steps() == [4, 8, 10]
 
