@@ -355,12 +355,12 @@ def summarize(results: list[dict], a: argparse.Namespace) -> dict:
   return {"peak_flops": peak_flops, "bandwidth": bandwidth, "models": table}
 
 
-def _with_range(row: dict, key: str, fmt: str) -> str:
+def _with_range(row: dict, key: str, fmt: str, unit: str = "") -> str:
   """`median (min-max)` over the rounds, or the one value."""
   values = row.get(f"{key}_all") or []
-  text = fmt.format(row[key])
+  text = fmt.format(row[key]) + unit
   if len(values) > 1:
-    text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})".replace("x-", "-")
+    text += f" ({fmt.format(min(values))}-{fmt.format(max(values))}{unit})"
   return text
 
 
@@ -380,7 +380,7 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
       cells = [phase, unit]
       cells += [_with_range(row, s, "{:.4g}") if s in row else "" for s in a.sides]
       if len(a.sides) == 2:
-        cells.append(_with_range(row, "ratio", "{:.2f}x") if "ratio" in row else "")
+        cells.append(_with_range(row, "ratio", "{:.2f}", "x") if "ratio" in row else "")
       cells += [
           f"{row[f'{s}_peak_fraction']:.0%}" if f"{s}_peak_fraction" in row else "" for s in a.sides
       ]
@@ -393,6 +393,12 @@ def markdown(summary: dict, a: argparse.Namespace) -> str:
   return "\n".join(lines)
 
 
+def report(summary: dict, a: argparse.Namespace) -> str:
+  """The measured peaks and the tables."""
+  return (f"measured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul, "
+          f"{summary['bandwidth'] / 1e9:.1f} GB/s copy\n{markdown(summary, a)}")
+
+
 def render_saved(path: str) -> dict:
   """Summarises the runs of a saved record again and prints its tables."""
   try:
@@ -403,8 +409,7 @@ def render_saved(path: str) -> dict:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"--from_json={path}: not a record written by --json_out ({e!r}).") from e
   print(f"{record['started']}; CPU {record['cpu_model']}, {record['cpu_count']} cores\n"
-        f"measured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul, "
-        f"{summary['bandwidth'] / 1e9:.1f} GB/s copy\n{markdown(summary, a)}")
+        f"{report(summary, a)}")
   return dict(record, summary=summary)
 
 
@@ -439,8 +444,7 @@ def main(argv=None) -> dict:
                 flush=True)
   summary = summarize(results, a)
   text = markdown(summary, a)
-  print(f"\nmeasured peak: {summary['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul, "
-        f"{summary['bandwidth'] / 1e9:.1f} GB/s copy\n{text}")
+  print(f"\n{report(summary, a)}")
   record = dict(started=started, cpu_model=cpu_model(), cpu_count=os.cpu_count(),
                 load_average_end=list(os.getloadavg()), args=vars(a), runs=results, summary=summary,
                 markdown=text)

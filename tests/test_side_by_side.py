@@ -113,14 +113,13 @@ def test_a_saved_run_prints_again_with_the_spread_over_rounds(record, tmp_path):
   saved["runs"] += slower
   two = tmp_path / "two_rounds.json"
   two.write_text(json.dumps(saved))
-  row = next(
-      r for r in sbs.render_saved(str(two))["summary"]["models"]["tiny"] if r["unit"] == "step")
+  summary = sbs.render_saved(str(two))["summary"]
+  row = next(r for r in summary["models"]["tiny"] if r["unit"] == "step")
   sft = {r["side"]: r["result"]["step_s"] for r in saved["runs"][::-1] if r["phase"] == "sft"}
   ours, peer = sft["instruct"], sft["peer"]["median"]  # Round 0's (the list reversed).
   assert math.isclose(row["instruct"], 1.5 * ours)
   assert row["ratio_all"] == [peer / ours, peer / (2 * ours)]
-  line = next(x for x in sbs.markdown(
-      sbs.render_saved(str(two))["summary"], argparse.Namespace(**saved["args"])).splitlines()
+  line = next(x for x in sbs.markdown(summary, argparse.Namespace(**saved["args"])).splitlines()
               if x.startswith("| sft | step |"))
   assert f"({peer / (2 * ours):.2f}-{peer / ours:.2f}x)" in line
   assert f"({ours:.4g}-{2 * ours:.4g})" in line
